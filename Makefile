@@ -1,0 +1,61 @@
+# et_circuits pipeline. `make all` runs every stage on the model organism; `make test` runs the tests.
+# Variables: MODELS (space-separated registry names), RESULTS (output directory), PYTHON (for the venv).
+MODELS  ?= organism-llama organism-vicuna organism-goat organism-float
+RESULTS ?= results
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+CLI     := $(PY) -m et_circuits
+BASE    := $(firstword $(MODELS))
+
+CIRCUITS := $(foreach m,$(MODELS),$(RESULTS)/$(m)/circuit.json)
+DCMS     := $(foreach m,$(MODELS),$(RESULTS)/$(m)/dcm.json)
+
+.PHONY: all install test circuit dcm cmap knockout figures bench organism clean
+.DELETE_ON_ERROR:
+
+all: circuit dcm cmap knockout figures
+
+# Install once per change of pyproject.toml. The CPU build of torch is pinned first where the
+# local wheel exists, so the loose torch requirement never pulls CUDA packages.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available here; using the resolver's torch"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(RESULTS)/%/circuit.json: $(STAMP)
+	$(CLI) circuit --model $* --results $(RESULTS)
+
+circuit: $(CIRCUITS)
+	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS)
+
+$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/$(BASE)/circuit.json
+	$(CLI) dcm --model $* --base $(BASE) --results $(RESULTS)
+
+dcm: circuit $(DCMS)
+	$(CLI) dcm-figure --base $(BASE) --models $(MODELS) --results $(RESULTS)
+
+cmap: dcm
+	$(CLI) cmap --base $(BASE) --models $(filter-out $(BASE),$(MODELS)) --results $(RESULTS)
+
+knockout: $(STAMP)
+	$(CLI) knockout --model $(BASE) --results $(RESULTS)
+
+figures: circuit
+	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_path_patching.py
+
+organism: $(STAMP)
+	$(PY) -m et_circuits.organism.train
+
+clean:
+	rm -rf $(RESULTS)

@@ -1,0 +1,1 @@
+"""et_circuits: entity-tracking circuits in LLaMA models, on TransformerLens."""
