@@ -1,0 +1,153 @@
+"""Per-head activation hooks at per-example positions: the one home of reading and overwriting
+`hook_z` / `hook_q` / `hook_k` / `hook_v` / `hook_result` that path patching, circuit
+evaluation, DCM, CMAP and knockout all call.
+
+Activations of these hook points have shape [batch, pos, head, d]; a position is given per
+example (`Int[Tensor, "batch"]`) because it differs between prompts.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+HEAD_KINDS = ("z", "q", "k", "v", "result")
+Hook = tuple[str, Callable]
+
+
+def hook_name(kind: str, layer: int) -> str:
+    """`blocks.{layer}.attn.hook_{kind}` for one of HEAD_KINDS."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head activation {kind!r}; expected one of {HEAD_KINDS}")
+    return f"blocks.{layer}.attn.hook_{kind}"
+
+
+def require_flags(model: HookedTransformer, kind: str) -> None:
+    """Methods on `hook_result` need `use_attn_result`; say so instead of failing later."""
+    if kind == "result" and not model.cfg.use_attn_result:
+        raise ValueError("hook_result needs model.set_use_attn_result(True)")
+
+
+def at_positions(
+    act: Float[Tensor, "batch pos head d"], positions: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch head d"]:
+    """act[b, positions[b]] for every example b."""
+    return act[torch.arange(act.shape[0], device=act.device), positions.to(act.device)]
+
+
+def mix_at_positions(
+    act: Float[Tensor, "batch pos head d"],
+    positions: Int[Tensor, " batch"],
+    new: Float[Tensor, "batch head d"],
+    weight: Float[Tensor, " head"],
+) -> Float[Tensor, "batch pos head d"]:
+    """At each example's position, head h becomes (1 - weight[h]) * act + weight[h] * new.
+
+    weight 1 overwrites a head, 0 leaves it; fractional weights interpolate (DCM's mask).
+    Out of place, so gradients flow to `weight`.
+    """
+    rows = torch.arange(act.shape[0], device=act.device)
+    positions = positions.to(act.device)
+    old = act[rows, positions]
+    w = weight.to(act.device, act.dtype)[None, :, None]
+    act = act.clone()
+    act[rows, positions] = old + w * (new.to(act.device, act.dtype) - old)
+    return act
+
+
+def _mix_hook(act, hook: HookPoint, positions, new, weight):
+    return mix_at_positions(act, positions, new, weight)
+
+
+def patch_hooks(
+    kind: str,
+    new: dict[int, Float[Tensor, "batch head d"]],
+    positions: Int[Tensor, " batch"],
+    weights: Float[Tensor, "layer head"] | Bool[Tensor, "layer head"],
+) -> list[Hook]:
+    """Hooks that write `new[layer]` into the heads selected by `weights[layer]` at
+    `positions`; layers whose weights are all zero get no hook."""
+    hooks = []
+    for layer, values in new.items():
+        w = weights[layer].float() if weights.dtype == torch.bool else weights[layer]
+        if weights.dtype == torch.bool and not weights[layer].any():
+            continue
+        hooks.append((hook_name(kind, layer), partial(_mix_hook, positions=positions, new=values, weight=w)))
+    return hooks
+
+
+def _store_hook(act, hook: HookPoint, positions, store, layer):
+    store[layer] = at_positions(act, positions).detach()
+
+
+@torch.no_grad()
+def gather(
+    model: HookedTransformer,
+    input_ids: Int[Tensor, "batch seq"],
+    kind: str,
+    positions: Int[Tensor, " batch"],
+    layers: Iterable[int] | None = None,
+    fwd_hooks: list[Hook] = (),
+) -> dict[int, Float[Tensor, "batch head d"]]:
+    """Run `model` (with optional extra hooks) and return each layer's `kind` activation at
+    `positions`, without caching anything else."""
+    require_flags(model, kind)
+    layers = list(range(model.cfg.n_layers) if layers is None else layers)
+    store: dict[int, Tensor] = {}
+    hooks = [
+        (hook_name(kind, layer), partial(_store_hook, positions=positions, store=store, layer=layer))
+        for layer in layers
+    ]
+    model.run_with_hooks(
+        input_ids.to(model.cfg.device), fwd_hooks=[*fwd_hooks, *hooks], stop_at_layer=max(layers) + 1
+    )
+    return store
+
+
+def _replace_hook(act, hook: HookPoint, replacement, keep):
+    return torch.where(keep[..., None], act, replacement.to(act.dtype))
+
+
+def replace_hooks(
+    kind: str,
+    replacement: Float[Tensor, "layer pos head d"],
+    keep: Bool[Tensor, "layer batch pos head"],
+) -> list[Hook]:
+    """Hooks that replace every head activation by `replacement` (e.g. a position-wise mean)
+    except where `keep` is true. Used for mean ablation."""
+    seq = keep.shape[2]
+    return [
+        (hook_name(kind, layer), partial(_replace_hook, replacement=replacement[layer, :seq], keep=keep[layer]))
+        for layer in range(replacement.shape[0])
+    ]
+
+
+@torch.no_grad()
+def mean_activations(
+    model: HookedTransformer,
+    input_ids: Int[Tensor, "batch seq"],
+    kind: str = "z",
+    batch_size: int = 32,
+) -> Float[Tensor, "layer pos head d"]:
+    """Position-wise mean of every head's `kind` activation over `input_ids`."""
+    require_flags(model, kind)
+    total = None
+    names = [hook_name(kind, layer) for layer in range(model.cfg.n_layers)]
+    for chunk in input_ids.split(batch_size):
+        _, cache = model.run_with_cache(chunk.to(model.cfg.device), names_filter=lambda n: n in names)
+        acts = torch.stack([cache[n].sum(0) for n in names])
+        total = acts if total is None else total + acts
+    return total / input_ids.shape[0]
+
+
+def logits_at(
+    logits: Float[Tensor, "batch seq vocab"], positions: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at each example's position (e.g. the last token)."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), positions.to(logits.device)]
