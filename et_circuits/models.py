@@ -87,13 +87,21 @@ def candidate_dirs(spec: ModelSpec) -> list[tuple[str, Path | None]]:
     return found
 
 
+def _unset(where: str) -> str:
+    if where.startswith("HF cache"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return f"not under {HF_HUB_CACHE}"
+    return "unset"
+
+
 def resolve_dir(spec: ModelSpec) -> Path:
     """The first existing directory for `spec`, or a SetupError listing every place searched."""
     searched = []
     for where, path in candidate_dirs(spec):
         if path is not None and any((path / f).exists() for f in ("config.json", "adapter_config.json")):
             return path
-        searched.append(f"{where} ({path})" if path else f"{where} (unset)")
+        searched.append(f"{where} ({path or _unset(where)})")
     raise SetupError(
         f"weights for {spec.name} not found; searched: {'; '.join(searched)}. "
         f"Set {spec.env_var}=/path/to/hf-dir or {MODELS_DIR_VAR}=/dir/containing/{spec.name}"

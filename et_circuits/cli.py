@@ -1,0 +1,88 @@
+"""Command line: `python -m et_circuits <command>`. Setup problems (unknown model, missing
+weights, malformed circuit file, impossible parameters) end in one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data, metrics, models
+from .circuit import CircuitError
+from .data import DataError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every model-running command takes."""
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def results_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results"))
+
+
+def load_model(name: str, args: argparse.Namespace):
+    """(model, tokenizer, spec) for a CLI command, with the command's device and dtype."""
+    torch.manual_seed(args.seed)
+    return models.load(name, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def boxes(value: str) -> int:
+    n = int(value)
+    if not 2 <= n <= 26:
+        raise argparse.ArgumentTypeError(f"number of boxes must be between 2 and 26, got {n}")
+    return n
+
+
+def cmd_accuracy(args: argparse.Namespace) -> None:
+    model, tok, spec = load_model(args.model, args)
+    vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes)
+    batch = data.make_batch(tok, data.sample_prompts(vocab, args.n, args.boxes, args.seed))
+    acc = metrics.accuracy(model, batch, batch_size=args.batch_size)
+    print(f"{spec.name} accuracy={acc:.2f} n={args.n}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="et_circuits", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("accuracy", help="entity-tracking accuracy of one model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--n", type=positive, default=500)
+    p.add_argument("--boxes", type=boxes, default=7)
+    model_args(p)
+    p.set_defaults(func=cmd_accuracy)
+
+    from .stages import STAGES
+
+    for stage in STAGES:
+        stage.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (models.SetupError, DataError, CircuitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

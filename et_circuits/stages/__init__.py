@@ -1,0 +1,4 @@
+"""Pipeline stages behind the CLI: each module has `register(subparsers)` adding its commands,
+and owns the result files it writes under RESULTS/ (read by the next stage)."""
+
+STAGES: list = []
