@@ -155,6 +155,9 @@ def encode(tokenizer, sample: Sample) -> dict:
         ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + list(offsets)
     objects = [_token_index(offsets, sp, r.text) for sp in r.objects]
     labels = [_token_index(offsets, sp, r.text) for sp in r.labels]
+    unknown = [w for w, p in zip(sample.objects + sample.labels, objects + labels) if ids[p] == tokenizer.unk_token_id]
+    if unknown:
+        raise DataError(f"{unknown[0]!r} is not a single token in this tokenizer (unknown word)")
     return {
         "input_ids": ids,
         "objects": objects,
