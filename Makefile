@@ -18,13 +18,17 @@ DCMS     := $(foreach m,$(MODELS),$(RESULTS)/$(m)/dcm.json)
 all: circuit dcm cmap knockout figures
 
 # Install once per change of pyproject.toml. The CPU build of torch is pinned first where the
-# local wheel exists, so the loose torch requirement never pulls CUDA packages.
+# local wheel exists, so the loose torch requirement never pulls CUDA packages. PNG export of
+# figures (kaleido) needs a Chrome/Chromium; as root on Debian we install it, else HTML only.
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available here; using the resolver's torch"
 	$(PY) -m pip install -q -e ".[test]"
+	@command -v chromium >/dev/null || command -v google-chrome >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "no Chrome/Chromium found: figures will be written as HTML only"
 	touch $@
 
 test: $(STAMP)
