@@ -86,6 +86,17 @@ def _store_hook(act, hook: HookPoint, positions, store, layer):
     store[layer] = at_positions(act, positions).detach()
 
 
+def store_hooks(
+    kind: str, positions: Int[Tensor, " batch"], layers: Iterable[int], store: dict[int, Tensor]
+) -> list[Hook]:
+    """Hooks that put each layer's `kind` activation at `positions` into `store[layer]`, so
+    several kinds and positions can be read in one forward pass (CMAP's source run)."""
+    return [
+        (hook_name(kind, layer), partial(_store_hook, positions=positions, store=store, layer=layer))
+        for layer in layers
+    ]
+
+
 @torch.no_grad()
 def gather(
     model: HookedTransformer,
@@ -100,10 +111,7 @@ def gather(
     require_flags(model, kind)
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     store: dict[int, Tensor] = {}
-    hooks = [
-        (hook_name(kind, layer), partial(_store_hook, positions=positions, store=store, layer=layer))
-        for layer in layers
-    ]
+    hooks = store_hooks(kind, positions, layers, store)
     model.run_with_hooks(
         input_ids.to(model.cfg.device), fwd_hooks=[*fwd_hooks, *hooks], stop_at_layer=max(layers) + 1
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .data import Batch
 from .hooks import Hook, logits_at
@@ -46,3 +50,57 @@ def accuracy(
     """Fraction of prompts whose argmax at the last token is the answer token."""
     logits = last_logits(model, batch, hooks_for, batch_size, progress, desc="accuracy")
     return (logits.argmax(-1) == batch.answer).float().mean().item()
+
+
+def _keep(act, hook, store, layer):
+    store[layer] = act.detach()
+
+
+@dataclass
+class CleanRun:
+    """One unpatched forward pass kept for resuming: logits, and every layer's `resid_pre` and
+    (pre-rotary) keys and values."""
+
+    logits: Float[Tensor, "batch seq vocab"]
+    resid: dict[int, Float[Tensor, "batch seq d_model"]]
+    keys: dict[int, Float[Tensor, "batch seq kv_head d_head"]]
+    values: dict[int, Float[Tensor, "batch seq kv_head d_head"]]
+
+
+@torch.no_grad()
+def clean_run(model: HookedTransformer, input_ids: Int[Tensor, "batch seq"]) -> CleanRun:
+    """Run `model` once, keeping what `resume` restarts from."""
+    run = CleanRun(None, {}, {}, {})
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        hooks += [
+            (f"blocks.{layer}.hook_resid_pre", partial(_keep, store=run.resid, layer=layer)),
+            (f"blocks.{layer}.attn.hook_k", partial(_keep, store=run.keys, layer=layer)),
+            (f"blocks.{layer}.attn.hook_v", partial(_keep, store=run.values, layer=layer)),
+        ]
+    run.logits = model.run_with_hooks(input_ids.to(model.cfg.device), fwd_hooks=hooks)
+    return run
+
+
+@torch.no_grad()
+def resume(
+    model: HookedTransformer, run: CleanRun, layer: int, start: int, fwd_hooks: list[Hook] = ()
+) -> Float[Tensor, "batch suffix vocab"]:
+    """Logits of positions `start`.. of an intervention that touches only layers >= `layer`
+    and positions >= `start`: everything below is the clean run's, so the suffix restarts from
+    its clean residual at `layer`, attending to the clean keys/values of positions < `start`.
+
+    Exact, and much cheaper when the intervention sits near the end of the prompt. Hooks see
+    suffix coordinates on the query axis (position p is p - start); key axes of attention
+    scores keep full positions.
+    """
+    entries = [
+        TransformerLensKeyValueCacheEntry(run.keys[i][:, :start], run.values[i][:, :start], frozen=True)
+        if i >= layer else None
+        for i in range(model.cfg.n_layers)
+    ]
+    mask = torch.ones(run.resid[layer].shape[0], start, dtype=torch.int, device=run.resid[layer].device)
+    cache = TransformerLensKeyValueCache(entries, mask, frozen=True)
+    return model.run_with_hooks(
+        run.resid[layer][:, start:], start_at_layer=layer, past_kv_cache=cache, fwd_hooks=list(fwd_hooks)
+    )

@@ -2,3 +2,6 @@
 and owns the result files it writes under RESULTS/ (read by the next stage)."""
 
 STAGES: list = []
+
+from . import cmap as _cmap  # noqa: E402  (cmap and knockout)
+STAGES.append(_cmap)

@@ -1,0 +1,252 @@
+"""CMAP: patching semantics pinned on tiny random LLaMAs, head-set selection, and the CLI stage."""
+
+import copy
+import json
+import dataclasses
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from et_circuits import cli, cmap, data, models
+from et_circuits.circuit import GROUP_POSITIONS, Circuit, CircuitError
+from et_circuits.models import SetupError
+from tests.conftest import make_checkpoint
+
+CIRCUIT = Circuit(
+    {
+        "value_fetcher": [(1, 0), (1, 2)],
+        "pos_transmitter": [(0, 1)],
+        "pos_detector": [(0, 3), (1, 1)],
+        "struct_reader": [(0, 0)],
+    }
+)
+# The layout `stages/dcm.py` writes (only the keys CMAP reads, plus a distractor section).
+DCM = {
+    "model": "organism-float",
+    "base_circuit": {"groups": {"value_fetcher": {"object_value": {"heads": [[0, 0]]}}}},
+    "own_circuit": {
+        "group_heads": {g: [list(h) for h in hs] for g, hs in CIRCUIT.groups.items()},
+        "groups": {
+            "value_fetcher": {"object_value": {"heads": [[1, 2]]}, "positional": {"heads": [[1, 0]]}},
+            "pos_transmitter": {"positional": {"heads": [[0, 1]]}, "object_value": {"heads": []}},
+            "pos_detector": {"positional": {"heads": []}},
+            "struct_reader": {"positional": {"heads": [[0, 0]]}},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny, vocab):
+    return data.make_batch(tiny[1], data.sample_prompts(vocab, 24, 3, seed=1))
+
+
+@pytest.fixture(scope="module")
+def qkv_twin(tiny):
+    """A copy of the tiny model whose W_Q, W_K and W_V (only) are perturbed."""
+    model = copy.deepcopy(tiny[0])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in model.blocks:
+            for w in (block.attn.W_Q, block.attn.W_K, block.attn.W_V):
+                w.add_(0.5 * torch.randn(w.shape, generator=generator))
+    return model
+
+
+def _every_position(batch, kinds):
+    """Positions and all-heads masks for every (kind, position) of `batch`."""
+    seq = batch.input_ids.shape[1]
+    positions = {p: torch.full((len(batch),), p) for p in range(seq)}
+    return positions, {(kind, p): torch.ones(2, 4, dtype=torch.bool) for kind in kinds for p in range(seq)}
+
+
+def test_patching_a_model_into_itself_changes_nothing(tiny, batch):
+    model = tiny[0]
+    with torch.no_grad():
+        clean = model(batch.input_ids)
+    positions, masks = _every_position(batch, ("z", "q", "k", "v"))
+    patched = cmap.cross_model_logits(model, model, batch.input_ids, positions, masks)
+    torch.testing.assert_close(patched, clean, atol=1e-5, rtol=0)
+
+    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), input_sets=["A", "full"])
+    result = cmap.cmap_accuracy(model, model, batch, variant_list, batch_size=10, progress=False)
+    assert result.source == result.base
+    for v, acc in result.variants:
+        if v.n_heads:
+            assert acc == result.base, (v, acc)
+
+
+def test_output_patching_everywhere_reproduces_the_source(tiny, qkv_twin, batch):
+    """Y differs from X only in W_Q/W_K/W_V, so Y's head outputs at every position, fed through
+    X's shared W_O and MLPs, make X compute exactly Y's residual stream."""
+    x, y = tiny[0], qkv_twin
+    with torch.no_grad():
+        x_logits, y_logits = x(batch.input_ids), y(batch.input_ids)
+    assert (x_logits - y_logits).abs().max() > 1e-2  # the twin really is different
+    positions, masks = _every_position(batch, ("z",))
+    patched = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    torch.testing.assert_close(patched, y_logits, atol=1e-5, rtol=0)
+
+
+def test_input_patching_everywhere_reproduces_the_source(tiny, qkv_twin, batch):
+    """Patching q, k and v of every head at every position gives Y's attention everywhere."""
+    x, y = tiny[0], qkv_twin
+    with torch.no_grad():
+        y_logits = y(batch.input_ids)
+    positions, masks = _every_position(batch, ("q", "k", "v"))
+    patched = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    torch.testing.assert_close(patched, y_logits, atol=1e-5, rtol=0)
+    # q alone at every position is not enough: keys and values still come from X
+    positions, masks = _every_position(batch, ("q",))
+    q_only = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    assert (q_only - y_logits).abs().max() > 1e-3
+
+
+def test_patch_at_group_position_only_touches_that_position_onwards(tiny, qkv_twin, batch):
+    """z patched at the query label leaves every earlier position's logits as the base's."""
+    x, y = tiny[0], qkv_twin
+    masks = cmap.site_masks({"pos_detector": [(0, 1)]}, GROUP_POSITIONS, "z", 2, 4)
+    assert list(masks) == [("z", "query_label")]
+    where = {"query_label": batch.query_label}
+    patched = cmap.cross_model_logits(x, y, batch.input_ids, where, masks)
+    with torch.no_grad():
+        clean = x(batch.input_ids)
+    for b in range(len(batch)):
+        p = int(batch.query_label[b])
+        torch.testing.assert_close(patched[b, :p], clean[b, :p], atol=1e-6, rtol=0)
+        assert (patched[b, p] - clean[b, p]).abs().max() > 1e-4
+
+
+def test_cmap_accuracy_matches_unbatched_reference(tiny, qkv_twin, batch):
+    """The chunked, layer-resuming evaluation equals patching full forward passes; the answers
+    are set to the twin's own predictions so the accuracies are not trivially zero."""
+    x, y = tiny[0], qkv_twin
+    with torch.no_grad():
+        y_pred = y(batch.input_ids)[torch.arange(len(batch)), batch.last].argmax(-1)
+    b = dataclasses.replace(batch, answer=y_pred)
+    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), input_sets=["full"])
+    result = cmap.cmap_accuracy(x, y, b, variant_list, batch_size=7, progress=False)
+    assert result.source == 1.0
+    where = {name: b.position(name) for name in ("last", "query_label", "prev_query_label")}
+    seen = set()
+    for v, acc in result.variants:
+        if v.n_heads == 0:
+            assert math.isnan(acc)
+            continue
+        masks = cmap.site_masks(v.groups, GROUP_POSITIONS, v.patch, 2, 4)
+        logits = cmap.cross_model_logits(x, y, b.input_ids, where, masks)
+        expected = int((logits[torch.arange(len(b)), b.last].argmax(-1) == b.answer).sum()) / len(b)
+        assert acc == pytest.approx(expected, abs=1e-9), v
+        seen.add(round(acc, 6))
+    assert len(seen) > 1  # the variants do differ, so the comparison is not vacuous
+
+
+def test_geometry_mismatch_is_a_clear_error(tiny, tmp_path, batch):
+    make_checkpoint(tmp_path, n_layers=3, n_heads=4)
+    other, _, _ = models.load(tmp_path, device="cpu")
+    with pytest.raises(SetupError, match="different geometry.*n_layers 2 vs 3"):
+        cmap.cmap_accuracy(tiny[0], other, batch, [], progress=False)
+    positions, masks = _every_position(batch[:2], ("z",))
+    with pytest.raises(SetupError, match="n_layers"):
+        cmap.cross_model_logits(tiny[0], other, batch.input_ids[:2], positions, masks)
+
+
+def test_gqa_refuses_key_value_patching(tmp_path):
+    make_checkpoint(tmp_path, n_layers=2, n_heads=4, n_kv_heads=2)
+    model, _, _ = models.load(tmp_path, device="cpu")
+    for patch in ("k", "v", "qk", "qkv"):
+        with pytest.raises(SetupError, match="grouped-query"):
+            cmap.check_patch(model, patch)
+    cmap.check_patch(model, "q")
+    cmap.check_patch(model, "z")
+    with pytest.raises(SetupError, match="unknown patch"):
+        cmap.check_patch(model, "o")
+
+
+def test_head_sets_follow_the_paper():
+    sets = cmap.cmap_head_sets(CIRCUIT, DCM)
+    assert sets["A"] == {"value_fetcher": [(1, 2)]}
+    assert sets["B"] == {"pos_transmitter": [(0, 1)]}
+    assert sets["C"] == {"pos_detector": []}  # DCM selected none
+    assert sets["D"] == {"struct_reader": [(0, 0)]}  # whole group, no DCM
+    assert sets["full"] == CIRCUIT.groups
+    assert cmap.cmap_head_sets(CIRCUIT, None)["A"] == {"value_fetcher": []}
+
+
+def test_stale_or_malformed_dcm_is_a_circuit_error():
+    smaller = Circuit({**CIRCUIT.groups, "struct_reader": []})
+    with pytest.raises(CircuitError, match="different circuit"):
+        cmap.cmap_head_sets(smaller, DCM)
+    with pytest.raises(CircuitError, match="own_circuit"):
+        cmap.cmap_head_sets(CIRCUIT, {"groups": DCM["own_circuit"]["groups"]})
+    broken = {"own_circuit": {"groups": {"value_fetcher": {"positional": {"heads": [[1, 0]]}}}}}
+    with pytest.raises(CircuitError, match="object_value heads for group 'value_fetcher'"):
+        cmap.cmap_head_sets(CIRCUIT, broken)
+
+
+def test_site_masks_merge_groups_sharing_a_position():
+    masks = cmap.site_masks(CIRCUIT.groups, GROUP_POSITIONS, "qk", 2, 4)
+    assert set(masks) == {(k, p) for k in "qk" for p in ("last", "query_label", "prev_query_label")}
+    last = masks[("q", "last")]
+    assert last.sum() == 3 and last[1, 0] and last[1, 2] and last[0, 1]
+    assert cmap.first_layer(masks) == 0
+    assert cmap.first_layer({("z", "last"): last & (torch.arange(2)[:, None] == 1)}) == 1
+    with pytest.raises(CircuitError, match="outside the model"):
+        cmap.site_masks({"value_fetcher": [(5, 0)]}, GROUP_POSITIONS, "z", 2, 4)
+
+
+def test_empty_set_is_reported_not_patched(tiny, batch):
+    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), output_sets=["C", "D"], input_sets=[])
+    result = cmap.cmap_accuracy(tiny[0], tiny[0], batch, variant_list, progress=False)
+    rows = {r["set"]: r for r in cmap.result_rows(result, "ft", "base")}
+    assert rows["C"]["accuracy"] is None and "no heads" in rows["C"]["note"]
+    assert rows["D"]["accuracy"] == rows["D"]["base_accuracy"] and rows["D"]["note"] == ""
+    with pytest.raises(CircuitError, match="unknown head set"):
+        cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), output_sets=["E"])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture
+def organism_env(tiny_dir, tmp_path_factory, monkeypatch):
+    """organism-llama -> the tiny checkpoint, organism-float -> a second random one."""
+    other = tmp_path_factory.mktemp("tiny-float")
+    make_checkpoint(other, seed=1)
+    monkeypatch.setenv("ET_CIRCUITS_ORGANISM_LLAMA", str(tiny_dir))
+    monkeypatch.setenv("ET_CIRCUITS_ORGANISM_FLOAT", str(other))
+    saved = []
+    monkeypatch.setattr("et_circuits.stages.cmap._save", lambda todo, directory: saved.extend((fig, stem) for stem, fig in todo))
+    return saved
+
+
+def test_cli_writes_csv_and_figures(organism_env, tmp_path):
+    results = tmp_path / "results"
+    CIRCUIT.save(results / "organism-float" / "circuit.json")
+    (results / "organism-float" / "dcm.json").write_text(json.dumps(DCM))
+    argv = ["cmap", "--base", "organism-llama", "--models", "organism-float", "--results", str(results),
+            "--n", "12", "--boxes", "3", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    frame = pd.read_csv(results / "cmap.csv")
+    assert set(frame["set"]) == {"A", "B", "C", "D", "full"}
+    assert set(frame["patch"]) == {"z", "q", "k", "v", "qk", "qkv"}
+    assert (frame["source"] == "organism-float").all() and (frame["base"] == "organism-llama").all()
+    c = frame[frame["set"] == "C"].iloc[0]
+    assert math.isnan(c["accuracy"]) and "no heads" in c["note"]
+    assert [stem for _, stem in organism_env] == ["cmap", "cmap_input"]
+    bars, base_line, source_line = organism_env[0][0].data
+    assert [x.split()[0] for x in bars.x] == ["D", "C", "B", "A", "full"]
+    assert base_line.y[0] == frame["base_accuracy"].iloc[0]
+    assert source_line.y[0] == frame["source_accuracy"].iloc[0]
+
+
+def test_cli_missing_dcm_is_one_line_exit_2(organism_env, tmp_path, capsys):
+    results = tmp_path / "results"
+    CIRCUIT.save(results / "organism-float" / "circuit.json")
+    argv = ["cmap", "--base", "organism-llama", "--models", "organism-float", "--results", str(results)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dcm.json" in err
