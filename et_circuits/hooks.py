@@ -159,3 +159,25 @@ def logits_at(
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at each example's position (e.g. the last token)."""
     return logits[torch.arange(logits.shape[0], device=logits.device), positions.to(logits.device)]
+
+
+def _override_hook(act, hook: HookPoint, values, keep):
+    values = values.to(act.device, act.dtype)
+    return values.expand_as(act) if keep is None else torch.where(keep[..., None], act, values)
+
+
+def override_hooks(
+    kind: str,
+    values: dict[int, Float[Tensor, "batch pos head d"]],
+    keep: dict[int, Bool[Tensor, "batch pos head"]] | None = None,
+) -> list[Hook]:
+    """Hooks that overwrite each layer's `kind` activation with `values[layer]` (per example,
+    per position) wherever `keep[layer]` is false, or everywhere when `keep` is None.
+
+    Path patching freezes heads to their clean values with it (and puts the sender's corrupt
+    value in the same tensor), so one hook per layer does both.
+    """
+    return [
+        (hook_name(kind, layer), partial(_override_hook, values=v, keep=None if keep is None else keep[layer]))
+        for layer, v in values.items()
+    ]

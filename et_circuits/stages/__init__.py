@@ -5,3 +5,6 @@ STAGES: list = []
 
 from . import cmap as _cmap  # noqa: E402  (cmap and knockout)
 STAGES.append(_cmap)
+
+from . import circuit as _circuit  # noqa: E402  (circuit, table1, figures)
+STAGES.append(_circuit)

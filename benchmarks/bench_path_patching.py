@@ -1,0 +1,87 @@
+"""Reference vs fast path patching, all four steps in the same run, on one model (default
+organism-llama). Both methods get the same receivers (the fast run's top-k of each step), the
+scores are compared, and the last line is `path_patching speedup=<reference / fast wall time>`.
+
+    python benchmarks/bench_path_patching.py [--model organism-llama] [--n 300] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from et_circuits import data, models  # noqa: E402
+from et_circuits import path_patching as pp  # noqa: E402
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="organism-llama", help="registry name or HF checkpoint directory")
+    p.add_argument("--n", type=int, default=300, help="prompts (paper: 300)")
+    p.add_argument("--boxes", type=int, default=7)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (both methods)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    try:
+        model, tok, spec = models.load(args.model, device=args.device)
+    except models.SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes + 1)
+    clean, corrupt = pp.prompts(tok, vocab, args.n, args.boxes, args.seed)
+    top_k = pp.effective_top_k(pp.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
+    print(
+        f"{spec.name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "
+        f"{args.n} prompts of {clean.input_ids.shape[1]} tokens, batch {args.batch_size}, "
+        f"top-k {list(top_k)}, device {model.cfg.device}, threads {torch.get_num_threads()}"
+    )
+    runs, seconds = timed(lambda: pp.prepare(model, clean, corrupt, args.batch_size, progress=False))
+    print(f"  fast: clean and corrupt runs (shared by the steps) {seconds:8.2f}s")
+    receivers: list = []
+    total = {"fast": seconds, "reference": 0.0}
+    worst = 0.0
+    for step, k in zip(pp.STEPS, top_k):
+        scores = {}
+        for method in ("fast", "reference"):
+            scores[method], seconds = timed(
+                lambda: pp.step_scores(
+                    model, clean, corrupt, step, receivers, method, batch_size=args.batch_size,
+                    progress=False, runs=runs if method == "fast" else None,
+                )
+            )
+            total[method] += seconds
+            print(f"  step {step.group:16s} {method:9s} {seconds:8.2f}s", flush=True)
+        diff = (scores["fast"] - scores["reference"]).abs().max().item()
+        worst = max(worst, diff)
+        largest = scores["reference"].abs().max().item()
+        print(f"  step {step.group:16s} max |fast - reference| = {diff:.2e} (max |score| {largest:.2e})")
+        receivers = pp.top_heads(scores["fast"], k)
+    speedup = total["reference"] / total["fast"]
+    print(f"reference {total['reference']:.2f}s, fast {total['fast']:.2f}s, max score difference {worst:.2e}")
+    print(f"path_patching speedup={speedup:.1f}")
+    return speedup
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Stages `circuit` (path patching + minimality for one model), `table1` (the base circuit
+evaluated on every model, and circuit overlap) and `figures` (this stage's plots).
+
+Files, under RESULTS/:
+- `<model>/path_patching/<group>.safetensors`: step scores (layer x head, tensor "scores") with
+  the seed, prompt count, method and receivers as metadata; reused when they match.
+- `<model>/circuit.json` (after minimality), `<model>/minimality.json` (candidates and each
+  pruning test), `<model>/completeness.json`.
+- `table1.csv` / `table1.md`, `overlap.csv`.
+Figures (under --figures, default figures/): `<model>_path_patching`, `<model>_completeness`,
+`<base>_circuit`, `table1`, each as .html and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .. import data, figures, minimality, models
+from .. import path_patching as pp
+from ..circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit, CircuitError, evaluate, overlap, reference_means
+from ..cli import boxes, load_model, model_args, positive, results_arg
+from ..io import read_json, write_csv, write_json, write_text
+
+# Each prompt set is drawn with seed + offset, so the sets differ from each other.
+PATH_PATCHING_SEED_OFFSET = 0
+MINIMALITY_SEED_OFFSET = 1
+REFERENCE_SEED_OFFSET = 2
+EVALUATION_SEED_OFFSET = 3
+
+
+def result_name(model: str) -> str:
+    """The directory name of a model's results: its registry name, or its checkpoint folder."""
+    return model if model in models.REGISTRY else Path(model).name
+
+
+def _fraction(value: str) -> float:
+    x = float(value)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {x}")
+    return x
+
+
+def _batch(tokenizer, vocab, n: int, n_boxes: int, seed: int) -> data.Batch:
+    return data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# circuit
+
+
+def cmd_circuit(args: argparse.Namespace) -> None:
+    name = result_name(args.model)
+    out = args.results / name
+    model, tokenizer, _ = load_model(args.model, args)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    top_k = pp.effective_top_k(args.top_k, n_layers, n_heads, args.top_k_cap)
+    vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes + 1)
+    clean, corrupt = pp.prompts(tokenizer, vocab, args.n, args.boxes, args.seed + PATH_PATCHING_SEED_OFFSET)
+    meta = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
+
+    def report(step: pp.Step, reused: bool, seconds: float) -> None:
+        what = "reused" if reused else f"{seconds:.1f}s"
+        print(f"{name} step {GROUP_LETTERS[step.group]} ({step.group}): {what}", flush=True)
+
+    t0 = time.perf_counter()
+    scores = pp.run_steps(
+        model, clean, corrupt, top_k, args.method, args.batch_size, out / "path_patching", meta, on_step=report
+    )
+    t_pp = time.perf_counter() - t0
+    candidates = pp.circuit_from_scores(scores, top_k)
+
+    t0 = time.perf_counter()
+    reference = _batch(tokenizer, vocab, args.reference_n, args.boxes, args.seed + REFERENCE_SEED_OFFSET)
+    means = reference_means(model, reference, args.batch_size)
+    batch = _batch(tokenizer, vocab, args.minimality_n, args.boxes, args.seed + MINIMALITY_SEED_OFFSET)
+    score = minimality.circuit_score(model, batch, means, args.batch_size)
+    circuit, log = minimality.minimal(candidates, score, args.minimality_threshold)
+    rows = minimality.completeness(
+        model, circuit, batch, means, args.completeness_random, args.seed, args.batch_size
+    )
+    t_min = time.perf_counter() - t0
+
+    write_json(
+        out / "minimality.json",
+        {
+            "threshold": args.minimality_threshold,
+            "n": args.minimality_n,
+            "top_k": list(top_k),
+            "candidates": candidates.to_dict(),
+            "tests": log,
+        },
+    )
+    write_json(out / "completeness.json", {"n": args.minimality_n, "rows": rows})
+    circuit.save(out / "circuit.json")
+    sizes = " ".join(
+        f"{GROUP_LETTERS[g]}={len(circuit.groups[g])}/{len(candidates.groups[g])}" for g in GROUP_POSITIONS
+    )
+    print(
+        f"{name}: circuit {sizes} (kept/top-k) | path patching {t_pp:.1f}s ({args.method}), "
+        f"minimality+completeness {t_min:.1f}s -> {out / 'circuit.json'}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# table1
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def overlap_frame(base: Circuit, others: dict[str, Circuit]) -> pd.DataFrame:
+    """Per model and group: how many of the base circuit's heads the model's circuit contains."""
+    rows = []
+    for name, circuit in others.items():
+        for group, (shared, size) in overlap(base, circuit).items():
+            rows.append(
+                {
+                    "model": name,
+                    "group": GROUP_LETTERS.get(group, group),
+                    "shared": shared,
+                    "base_size": size,
+                    "overlap": f"{shared}/{size}",
+                }
+            )
+    return pd.DataFrame(rows, columns=["model", "group", "shared", "base_size", "overlap"])
+
+
+def cmd_table1(args: argparse.Namespace) -> None:
+    base_name = result_name(args.base)
+    base = Circuit.load(args.results / base_name / "circuit.json")
+    others = {  # read every circuit before loading any model
+        result_name(m): Circuit.load(args.results / result_name(m) / "circuit.json")
+        for m in args.models
+        if result_name(m) != base_name
+    }
+    rows = []
+    for model_arg in args.models:
+        model, tokenizer, _ = load_model(model_arg, args)
+        vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
+        batch = _batch(tokenizer, vocab, args.n, args.boxes, args.seed + EVALUATION_SEED_OFFSET)
+        reference = _batch(tokenizer, vocab, args.reference_n, args.boxes, args.seed + REFERENCE_SEED_OFFSET)
+        ev = evaluate(model, base, batch, reference, args.random, args.seed, args.batch_size)
+        rows.append({"model": result_name(model_arg), **ev.as_row()})
+        print(
+            f"table1 {result_name(model_arg)}: full={ev.full:.2f} circuit={ev.circuit:.2f} "
+            f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f}",
+            flush=True,
+        )
+        del model
+        gc.collect()
+    frame = pd.DataFrame(rows, columns=["model", "full", "circuit", "random", "faithfulness"])
+    write_csv(args.results / "table1.csv", frame)
+    title = f"Table 1: the {base_name} circuit ({len(base)} heads) on each model\n\n"
+    write_text(args.results / "table1.md", title + _markdown(frame))
+    ov = overlap_frame(base, others)
+    write_csv(args.results / "overlap.csv", ov)
+    for name in others:
+        print(f"overlap {name}: " + ", ".join(f"{r.group} {r.overlap}" for r in ov[ov.model == name].itertuples()))
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _scores(directory: Path) -> dict:
+    found = {}
+    for group in GROUP_POSITIONS:
+        path = directory / f"{group}.safetensors"
+        if path.exists():
+            found[group] = pp.load_scores(path)[0]
+    if not found:
+        raise CircuitError(f"no path-patching scores under {directory}; run `make circuit` first")
+    return found
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    base_name = result_name(args.base)
+    base = Circuit.load(args.results / base_name / "circuit.json")
+    table_path = args.results / "table1.csv"
+    if not table_path.exists():
+        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
+    table = pd.read_csv(table_path)
+    todo = []
+    for model_arg in args.models:
+        name = result_name(model_arg)
+        circuit = Circuit.load(args.results / name / "circuit.json")
+        scores = _scores(args.results / name / "path_patching")
+        todo.append((f"{name}_path_patching", figures.step_heatmaps(scores, circuit, f"{name}: path patching")))
+        comp = args.results / name / "completeness.json"
+        if comp.exists():
+            rows = read_json(comp)["rows"]
+            todo.append((f"{name}_completeness", figures.completeness_figure(rows, f"{name}: completeness")))
+        if name == base_name:
+            n_layers = next(iter(scores.values())).shape[0]
+            diagram = figures.circuit_diagram(base, n_layers, f"{name} circuit ({len(base)} heads)")
+            todo.append((f"{name}_circuit", diagram))
+    header = list(table.columns)
+    cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
+    todo.append(("table1", figures.table_figure(header, cells, f"Table 1: {base_name} circuit on each model")))
+    with figures.png_export():
+        for stem, fig in todo:
+            figures.save_figure(fig, stem, args.figures)
+    where = args.figures or figures.figures_dir()
+    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    p = sub.add_parser("circuit", help="path patching, top-k and minimality: RESULTS/<model>/circuit.json")
+    p.add_argument("--model", required=True)
+    results_arg(p)
+    model_args(p)
+    p.add_argument("--n", type=positive, default=300, help="path-patching prompts (paper: 300)")
+    p.add_argument("--boxes", type=boxes, default=7)
+    p.add_argument(
+        "--top-k", type=positive, nargs=4, default=list(pp.PAPER_TOP_K), metavar=("A", "B", "C", "D"),
+        help="heads kept per step (paper, Llama: 20 5 10 5; Goat/FLoat: 50 20 30 5)",
+    )
+    p.add_argument(
+        "--top-k-cap", type=_fraction, default=pp.TOP_K_CAP,
+        help="at most this fraction of all heads per step (only bites on small models)",
+    )
+    p.add_argument("--method", choices=pp.METHODS, default="fast")
+    p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
+    p.add_argument("--minimality-threshold", type=_fraction, default=0.03, help="accuracy change that counts")
+    p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
+    p.add_argument("--completeness-random", type=int, default=10, help="random K sets for completeness")
+    p.set_defaults(func=cmd_circuit)
+
+    p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")
+    p.add_argument("--base", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    results_arg(p)
+    model_args(p)
+    p.add_argument("--n", type=positive, default=500, help="evaluation prompts (paper: 500)")
+    p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
+    p.add_argument("--random", type=positive, default=10, help="random circuits for the baseline")
+    p.add_argument("--boxes", type=boxes, default=7)
+    p.set_defaults(func=cmd_table1)
+
+    p = sub.add_parser("figures", help="path-patching heatmaps, circuit diagram, Table 1 figure")
+    p.add_argument("--base", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    results_arg(p)
+    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
+    p.set_defaults(func=cmd_figures)

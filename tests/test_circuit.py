@@ -1,0 +1,221 @@
+"""Minimality, completeness, and the `circuit` / `table1` / `figures` commands end to end on
+tiny random checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from et_circuits import cli, data, minimality, models
+from et_circuits import path_patching as pp
+from et_circuits.circuit import Circuit, CircuitError, circuit_accuracy, reference_means, without
+from et_circuits.figures import circuit_diagram, save_figure, step_heatmaps
+from et_circuits.stages.circuit import overlap_frame
+from tests.conftest import make_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minimality on a synthetic score
+
+
+def _synthetic():
+    """F = 0.4 per essential head present + 0.005 per other head: only essentials matter."""
+    circuit = Circuit(
+        {
+            "value_fetcher": [(3, 0), (3, 1), (2, 2)],
+            "pos_transmitter": [(2, 0)],
+            "pos_detector": [(1, 0), (1, 1)],
+            "struct_reader": [(0, 3)],
+        }
+    )
+    essential = {("value_fetcher", (3, 0)), ("pos_detector", (1, 1))}
+
+    def score(c: Circuit) -> float:
+        present = {(g, h) for g, hs in c.groups.items() for h in hs}
+        return 0.4 * len(present & essential) + 0.005 * len(present - essential)
+
+    return circuit, essential, score
+
+
+def test_minimality_prunes_only_heads_that_do_not_matter():
+    circuit, essential, score = _synthetic()
+    pruned, log = minimality.minimal(circuit, score, threshold=0.03, progress=False)
+    kept = {(g, h) for g, hs in pruned.groups.items() for h in hs}
+    assert kept == essential
+    assert len(log) == len(circuit)  # every head tested once
+    assert all(r["removed"] == ((r["group"], tuple(r["head"])) not in essential) for r in log)
+    assert score(pruned) >= score(circuit) - 0.03
+
+
+def test_minimality_bounds_the_total_loss():
+    """Each small head alone is below the threshold, but their sum is not: pruning stops
+    before the circuit loses more than the threshold."""
+    circuit = Circuit({"value_fetcher": [(0, h) for h in range(8)]})
+    score = lambda c: 0.02 * len(c.groups["value_fetcher"])  # noqa: E731
+    pruned, _ = minimality.minimal(circuit, score, threshold=0.05, progress=False)
+    assert score(pruned) >= score(circuit) - 0.05
+    assert 0 < len(pruned) < len(circuit)
+
+
+def test_minimality_threshold_zero_keeps_everything():
+    circuit, _, score = _synthetic()
+    pruned, _ = minimality.minimal(circuit, score, threshold=0.0, progress=False)
+    assert pruned.groups == circuit.groups
+    with pytest.raises(CircuitError):
+        minimality.minimal(circuit, score, threshold=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Completeness on a tiny model whose answers are its own predictions (full accuracy = 1)
+
+
+@pytest.fixture(scope="module")
+def predicted(tiny_dir, vocab):
+    model, tok, _ = models.load(tiny_dir, device="cpu")  # a copy: the weights are scaled below
+    with torch.no_grad():
+        for p in model.parameters():  # sizeable head effects
+            if p.ndim >= 2:
+                p.mul_(10)
+    batch = data.make_batch(tok, data.sample_prompts(vocab, 24, 7, 11))
+    with torch.no_grad():
+        own = model(batch.input_ids)[torch.arange(len(batch)), batch.last].argmax(-1)
+    reference = data.make_batch(tok, data.sample_prompts(vocab, 24, 7, 12))
+    return model, dataclasses.replace(batch, answer=own), reference_means(model, reference)
+
+
+def test_knockout_accuracy(predicted):
+    model, batch, means = predicted
+    assert minimality.knockout_accuracy(model, Circuit({}), batch, means) == 1.0
+    everything = Circuit({"value_fetcher": [(l, h) for l in range(2) for h in range(4)]})
+    assert minimality.knockout_accuracy(model, everything, batch, means) < 1.0
+
+
+def test_completeness_rows(predicted):
+    model, batch, means = predicted
+    circuit = Circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_detector": [(0, 1)], "struct_reader": []})
+    rows = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0, progress=False)
+    assert [r["kind"] for r in rows] == ["group", "group", "random", "random", "random"]
+    for r in rows:
+        assert r["size"] == len(r["heads"]) > 0
+        assert r["gap"] == pytest.approx(abs(r["circuit_without"] - r["model_without"]))
+    group = rows[0]
+    assert group["name"] == "value_fetcher"
+    rest = without(circuit, [("value_fetcher", (1, 0)), ("value_fetcher", (1, 2))])
+    expect = circuit_accuracy(model, rest, batch, means)
+    assert group["circuit_without"] == expect
+    again = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0, progress=False)
+    assert again == rows  # seeded
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlap and figures
+
+
+def test_overlap_frame():
+    base = Circuit({"value_fetcher": [(1, 0), (1, 1), (2, 3)], "struct_reader": [(0, 0)]})
+    other = Circuit({"value_fetcher": [(1, 1), (2, 3), (3, 3)], "pos_detector": [(0, 0)]})
+    frame = overlap_frame(base, {"ft": other})
+    assert frame.to_dict("records") == [
+        {"model": "ft", "group": "A", "shared": 2, "base_size": 3, "overlap": "2/3"},
+        {"model": "ft", "group": "D", "shared": 0, "base_size": 1, "overlap": "0/1"},
+    ]
+
+
+def test_save_figure_writes_html_and_png(tmp_path):
+    scores = {s.group: torch.randn(3, 4) for s in pp.STEPS}
+    circuit = Circuit(
+        {"value_fetcher": [(2, 1)], "pos_transmitter": [(1, 3)], "pos_detector": [(0, 0)], "struct_reader": []}
+    )
+    written = save_figure(step_heatmaps(scores, circuit), "heat", tmp_path)
+    assert [p.name for p in written] == ["heat.html", "heat.png"]
+    html = written[0].read_text()
+    assert "plotly" in html and "<script" in html and len(html) > 1_000_000  # plotly.js inlined
+    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_figure(circuit_diagram(circuit, 3), "diagram", tmp_path, png=False)
+    assert (tmp_path / "diagram.html").exists() and not (tmp_path / "diagram.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands, end to end
+
+
+SMALL = ["--device", "cpu", "--n", "12", "--batch-size", "6"]
+CIRCUIT_SMALL = [*SMALL, "--minimality-n", "12", "--reference-n", "12", "--completeness-random", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    for i, name in enumerate(["base-model", "tuned-model"]):
+        make_checkpoint(root / name, n_layers=3, n_heads=2, d_model=16, seed=10 + i)
+    return root
+
+
+def test_circuit_table1_figures(two_models, tmp_path, capsys):
+    results, figs = tmp_path / "results", tmp_path / "figs"
+    base, tuned = str(two_models / "base-model"), str(two_models / "tuned-model")
+    for model in (base, tuned):  # threshold 0 keeps the top-k, so the circuits are not empty
+        args = ["circuit", "--model", model, "--results", str(results), *CIRCUIT_SMALL, "--minimality-threshold", "0"]
+        assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "path patching" in out and "reused" not in out
+    for name in ("base-model", "tuned-model"):
+        d = results / name
+        assert sorted(p.name for p in (d / "path_patching").iterdir()) == sorted(
+            f"{s.group}.safetensors" for s in pp.STEPS
+        )
+        circuit = Circuit.load(d / "circuit.json")
+        assert [len(circuit.groups[s.group]) for s in pp.STEPS] == [1, 1, 1, 1]  # 6 heads: cap 1
+        assert json.loads((d / "minimality.json").read_text())["top_k"] == [1, 1, 1, 1]
+        assert len(json.loads((d / "completeness.json").read_text())["rows"]) == 4 + 2
+
+    before = (results / "base-model" / "path_patching" / "value_fetcher.safetensors").stat().st_mtime_ns
+    args = ["circuit", "--model", base, "--results", str(results), *CIRCUIT_SMALL, "--minimality-threshold", "0"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("reused") == 4
+    assert (results / "base-model" / "path_patching" / "value_fetcher.safetensors").stat().st_mtime_ns == before
+
+    table = ["table1", "--base", base, "--models", base, tuned, "--results", str(results)]
+    assert cli.main([*table, *SMALL, "--reference-n", "12", "--random", "2"]) == 0
+    frame = pd.read_csv(results / "table1.csv")
+    assert list(frame.columns) == ["model", "full", "circuit", "random", "faithfulness"]
+    assert list(frame.model) == ["base-model", "tuned-model"]
+    assert (results / "table1.md").read_text().count("\n| ") == 3  # header + 2 rows
+    ov = pd.read_csv(results / "overlap.csv")
+    assert list(ov.model.unique()) == ["tuned-model"] and len(ov) == 4
+
+    args = ["figures", "--base", base, "--models", base, tuned, "--results", str(results), "--figures", str(figs)]
+    assert cli.main(args) == 0
+    stems = {"base-model_path_patching", "tuned-model_path_patching", "base-model_completeness",
+             "tuned-model_completeness", "base-model_circuit", "table1"}
+    assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "png")}
+
+
+def test_commands_fail_with_one_line(tmp_path, capsys, two_models):
+    base = str(two_models / "base-model")
+    assert cli.main(["table1", "--base", base, "--models", base, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no circuit file") and "\n" not in err
+    (tmp_path / "base-model").mkdir()
+    (tmp_path / "base-model" / "circuit.json").write_text("{not json")
+    assert cli.main(["figures", "--base", base, "--models", base, "--results", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert cli.main(["circuit", "--model", "no-such-model", "--results", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["circuit", "--model", base, "--top-k", "1", "2", "3"])
+    with pytest.raises(SystemExit):
+        cli.main(["circuit", "--model", base, "--top-k-cap", "2"])
