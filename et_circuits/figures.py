@@ -18,6 +18,7 @@ from .circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit
 from .io import atomic_path
 from .models import SetupError
 
+_PNG_NEEDS = "PNG export needs kaleido with Chrome/Chromium (`make install` sets it up on Debian)."
 FIGURES_ENV = "ET_CIRCUITS_FIGURES"  # overrides the default directory for every stage
 
 
@@ -48,7 +49,10 @@ def png_export():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            kaleido.start_sync_server(silence_warnings=True)
+        except Exception as e:
+            raise SetupError(f"cannot start kaleido for PNG export ({type(e).__name__}: {e}); {_PNG_NEEDS}") from None
         try:
             yield
         finally:
@@ -74,8 +78,7 @@ def save_figure(
                 fig.write_image(tmp, format="png", scale=2)
         except Exception as e:  # kaleido raises several types when no browser is found
             raise SetupError(
-                f"PNG export of {stem} failed ({type(e).__name__}: {e}); it needs kaleido with "
-                "Chrome/Chromium (`make install` sets it up on Debian). The HTML was written."
+                f"PNG export of {stem} failed ({type(e).__name__}: {e}); {_PNG_NEEDS} The HTML was written."
             ) from None
         written.append(path)
     return written

@@ -45,6 +45,13 @@ def _fraction(value: str) -> float:
     return x
 
 
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
+    return n
+
+
 def _batch(tokenizer, vocab, n: int, n_boxes: int, seed: int) -> data.Batch:
     return data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
 
@@ -236,7 +243,7 @@ def register(sub) -> None:
     p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
     p.add_argument("--minimality-threshold", type=_fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
-    p.add_argument("--completeness-random", type=int, default=10, help="random K sets for completeness")
+    p.add_argument("--completeness-random", type=_count, default=10, help="random K sets for completeness")
     p.set_defaults(func=cmd_circuit)
 
     p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")
