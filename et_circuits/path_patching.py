@@ -19,9 +19,10 @@ Two implementations give the same scores (tested to 1e-5 in fp32):
   and layers from the lowest receiver above the sender can change: it starts there from the
   clean residual stream of those positions, with the clean keys and values of the earlier
   positions as a frozen KV cache. A sender at or above every receiver's layer cannot reach a
-  receiver: its score is 0. Many senders share each pass (one batch row per sender and
-  prompt), prompts are grouped by sender position so a group's suffix starts at its p, and
-  the clean and corrupt runs are made once for all four steps (`prepare`).
+  receiver: its score is 0. The senders of a layer share each pass (one batch row per sender
+  and prompt), so each pass starts at its senders' layer; prompts are grouped by sender
+  position so a group's suffix starts at its p; the clean and corrupt runs are made once for
+  all four steps (`prepare`).
 
 With grouped-query attention, `hook_v` is made per query head for the duration (TransformerLens'
 `ungroup_grouped_query_attention`), so a receiver's value input is its own, not its kv group's.
@@ -304,7 +305,7 @@ def _fast_chunk(
     sender_batch: int,
 ) -> Float[Tensor, "layer head batch"]:
     """Same contract as `_reference_chunk`, computed with the shortcuts in the module doc from
-    this chunk's `runs`; `sender_batch` senders (consecutive in layer order) share a forward."""
+    this chunk's `runs`; up to `sender_batch` senders of one layer share a forward."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     kind, n = step.receiver_kind, len(clean)
     pos, last = clean.position(step.position), clean.last
@@ -319,12 +320,15 @@ def _fast_chunk(
             if layer >= receiver_layers[-1]:
                 out[layer, head] = 0.0
         todo = [(layer, head) for layer, head in todo if layer < receiver_layers[-1]]
-    for i in range(0, len(todo), sender_batch):
-        group = todo[i : i + sender_batch]
+    by_layer: dict[int, list[Head]] = {}
+    for layer, head in todo:
+        by_layer.setdefault(layer, []).append((layer, head))
+    groups = [heads[i : i + sender_batch] for heads in by_layer.values() for i in range(0, len(heads), sender_batch)]
+    for group in groups:
         reps, first = len(group), group[0][0]
         stop = n_layers if kind is None else receiver_layers[-1] + 1
-        # Frozen run at p only, from the lowest sender's layer: every head clean, except each
-        # row's sender, corrupt. Below a row's sender this reproduces the clean run.
+        # Frozen run at p only, from the senders' layer: every head clean, except each row's
+        # sender, corrupt.
         frozen = {m: _tile(clean_z[m], reps).view(reps, n, n_heads, -1) for m in range(first, stop)}
         for r, (layer, head) in enumerate(group):
             frozen[layer][r, :, head] = corrupt_z[layer][:, head]
@@ -342,8 +346,7 @@ def _fast_chunk(
                 stop_at_layer=stop,
                 fwd_hooks=[*override_hooks("z", frozen), *store_hooks(kind, at_p, above, recorded)],
             )
-            # Receiver run: positions start..end, from the lowest receiver above the senders;
-            # receivers below a row's sender get their clean value back.
+            # Receiver run: positions start..end, from the lowest receiver above the senders.
             start, end = int(pos.min()), int(last.max()) + 1
             logits = model.run_with_hooks(
                 _tile(runs.resid[above[0]][:, start:end], reps),
@@ -412,7 +415,7 @@ def step_scores(
             runs = runs if runs is not None else prepare(model, clean, corrupt, batch_size, progress)
             if runs.p_clean.shape[0] != len(clean):
                 raise CircuitError(f"the prepared runs hold {runs.p_clean.shape[0]} prompts, not {len(clean)}")
-            sender_batch = max(1, min(int(sender_mask.sum()), max_rows))
+            sender_batch = max(1, min(int(sender_mask.sum(1).max()), max_rows))
             chunks = _same_position_chunks(clean.position(step.position), max(1, max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not progress, leave=False):
                 chunk = _select(clean, index).to(device)
