@@ -86,6 +86,13 @@ def clean_run(model: HookedTransformer, input_ids: Int[Tensor, "batch seq"]) -> 
 def resume(
     model: HookedTransformer, run: CleanRun, layer: int, start: int, fwd_hooks: list[Hook] = ()
 ) -> Float[Tensor, "batch suffix vocab"]:
+    """`resume_with_grad` without gradients (every caller but DCM's mask training)."""
+    return resume_with_grad(model, run, layer, start, fwd_hooks)
+
+
+def resume_with_grad(
+    model: HookedTransformer, run: CleanRun, layer: int, start: int, fwd_hooks: list[Hook] = ()
+) -> Float[Tensor, "batch suffix vocab"]:
     """Logits of positions `start`.. of an intervention that touches only layers >= `layer`
     and positions >= `start`: everything below is the clean run's, so the suffix restarts from
     its clean residual at `layer`, attending to the clean keys/values of positions < `start`.

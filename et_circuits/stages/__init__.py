@@ -8,3 +8,6 @@ STAGES.append(_cmap)
 
 from . import circuit as _circuit  # noqa: E402  (circuit, table1, figures)
 STAGES.append(_circuit)
+
+from . import dcm as _dcm  # noqa: E402  (dcm, dcm-figure)
+STAGES.append(_dcm)

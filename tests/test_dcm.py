@@ -1,0 +1,253 @@
+"""DCM on tiny random LLaMAs: the masked forward against independent hook code, the resume fast
+path against the full forward, mask training (frozen weights, determinism, a head that is right
+by construction), job reuse, and the `dcm` / `dcm-figure` commands."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from et_circuits import cmap, data, dcm, desiderata, models
+from et_circuits.circuit import Circuit
+from et_circuits.cli import main
+from tests.conftest import make_checkpoint
+
+GROUPS = {  # position -> heads of a 2-layer, 4-head model
+    "last": [(1, 0), (1, 3), (0, 2)],
+    "query_label": [(0, 1), (1, 2)],
+    "prev_query_label": [(0, 3)],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster and immune to other processes' load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny, vocab):
+    splits = desiderata.draw_splits(data.positional, vocab, (96, 48, 16), 7, seed=0)
+    tok = tiny[1]
+    return dcm.Pairs.build(tok, splits.train), dcm.Pairs.build(tok, splits.eval)
+
+
+def _reference_patch(model, pairs, position, heads):
+    """Last-token logits of the base with `heads` overwritten at the base's `position` by their
+    z in the source at the source's `position`: written with plain TransformerLens calls."""
+    _, cache = model.run_with_cache(pairs.source.input_ids)
+    rows = torch.arange(len(pairs))
+    src_pos, base_pos = pairs.source.position(position), pairs.base.position(position)
+
+    def overwrite(act, hook, layer):
+        act = act.clone()
+        for l, h in heads:
+            if l == layer:
+                act[rows, base_pos, h] = cache[hook.name][rows, src_pos, h]
+        return act
+
+    hooks = [(f"blocks.{l}.attn.hook_z", lambda act, hook, l=l: overwrite(act, hook, l)) for l in {l for l, _ in heads}]
+    logits = model.run_with_hooks(pairs.base.input_ids, fwd_hooks=hooks)
+    return logits[rows, pairs.base.last]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["full", "resume"])
+@pytest.mark.parametrize("position", list(GROUPS))
+def test_mask_ones_is_base_and_zeros_is_patched(tiny, pairs, position, resume):
+    model = tiny[0]
+    train = pairs[0]
+    heads = GROUPS[position]
+    d = dcm.pair_data(model, train, position, heads, resume=resume)
+    assert (d.resume is not None) == resume
+    with torch.no_grad():
+        plain = model(train.base.input_ids)[torch.arange(len(train)), train.base.last]
+        ones = dcm.masked_logits(model, heads, torch.ones(len(heads)), d)
+        zeros = dcm.masked_logits(model, heads, torch.zeros(len(heads)), d)
+        reference = _reference_patch(model, train, position, heads)
+    torch.testing.assert_close(ones, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zeros, reference, atol=1e-5, rtol=0)
+    assert (zeros - plain).abs().max() > 1e-4, "the patch must change more than the tolerance"
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_resume_equals_full_forward(tmp_path, vocab, n_kv_heads):
+    make_checkpoint(tmp_path, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=3)
+    model, tok, _ = models.load(tmp_path, device="cpu")
+    cfs = desiderata.draw_splits(desiderata.segment_at_start, vocab, (24, 1, 1), 7, seed=1).train
+    t = dcm.Pairs.build(tok, cfs)
+    mask = torch.tensor([0.3, 0.9, 0.0])
+    for position, heads in [("last", [(2, 1), (1, 3), (2, 0)]), ("prev_query_label", [(0, 2), (2, 3), (1, 1)])]:
+        full = dcm.pair_data(model, t, position, heads, resume=False)
+        fast = dcm.pair_data(model, t, position, heads)
+        assert (fast.resume.layer, fast.resume.start) == (min(l for l, _ in heads), int(full.position.min()))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                dcm.masked_logits(model, heads, mask, fast), dcm.masked_logits(model, heads, mask, full),
+                atol=1e-5, rtol=0,
+            )
+    no_room = dcm.pair_data(model, t, "last", [(2, 1)], max_resume_bytes=10)
+    assert no_room.resume is None
+
+
+def test_mask_gradient_flows_and_weights_stay_frozen(tiny, pairs):
+    model = tiny[0]
+    heads = GROUPS["last"]
+    train, eval = (dcm.pair_data(model, p, "last", heads) for p in pairs)
+    before = copy.deepcopy(model.state_dict())
+    config = dcm.DCMConfig(batch_size=16)
+    a = dcm.train_mask(model, heads, train, eval, config, seed=0)
+    b = dcm.train_mask(model, heads, train, eval, config, seed=0)
+    c = dcm.train_mask(model, heads, train, eval, config, seed=1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+    assert a.steps == 12 and len(a.losses) == 12
+    assert (a.mask, a.selected, a.losses) == (b.mask, b.selected, b.losses)  # deterministic per seed
+    assert a.losses != c.losses  # another seed, another batch order
+    assert all(0 <= m <= 1 for m in a.mask)
+    mask = torch.full((len(heads),), 0.5, requires_grad=True)
+    with dcm.frozen(model):
+        dcm.masked_logits(model, heads, mask, train.take(torch.arange(8))).gather(1, train.target[:8, None]).sum().backward()
+    assert mask.grad.abs().min() > 0 and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_dcm_finds_the_head_that_is_right_by_construction(tiny_dir, pairs, index):
+    """Targets = the model's own answers when head X alone is patched (X's output scaled up so
+    its effect dominates): DCM must select exactly X, with eval accuracy 1."""
+    model, _, _ = models.load(tiny_dir, device="cpu")
+    heads = GROUPS["last"]
+    layer, head = heads[index]
+    with torch.no_grad():
+        model.blocks[layer].attn.W_O[head] *= 10
+    only_x = torch.zeros(len(heads), dtype=torch.bool)
+    only_x[index] = True
+    data_ = []
+    for p in pairs:
+        d = dcm.pair_data(model, p, "last", heads)
+        with torch.no_grad():
+            d.target = dcm.masked_logits(model, heads, (~only_x).float(), d).argmax(-1)
+        data_.append(d)
+    result = dcm.train_mask(model, heads, *data_, dcm.DCMConfig(lam=0.0, batch_size=8), seed=0)
+    assert result.selected == [heads[index]] and result.eval_accuracy == 1.0 and result.best_step > 0
+
+
+def test_nothing_selected_when_the_base_answer_is_the_target(tiny, pairs):
+    model = tiny[0]
+    heads = GROUPS["last"]
+    data_ = []
+    for p in pairs:
+        d = dcm.pair_data(model, p, "last", heads)
+        with torch.no_grad():
+            d.target = dcm.masked_logits(model, heads, torch.ones(len(heads)), d).argmax(-1)
+        data_.append(d)
+    result = dcm.train_mask(model, heads, *data_, dcm.DCMConfig(batch_size=16), seed=0)
+    assert result.selected == [] and result.eval_accuracy == 1.0 and result.best_step == 0
+
+
+def test_bootstrap():
+    correct = torch.tensor([True] * 30 + [False] * 70)
+    a = dcm.bootstrap(correct, 50, seed=0)
+    assert len(a) == 50 and all(0 <= x <= 1 for x in a)
+    assert abs(sum(a) / 50 - 0.3) < 0.03 and len(set(a)) > 5
+    assert a == dcm.bootstrap(correct, 50, seed=0) and a != dcm.bootstrap(correct, 50, seed=1)
+    with pytest.raises(data.DataError):
+        dcm.bootstrap(correct, 0)
+
+
+def test_run_jobs_shares_data_and_reuses_results(tiny, vocab, monkeypatch):
+    model, tok = tiny
+    plan = dcm.Plan(dcm.DCMConfig(batch_size=16), (32, 16, 16), 7, data_seed=5)
+    jobs = [
+        dcm.Job(((1, 0), (1, 3)), "last", "object_value", 0),
+        dcm.Job(((1, 0), (1, 3)), "last", "object_value", 0),  # the same job from another circuit
+        dcm.Job(((0, 3),), "prev_query_label", "object_value", 1),
+        dcm.Job((), "query_label", "positional", 0),  # an empty group
+    ]
+    saved = {}
+    first = dcm.run_jobs(model, tok, vocab, jobs, plan, on_result=saved.__setitem__, progress=False)
+    assert len(first) == 3 and saved == first
+    empty = first[plan.key(jobs[3])]
+    assert empty["heads"] == [] and empty["steps"] == 0 and len(empty["test_correct"]) == 16
+    for result in first.values():
+        assert result["test_accuracy"] == pytest.approx(result["test_correct"].count("1") / 16)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished job was trained again")
+
+    monkeypatch.setattr(dcm, "train_mask", no_training)
+    assert dcm.run_jobs(model, tok, vocab, jobs, plan, done=first, progress=False) == first
+    other = dcm.Plan(dcm.DCMConfig(batch_size=16, lam=0.1), (32, 16, 16), 7, data_seed=5)
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: not reused
+        dcm.run_jobs(model, tok, vocab, jobs[:1], other, done=first, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _circuit(groups):
+    return Circuit({g: hs for g, hs in groups.items()})
+
+
+def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
+    other_dir = tmp_path / "tiny-ft"
+    make_checkpoint(other_dir, seed=7)
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    base, ft = tiny_dir.name, other_dir.name
+    _circuit({"value_fetcher": [(1, 0), (1, 1)], "pos_transmitter": [(1, 3)],
+              "pos_detector": [(0, 1)], "struct_reader": [(0, 3)]}).save(results / base / "circuit.json")
+    _circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_transmitter": [(1, 3)],
+              "pos_detector": [(0, 1)], "struct_reader": []}).save(results / ft / "circuit.json")
+    common = ["--base", str(tiny_dir), "--results", str(results), "--n-train", "32", "--n-eval", "16",
+              "--n-test", "16", "--seeds", "2", "--batch-size", "16", "--resamples", "5", "--device", "cpu", "--quiet"]
+    assert main(["dcm", "--model", str(tiny_dir), *common]) == 0
+    assert main(["dcm", "--model", str(other_dir), *common]) == 0
+
+    own = json.loads((results / base / "dcm.json").read_text())
+    assert own["base_circuit"] == own["own_circuit"] and own["base"] == base
+    groups = own["base_circuit"]["groups"]
+    assert set(groups["pos_transmitter"]) == set(desiderata.ALL)
+    assert set(groups["value_fetcher"]) == set(desiderata.MAIN)
+    entry = groups["value_fetcher"]["object_value"]
+    assert set(entry["seeds"]) == {"0", "1"} and len(entry["accuracy"]) == 5
+    assert entry["heads"] == entry["seeds"][str(entry["selected_seed"])]["heads"]
+    assert all(h in [[1, 0], [1, 1]] for h in entry["heads"])
+
+    ft_result = json.loads((results / ft / "dcm.json").read_text())
+    assert ft_result["own_circuit"]["circuit"] == ft and ft_result["base_circuit"]["circuit"] == base
+    assert ft_result["own_circuit"]["group_heads"]["struct_reader"] == []
+    assert set(ft_result["base_circuit"]["groups"]["pos_transmitter"]) == set(desiderata.MAIN)
+    own_groups = ft_result["own_circuit"]["groups"]  # what CMAP patches, read as cmap reads it
+    assert {g: set(d) for g, d in own_groups.items()} == {
+        "value_fetcher": {"object_value"}, "pos_transmitter": {"positional"}, "pos_detector": {"positional"},
+    }
+    assert all(tuple(h) in {(1, 0), (1, 2)} for h in cmap.dcm_heads(ft_result, "value_fetcher", "object_value"))
+
+    # a rerun trains nothing and writes the same file
+    monkeypatch.setattr(dcm, "train_mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert main(["dcm", "--model", str(tiny_dir), *common]) == 0
+    assert json.loads((results / base / "dcm.json").read_text()) == own
+
+    figure_args = ["--base", str(tiny_dir), "--models", str(tiny_dir), str(other_dir),
+                   "--results", str(results), "--figures", str(figures)]
+    assert main(["dcm-figure", *figure_args]) == 0
+    import pandas as pd
+
+    frame = pd.read_csv(results / "dcm.csv")
+    assert len(frame) == 2 * (4 * 3 + 11) + 4 * 3 + 3  # base: both sections with extras; ft: main + CMAP's
+    assert frame.accuracy_mean.between(0, 100).all()
+    for stem in ("dcm", "dcm_extra"):
+        assert (figures / f"{stem}.html").stat().st_size > 0 and (figures / f"{stem}.png").stat().st_size > 0
+
+    capsys.readouterr()
+    assert main(["dcm-figure", *figure_args[:1], str(other_dir), *figure_args[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "circuit" in err[0]
+    assert main(["dcm", "--model", str(tiny_dir), "--base", "missing", "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no circuit file" in err[0]
