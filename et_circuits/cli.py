@@ -29,9 +29,16 @@ def results_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, args: argparse.Namespace):
-    """(model, tokenizer, spec) for a CLI command, with the command's device and dtype."""
+    """(model, tokenizer, spec) for a CLI command, with the command's device and dtype.
+
+    Organism-sized models run on one CPU thread: their tiny matrices gain nothing from more
+    and lose much when the cores are shared.
+    """
     torch.manual_seed(args.seed)
-    return models.load(name, device=args.device, dtype=DTYPES[args.dtype])
+    model, tokenizer, spec = models.load(name, device=args.device, dtype=DTYPES[args.dtype])
+    if str(model.cfg.device) == "cpu" and model.cfg.d_model <= 512:
+        torch.set_num_threads(1)
+    return model, tokenizer, spec
 
 
 def positive(value: str) -> int:

@@ -51,3 +51,12 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def vocab(tiny):
     return data.vocabulary(tiny[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster and immune to other processes' load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

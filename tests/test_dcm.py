@@ -20,14 +20,6 @@ GROUPS = {  # position -> heads of a 2-layer, 4-head model
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster and immune to other processes' load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def pairs(tiny, vocab):

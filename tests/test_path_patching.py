@@ -27,14 +27,6 @@ RECEIVERS = {
 STEP = {s.group: s for s in pp.STEPS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _scaled_model(path, n_kv_heads=None):
     """A 4-layer random LLaMA with weights scaled up so that heads have visible effects."""

@@ -15,7 +15,6 @@ import gc
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from .. import cmap, data, figures, knockout
 from ..circuit import GROUP_LETTERS, Circuit, CircuitError
@@ -35,13 +34,6 @@ def _save(named_figures: list, directory: Path | None) -> None:
         for stem, fig in named_figures:
             figures.save_figure(fig, stem, directory)
 
-
-def _small_model_threads(model) -> None:
-    """Organism-sized matrices gain nothing from several CPU threads and lose much (spinning
-    OpenMP workers) when the cores are shared: run them on one thread (same rule as the DCM
-    stage)."""
-    if str(model.cfg.device) == "cpu" and model.cfg.d_model <= 512:
-        torch.set_num_threads(1)
 
 
 def _prompts(tokenizer, args: argparse.Namespace, offset: int) -> data.Batch:
@@ -68,7 +60,6 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         circuit = Circuit.load(out / "circuit.json")
         inputs[name] = cmap.cmap_head_sets(circuit, _read_dcm(out / "dcm.json")), circuit
     base, tokenizer, _ = load_model(args.base, args)
-    _small_model_threads(base)
     base_name = result_name(args.base)
     batch = _prompts(tokenizer, args, CMAP_SEED_OFFSET)
     rows = []
@@ -94,7 +85,6 @@ def cmd_cmap(args: argparse.Namespace) -> None:
 
 def cmd_knockout(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_model(args.model, args)
-    _small_model_threads(model)
     name = result_name(args.model)
     batch = _prompts(tokenizer, args, KNOCKOUT_SEED_OFFSET)
     full, curves = knockout.knockout_accuracy(model, batch, seed=args.seed, batch_size=args.batch_size)

@@ -117,12 +117,6 @@ def _read_runs(path: Path) -> dict:
     return runs if isinstance(runs, dict) else {}
 
 
-def _small_model_threads(model) -> None:
-    """Tiny matrices gain nothing from several CPU threads and lose much when the cores are
-    shared (spinning OpenMP workers); run organism-sized models on one thread."""
-    if str(model.cfg.device) == "cpu" and model.cfg.d_model <= 512:
-        torch.set_num_threads(1)
-
 
 def cmd_dcm(args: argparse.Namespace) -> None:
     name, base_name = result_name(args.model), result_name(args.base)
@@ -135,7 +129,6 @@ def cmd_dcm(args: argparse.Namespace) -> None:
     seeds = [args.seed + i for i in range(args.seeds)]
 
     model, tokenizer, _ = load_model(args.model, args)
-    _small_model_threads(model)
     for _, circuit in circuits.values():
         circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
     vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
