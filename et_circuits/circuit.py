@@ -141,15 +141,18 @@ def circuit_accuracy(
     batch: Batch,
     means: Float[Tensor, "layer pos head d"],
     batch_size: int = 32,
+    ablate_circuit: bool = False,
 ) -> float:
     """Accuracy with every head outside the circuit (or off its group's position) replaced by
-    its position-wise mean over the reference set."""
+    its position-wise mean over the reference set. With `ablate_circuit`, the complement: only
+    the circuit's heads at their groups' positions are mean-ablated (the full model minus K)."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     circuit.validate(n_layers, n_heads)
 
     def hooks_for(chunk: Batch):
-        keep = keep_mask(circuit, chunk.to("cpu"), n_layers, n_heads).to(model.cfg.device)
-        return replace_hooks("z", means.to(model.cfg.device), keep)
+        keep = keep_mask(circuit, chunk.to("cpu"), n_layers, n_heads)
+        keep = ~keep if ablate_circuit else keep
+        return replace_hooks("z", means.to(model.cfg.device), keep.to(model.cfg.device))
 
     return accuracy(model, batch, hooks_for, batch_size, progress=False)
 

@@ -34,8 +34,8 @@ from transformer_lens import HookedTransformer
 
 from .circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit, CircuitError, Head
 from .data import Batch
-from .hooks import Hook, logits_at, patch_hooks, store_hooks
-from .metrics import clean_run, resume
+from .hooks import Hook, patch_hooks, store_hooks
+from .metrics import clean_run, n_correct, resume
 from .models import SetupError
 
 # Which activations each patch kind overwrites.
@@ -280,9 +280,6 @@ class CmapResult:
     n: int
 
 
-def _hits(logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"], answer: Int[Tensor, " batch"]) -> int:
-    return int((logits_at(logits, last).argmax(-1) == answer).sum())
-
 
 @torch.no_grad()
 def cmap_accuracy(
@@ -311,15 +308,15 @@ def cmap_accuracy(
         where = {name: chunk.position(name) for name in set(positions.values())}
         source_logits, values = read_source(source, chunk.input_ids, sites, where)
         run = clean_run(base, chunk.input_ids)
-        source_hits += _hits(source_logits, chunk.last, chunk.answer)
-        base_hits += _hits(run.logits, chunk.last, chunk.answer)
+        source_hits += n_correct(source_logits, chunk.last, chunk.answer)
+        base_hits += n_correct(run.logits, chunk.last, chunk.answer)
         for i, m in enumerate(masks):
             if not m:
                 continue
             first = min(int(where[key].min()) for _, key in m)  # first position the patch changes
             shifted = {key: p - first for key, p in where.items()}
             logits = resume(base, run, first_layer(m), first, write_hooks(values, shifted, m))
-            hits[i] += _hits(logits, chunk.last - first, chunk.answer)
+            hits[i] += n_correct(logits, chunk.last - first, chunk.answer)
     n = len(batch)
     return CmapResult(
         base=base_hits / n,

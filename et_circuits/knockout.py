@@ -23,8 +23,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from .data import Batch, DataError
-from .hooks import Hook, logits_at
-from .metrics import clean_run, resume
+from .hooks import Hook
+from .metrics import clean_run, n_correct, resume
 
 EDGES = ("last->object", "last->query_label", "query_label->prev_query_label", "last->random")
 EDGE_TITLES = {
@@ -98,9 +98,6 @@ def edge_positions(batch: Batch, edge: str, seed: int = 0) -> tuple[Int[Tensor, 
     raise DataError(f"unknown edge {edge!r}; expected one of {', '.join(EDGES)}")
 
 
-def _hits(logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"], answer: Int[Tensor, " batch"]) -> int:
-    return int((logits_at(logits, last).argmax(-1) == answer).sum())
-
 
 @torch.no_grad()
 def knockout_accuracy(
@@ -122,14 +119,14 @@ def knockout_accuracy(
     for start in tqdm(range(0, len(batch), batch_size), desc="knockout", disable=not progress, leave=False):
         chunk = batch[start : start + batch_size].to(model.cfg.device)
         run = clean_run(model, chunk.input_ids)
-        full += _hits(run.logits, chunk.last, chunk.answer)
+        full += n_correct(run.logits, chunk.last, chunk.answer)
         for e in edges:
             queries, keys = (p[start : start + batch_size] for p in where[e])
             first = int(queries.min())
             for layer in range(n_layers):
                 hooks = block_hooks(queries, keys, range(layer, n_layers), first)
                 logits = resume(model, run, layer, first, hooks)
-                hits[e][layer] += _hits(logits, chunk.last - first, chunk.answer)
+                hits[e][layer] += n_correct(logits, chunk.last - first, chunk.answer)
     n = len(batch)
     return full / n, {e: [h / n for h in hits[e]] for e in edges}
 

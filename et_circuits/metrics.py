@@ -20,6 +20,13 @@ from .hooks import Hook, logits_at
 HooksFor = Callable[[Batch], list[Hook]]
 
 
+def n_correct(
+    logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"], answer: Int[Tensor, " batch"]
+) -> int:
+    """How many prompts' argmax at their last position is the answer."""
+    return int((logits_at(logits, last).argmax(-1) == answer.to(logits.device)).sum())
+
+
 @torch.no_grad()
 def last_logits(
     model: HookedTransformer,

@@ -17,10 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from .circuit import Circuit, CircuitError, Head, circuit_accuracy, keep_mask, without
+from .circuit import Circuit, CircuitError, Head, circuit_accuracy, without
 from .data import Batch
-from .hooks import replace_hooks
-from .metrics import accuracy
 
 Score = Callable[[Circuit], float]
 Entry = tuple[str, Head]  # (group, head)
@@ -87,14 +85,7 @@ def knockout_accuracy(
     batch_size: int = 32,
 ) -> float:
     """F(M \\ K): accuracy of the full model with K's heads mean-ablated at their group's position."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    knocked.validate(n_layers, n_heads)
-
-    def hooks_for(chunk: Batch):
-        keep = ~keep_mask(knocked, chunk.to("cpu"), n_layers, n_heads)
-        return replace_hooks("z", means.to(model.cfg.device), keep.to(model.cfg.device))
-
-    return accuracy(model, batch, hooks_for, batch_size, progress=False)
+    return circuit_accuracy(model, knocked, batch, means, batch_size, ablate_circuit=True)
 
 
 def _only(circuit: Circuit, entries: list[Entry]) -> Circuit:

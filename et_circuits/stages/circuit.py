@@ -23,7 +23,7 @@ import pandas as pd
 from .. import data, figures, minimality, models
 from .. import path_patching as pp
 from ..circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit, CircuitError, evaluate, overlap, reference_means
-from ..cli import boxes, load_model, model_args, positive, results_arg
+from ..cli import boxes, count, fraction, load_model, model_args, positive, results_arg
 from ..io import read_json, write_csv, write_json, write_text
 
 # Each prompt set is drawn with seed + offset, so the sets differ from each other.
@@ -37,19 +37,6 @@ def result_name(model: str) -> str:
     """The directory name of a model's results: its registry name, or its checkpoint folder."""
     return model if model in models.REGISTRY else Path(model).name
 
-
-def _fraction(value: str) -> float:
-    x = float(value)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {x}")
-    return x
-
-
-def _count(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
 
 
 def _batch(tokenizer, vocab, n: int, n_boxes: int, seed: int) -> data.Batch:
@@ -236,14 +223,14 @@ def register(sub) -> None:
         help="heads kept per step (paper, Llama: 20 5 10 5; Goat/FLoat: 50 20 30 5)",
     )
     p.add_argument(
-        "--top-k-cap", type=_fraction, default=pp.TOP_K_CAP,
+        "--top-k-cap", type=fraction, default=pp.TOP_K_CAP,
         help="at most this fraction of all heads per step (only bites on small models)",
     )
     p.add_argument("--method", choices=pp.METHODS, default="fast")
     p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
-    p.add_argument("--minimality-threshold", type=_fraction, default=0.03, help="accuracy change that counts")
+    p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
-    p.add_argument("--completeness-random", type=_count, default=10, help="random K sets for completeness")
+    p.add_argument("--completeness-random", type=count, default=10, help="random K sets for completeness")
     p.set_defaults(func=cmd_circuit)
 
     p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")

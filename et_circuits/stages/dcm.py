@@ -42,7 +42,7 @@ import torch
 from .. import data, dcm, desiderata, figures
 from ..circuit import GROUP_LETTERS, Circuit, CircuitError
 from ..cmap import SET_DESIDERATA
-from ..cli import boxes, load_model, model_args, positive, results_arg
+from ..cli import boxes, load_model, model_args, non_negative_float, positive, positive_float, results_arg
 from ..io import read_json, write_csv, write_json
 from .circuit import result_name
 
@@ -51,19 +51,6 @@ EXTRA_GROUP = "pos_transmitter"  # the group the extra desiderata test (group B)
 SECTIONS = ("base_circuit", "own_circuit")
 POSITIONS = ("last", "query_label", "prev_query_label")
 
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {x}")
-    return x
-
-
-def _non_negative_float(value: str) -> float:
-    x = float(value)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {x}")
-    return x
 
 
 def _std(values: list[float]) -> float:
@@ -339,8 +326,8 @@ def register(sub) -> None:
     p.add_argument("--n-eval", type=positive, default=desiderata.SPLIT_SIZES[1])
     p.add_argument("--n-test", type=positive, default=desiderata.SPLIT_SIZES[2])
     p.add_argument("--epochs", type=positive, default=2)
-    p.add_argument("--lr", type=_positive_float, default=0.1)
-    p.add_argument("--lam", type=_non_negative_float, default=0.01, help="sparsity weight lambda")
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--lam", type=non_negative_float, default=0.01, help="sparsity weight lambda")
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument("--resamples", type=positive, default=10, help="bootstrap resamplings of the test pairs")
     p.add_argument("--extra", choices=("base", "all", "none"), default="base",
