@@ -102,9 +102,10 @@ def resolve_dir(spec: ModelSpec) -> Path:
         if path is not None and any((path / f).exists() for f in ("config.json", "adapter_config.json")):
             return path
         searched.append(f"{where} ({path or _unset(where)})")
+    hint = " (or `make organism` to train the organism)" if spec.local_dir is not None else ""
     raise SetupError(
         f"weights for {spec.name} not found; searched: {'; '.join(searched)}. "
-        f"Set {spec.env_var}=/path/to/hf-dir or {MODELS_DIR_VAR}=/dir/containing/{spec.name}"
+        f"Set {spec.env_var}=/path/to/hf-dir or {MODELS_DIR_VAR}=/dir/containing/{spec.name}{hint}"
     )
 
 
