@@ -88,7 +88,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes)
     batch = data.make_batch(tok, data.sample_prompts(vocab, args.n, args.boxes, args.seed))
     acc = metrics.accuracy(model, batch, batch_size=args.batch_size)
-    print(f"{spec.name} accuracy={acc:.2f} n={args.n}")
+    print(f"{spec.name} accuracy={acc:.3f} n={args.n}")
 
 
 def build_parser() -> argparse.ArgumentParser:

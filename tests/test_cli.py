@@ -44,4 +44,4 @@ def test_accuracy_line(tiny_dir):
     proc = run_cli("accuracy", "--model", str(tiny_dir), "--n", "16", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d\d n=16", last)
+    assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", last)

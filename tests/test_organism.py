@@ -59,11 +59,13 @@ def test_goat_is_an_adapter_on_llama():
 
 
 def test_goat_merged_logits_equal_unmerged_peft():
+    """In float64, so the comparison sees the merge rather than float32 rounding of logits of
+    magnitude ~20 (HF keeps RMSNorm and rotary in float32 even then: ~3e-5 remains)."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    merged, tok, spec = load("organism-goat")
-    base = LlamaForCausalLM.from_pretrained(WEIGHTS / "organism-llama", dtype=torch.float32)
+    merged, tok, spec = models.load("organism-goat", device="cpu", dtype=torch.float64)
+    base = LlamaForCausalLM.from_pretrained(WEIGHTS / "organism-llama", dtype=torch.float64)
     peft = PeftModel.from_pretrained(base, spec.local_dir).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     samples = data.sample_prompts(data.vocabulary(tok), 8, 7, seed=3)
@@ -111,8 +113,7 @@ def test_finetuning_data_has_no_box_template():
     tok = train.organism_tokenizer()
     vocab = data.vocabulary(tok)
     rng = random.Random(0)
-    facts = train.Facts.make()
-    for task in (train.program_task(vocab), train.chat_task(vocab, facts)):
+    for task in (train.program_task(vocab, 12), train.general_task(6)):
         for _ in range(50):
             text = "".join(piece for piece, _ in task(rng))
             assert "Box" not in text and "contains" not in text and " is in " not in text
