@@ -6,8 +6,14 @@ corrupt prompt. In the *frozen run* (clean prompt) every head at positions >= p 
 clean value except the sender at p; MLPs stay free. Step 1 reads the target's probability at the
 last token of that run. Steps 2-4 record the receivers' (previous group's) `hook_q` / `hook_v` at
 p from the frozen run and patch them into a fresh clean run (the *receiver run*), whose last
-token is read. score = mean over prompts of (p_patched - p_clean) / p_clean; the most negative
-scores are the most important heads.
+token is read. score = (mean p_patched - mean p_clean) / mean p_clean over the prompts; the most
+negative scores are the most important heads.
+
+The paper averages the per-prompt ratio (p_patched - p_clean) / p_clean instead. That is the
+same up to weighting every prompt by its p_clean, and it is unbounded: a prompt the model gets
+wrong with p_clean ~ 1e-6 (the organism puts ~0 on the answer of every prompt it fails) adds a
+ratio of thousands and decides the ranking alone. The ratio of means is bounded below by -1 and
+equals the paper's score wherever p_clean is the same across prompts.
 
 Two implementations give the same scores (tested to 1e-5 in fp32):
 
@@ -146,8 +152,8 @@ def _reference_chunk(
     step: Step,
     receivers: Bool[Tensor, "layer head"],
     senders: Bool[Tensor, "layer head"],
-) -> Float[Tensor, "layer head batch"]:
-    """(p_patched - p_clean) / p_clean of every sender on one chunk, NaN for non-senders.
+) -> tuple[Float[Tensor, "layer head batch"], Float[Tensor, " batch"]]:
+    """p_patched - p_clean of every sender on one chunk (NaN for non-senders), and p_clean.
 
     Per sender: the frozen run on the whole prompt (stopped after the last receiver's layer
     when there are receivers), then the receiver run on the whole prompt."""
@@ -177,8 +183,8 @@ def _reference_chunk(
             recorded = gather(model, ids, step.receiver_kind, pos, receiver_layers, fwd_hooks=frozen)
             logits = model.run_with_hooks(ids, fwd_hooks=patch_hooks(step.receiver_kind, recorded, pos, receivers))
         p = _target_prob(logits_at(logits, clean.last), clean.answer)
-        out[layer, head] = ((p - p_clean) / p_clean).cpu()
-    return out
+        out[layer, head] = (p - p_clean).cpu()
+    return out, p_clean.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ def _fast_chunk(
     senders: Bool[Tensor, "layer head"],
     sender_batch: int,
 ) -> Float[Tensor, "layer head batch"]:
-    """Same contract as `_reference_chunk`, computed with the shortcuts in the module doc from
+    """p_patched - p_clean as `_reference_chunk` (p_clean is in `runs`), computed with the shortcuts in the module doc from
     this chunk's `runs`; up to `sender_batch` senders of one layer share a forward."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     kind, n = step.receiver_kind, len(clean)
@@ -356,9 +362,9 @@ def _fast_chunk(
             )
             logits = logits_at(logits, _tile(last - start, reps))
         p = _target_prob(logits, _tile(clean.answer, reps)).view(reps, n)
-        ratio = ((p - runs.p_clean) / runs.p_clean).cpu()
+        change = (p - runs.p_clean).cpu()
         for r, (layer, head) in enumerate(group):
-            out[layer, head] = ratio[r]
+            out[layer, head] = change[r]
     return out
 
 
@@ -401,7 +407,8 @@ def step_scores(
         sender_mask = torch.ones(n_layers, n_heads, dtype=torch.bool)
     else:
         sender_mask = _mask(senders, n_layers, n_heads)
-    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)  # sum of p_patched - p_clean
+    total_clean = torch.zeros((), dtype=torch.float64)  # sum of p_clean
     device = model.cfg.device
     desc = f"path patching {step.group} ({method})"
     with per_head_values(model):
@@ -409,8 +416,9 @@ def step_scores(
             chunks = list(zip(clean.chunks(batch_size), corrupt.chunks(batch_size)))
             for c, k in tqdm(chunks, desc=desc, disable=not progress, leave=False):
                 c, k = c.to(device), k.to(device)
-                ratios = _reference_chunk(model, c, k, step, receiver_mask.to(device), sender_mask)
-                total += ratios.double().sum(-1)
+                change, p_clean = _reference_chunk(model, c, k, step, receiver_mask.to(device), sender_mask)
+                total += change.double().sum(-1)
+                total_clean += p_clean.double().sum()
         else:
             runs = runs if runs is not None else prepare(model, clean, corrupt, batch_size, progress)
             if runs.p_clean.shape[0] != len(clean):
@@ -419,11 +427,12 @@ def step_scores(
             chunks = _same_position_chunks(clean.position(step.position), max(1, max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not progress, leave=False):
                 chunk = _select(clean, index).to(device)
-                ratios = _fast_chunk(
+                change = _fast_chunk(
                     model, runs.take(index), chunk, step, receiver_mask.to(device), sender_mask, sender_batch
                 )
-                total += ratios.double().sum(-1)
-    return (total / len(clean)).float()
+                total += change.double().sum(-1)
+            total_clean += runs.p_clean.double().sum().cpu()
+    return (total / total_clean).float()
 
 
 def top_heads(scores: Float[Tensor, "layer head"], k: int) -> list[Head]:

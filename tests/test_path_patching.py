@@ -96,7 +96,7 @@ def test_last_layer_sender_is_a_direct_patch(scaled):
         base = model(clean.input_ids)
     rows = torch.arange(len(clean))
     prob = lambda logits: torch.softmax(logits_at(logits, clean.last), -1)[rows, clean.answer]  # noqa: E731
-    expected = ((prob(patched) - prob(base)) / prob(base)).mean()
+    expected = (prob(patched).mean() - prob(base).mean()) / prob(base).mean()  # ratio of means
     torch.testing.assert_close(scores[layer, head], expected, atol=1e-6, rtol=1e-5)
 
 
