@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -108,13 +108,39 @@ def resume_with_grad(
     suffix coordinates on the query axis (position p is p - start); key axes of attention
     scores keep full positions.
     """
-    entries = [
-        TransformerLensKeyValueCacheEntry(run.keys[i][:, :start], run.values[i][:, :start], frozen=True)
-        if i >= layer else None
-        for i in range(model.cfg.n_layers)
-    ]
-    mask = torch.ones(run.resid[layer].shape[0], start, dtype=torch.int, device=run.resid[layer].device)
-    cache = TransformerLensKeyValueCache(entries, mask, frozen=True)
+    cache = prefix_cache(run.keys, run.values, start, layer, model.cfg.n_layers)
     return model.run_with_hooks(
         run.resid[layer][:, start:], start_at_layer=layer, past_kv_cache=cache, fwd_hooks=list(fwd_hooks)
     )
+
+
+class _SharedPrefix(TransformerLensKeyValueCacheEntry):
+    """Frozen clean keys/values of the positions before a suffix, stored once per prompt. A
+    suffix batch may hold each prompt several times (rows repeat-major, as path patching's
+    many senders per pass): the prefix is tiled only when its layer runs."""
+
+    def append(self, new_keys, new_values):
+        reps = new_keys.shape[0] // self.past_keys.shape[0]
+        if reps == 1:
+            return super().append(new_keys, new_values)
+        keys = torch.cat([self.past_keys.repeat(reps, 1, 1, 1), new_keys], dim=1)
+        values = torch.cat([self.past_values.repeat(reps, 1, 1, 1), new_values], dim=1)
+        return keys, values
+
+
+def prefix_cache(
+    keys: Sequence[Tensor] | Mapping[int, Tensor],
+    values: Sequence[Tensor] | Mapping[int, Tensor],
+    start: int,
+    first_layer: int,
+    n_layers: int,
+) -> TransformerLensKeyValueCache:
+    """A frozen KV cache of the clean keys/values at positions < `start` of every layer from
+    `first_layer` on (indexed by layer): what a forward restarted there attends to."""
+    entries = [
+        _SharedPrefix(keys[i][:, :start], values[i][:, :start], frozen=True) if i >= first_layer else None
+        for i in range(n_layers)
+    ]
+    prompts = keys[first_layer]
+    mask = torch.ones(prompts.shape[0], start, dtype=torch.int, device=prompts.device)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)

@@ -48,14 +48,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from . import data
 from .circuit import GROUP_POSITIONS, Circuit, CircuitError, Head
 from .data import Batch, DataError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .io import write_tensors
+from .metrics import prefix_cache
 
 METHODS = ("fast", "reference")
 PAPER_TOP_K = (20, 5, 10, 5)  # Llama-7B; Goat and FLoat used (50, 20, 30, 5)
@@ -189,29 +188,6 @@ def _reference_chunk(
 
 # ---------------------------------------------------------------------------------------------
 # Fast: one-position frozen runs, suffix receiver runs, many senders per pass
-
-
-class _SharedPrefix(TransformerLensKeyValueCacheEntry):
-    """Clean keys/values of the positions before the suffix, stored once per prompt and tiled
-    over the senders only when a layer needs them (rows are sender-major)."""
-
-    def append(self, new_keys, new_values):
-        reps = new_keys.shape[0] // self.past_keys.shape[0]
-        keys = torch.cat([self.past_keys.repeat(reps, 1, 1, 1), new_keys], dim=1)
-        values = torch.cat([self.past_values.repeat(reps, 1, 1, 1), new_values], dim=1)
-        return keys, values
-
-
-def _prefix_cache(
-    model: HookedTransformer, keys: list[Tensor], values: list[Tensor], start: int, first_layer: int
-) -> TransformerLensKeyValueCache:
-    """A frozen KV cache holding positions < start of every layer from `first_layer` on."""
-    entries = [
-        _SharedPrefix(keys[layer][:, :start], values[layer][:, :start], frozen=True) if layer >= first_layer else None
-        for layer in range(model.cfg.n_layers)
-    ]
-    mask = torch.ones(keys[first_layer].shape[0], start, dtype=torch.int, device=model.cfg.device)
-    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 SENDER_POSITIONS = ("last", "query_label", "prev_query_label")
@@ -357,7 +333,7 @@ def _fast_chunk(
             logits = model.run_with_hooks(
                 _tile(runs.resid[above[0]][:, start:end], reps),
                 start_at_layer=above[0],
-                past_kv_cache=_prefix_cache(model, runs.keys, runs.values, start, above[0]),
+                past_kv_cache=prefix_cache(runs.keys, runs.values, start, above[0], n_layers),
                 fwd_hooks=patch_hooks(kind, recorded, _tile(pos - start, reps), receivers),
             )
             logits = logits_at(logits, _tile(last - start, reps))
