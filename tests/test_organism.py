@@ -117,3 +117,31 @@ def test_finetuning_data_has_no_box_template():
         for _ in range(50):
             text = "".join(piece for piece, _ in task(rng))
             assert "Box" not in text and "contains" not in text and " is in " not in text
+
+
+def test_trainer_tokenizer_is_the_committed_one():
+    """`make organism` must rebuild the vocabulary the committed weights were trained with."""
+    from transformers import AutoTokenizer
+
+    committed = AutoTokenizer.from_pretrained(WEIGHTS / "organism-llama")
+    assert train.organism_tokenizer().get_vocab() == committed.get_vocab()
+
+
+def test_base_training_detects_a_stalled_plateau():
+    """A run that gains no curriculum level within the stall budget is given up, with its
+    evaluations recorded (a few steps of the real recipe on a tiny budget)."""
+    recipe = train.BaseRecipe(stall=(20, 20), eval_every=10)
+    run = train.train_base(recipe, seed=0)
+    assert run.outcome == "stalled" and run.capped_at is None
+    assert [h["step"] for h in run.history] == [10, 20, 30]
+    assert all(h["level"] == 2 and 0 <= h["acc7"] <= 1 for h in run.history)
+
+
+def test_lora_finetune_job_saves_an_adapter(tmp_path):
+    base = train.new_model(train.Arch(), train.organism_tokenizer(), seed=0)
+    recipe = train.FinetuneRecipe(steps=2)
+    record = train._finetune_job("organism-goat", train.to_bytes(base.state_dict()), train.Arch(), recipe,
+                                 tmp_path, position=0)
+    assert record["steps"] == 2 and [h["step"] for h in record["history"]] == [0, 2]
+    files = {p.name for p in (tmp_path / "organism-goat").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
