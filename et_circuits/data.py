@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -174,11 +175,14 @@ def object_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     Every answer and every counterfactual target goes through this one function, so all
     targets are tokenized alike.
     """
-    ids = []
-    for word in words:
+    known = _OBJECT_IDS.setdefault(tokenizer, {})  # each word is tokenized once per tokenizer
+    for word in set(words) - known.keys():
         enc = encode(tokenizer, Sample((word,), ("A",), 0))
-        ids.append(enc["input_ids"][enc["objects"][0]])
-    return ids
+        known[word] = enc["input_ids"][enc["objects"][0]]
+    return [known[word] for word in words]
+
+
+_OBJECT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
