@@ -201,10 +201,11 @@ def to_hooked(hf_model, tokenizer, device: str = "cpu", dtype: torch.dtype = tor
 @torch.no_grad()
 def _copy_rotary_tables(hf_model, model: HookedTransformer) -> None:
     """Use the checkpoint's own cos/sin tables (HF computes them in float32 from its rope
-    config, scaling variants included) for all n_ctx positions, so the two agree to rounding."""
-    n_ctx = model.cfg.n_ctx
-    probe = torch.zeros(1, n_ctx, 1, dtype=model.cfg.dtype)
-    cos, sin = hf_model.model.rotary_emb(probe, torch.arange(n_ctx)[None])
+    config, scaling variants included), so the two agree to rounding. Only the positions
+    TransformerLens tabulates up front (2048 or n_ctx): longer prompts extend with its own."""
+    n = model.blocks[0].attn.rotary_cos.shape[0]
+    probe = torch.zeros(1, n, 1, dtype=model.cfg.dtype)
+    cos, sin = hf_model.model.rotary_emb(probe, torch.arange(n)[None])
     for block in model.blocks:
         block.attn.rotary_cos = cos[0].to(model.cfg.dtype).clone()
         block.attn.rotary_sin = sin[0].to(model.cfg.dtype).clone()
