@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -41,46 +42,25 @@ def load_model(name: str, args: argparse.Namespace):
     return model, tokenizer, spec
 
 
-def positive(value: str) -> int:
-    n = int(value)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
-    return n
+def _checked(name: str, convert: Callable[[str], float], ok: Callable[[float], bool], rule: str):
+    """An argparse type: `convert` the text, refuse values that are not `ok` ("<rule>, got x")."""
+
+    def check(value: str):
+        x = convert(value)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{rule}, got {x}")
+        return x
+
+    check.__name__ = name  # argparse names it in "invalid <name> value"
+    return check
 
 
-def count(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
-
-
-def fraction(value: str) -> float:
-    x = float(value)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {x}")
-    return x
-
-
-def positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {x}")
-    return x
-
-
-def non_negative_float(value: str) -> float:
-    x = float(value)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {x}")
-    return x
-
-
-def boxes(value: str) -> int:
-    n = int(value)
-    if not 2 <= n <= 26:
-        raise argparse.ArgumentTypeError(f"number of boxes must be between 2 and 26, got {n}")
-    return n
+positive = _checked("positive", int, lambda n: n > 0, "must be positive")
+count = _checked("count", int, lambda n: n >= 0, "must not be negative")
+fraction = _checked("fraction", float, lambda x: 0 <= x <= 1, "must be between 0 and 1")
+positive_float = _checked("positive_float", float, lambda x: x > 0, "must be positive")
+non_negative_float = _checked("non_negative_float", float, lambda x: not x < 0, "must not be negative")
+boxes = _checked("boxes", int, lambda n: 2 <= n <= 26, "number of boxes must be between 2 and 26")
 
 
 def cmd_accuracy(args: argparse.Namespace) -> None:
