@@ -29,6 +29,10 @@ def results_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("results"))
 
 
+def figures_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
+
+
 def load_model(name: str, args: argparse.Namespace):
     """(model, tokenizer, spec) for a CLI command, with the command's device and dtype.
 

@@ -84,6 +84,13 @@ def save_figure(
     return written
 
 
+def save_figures(named: list[tuple[str, go.Figure]], directory: str | os.PathLike | None = None) -> None:
+    """`save_figure` for each (stem, figure), sharing one headless browser for the PNGs."""
+    with png_export():
+        for stem, fig in named:
+            save_figure(fig, stem, directory)
+
+
 def _head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 

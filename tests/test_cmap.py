@@ -219,7 +219,7 @@ def organism_env(tiny_dir, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ET_CIRCUITS_ORGANISM_LLAMA", str(tiny_dir))
     monkeypatch.setenv("ET_CIRCUITS_ORGANISM_FLOAT", str(other))
     saved = []
-    monkeypatch.setattr("et_circuits.stages.cmap._save", lambda todo, directory: saved.extend((fig, stem) for stem, fig in todo))
+    monkeypatch.setattr("et_circuits.figures.save_figures", lambda todo, directory: saved.extend((fig, stem) for stem, fig in todo))
     return saved
 
 

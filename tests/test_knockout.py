@@ -102,7 +102,7 @@ def test_knockout_accuracy_matches_full_forward_reference(tiny, batch):
 def organism_env(tiny_dir, monkeypatch):
     monkeypatch.setenv("ET_CIRCUITS_ORGANISM_LLAMA", str(tiny_dir))
     saved = []
-    monkeypatch.setattr("et_circuits.stages.cmap._save", lambda todo, directory: saved.extend((fig, stem) for stem, fig in todo))
+    monkeypatch.setattr("et_circuits.figures.save_figures", lambda todo, directory: saved.extend((fig, stem) for stem, fig in todo))
     return saved
 
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .. import data
-from ..data import LABELS, NOUNS, Vocabulary
+from ..data import NOUNS, Vocabulary
 from .tokenizer import build_tokenizer
 
 WEIGHTS = Path(__file__).parent / "weights"

@@ -23,7 +23,7 @@ import pandas as pd
 from .. import data, figures, minimality, models
 from .. import path_patching as pp
 from ..circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit, CircuitError, evaluate, overlap, reference_means
-from ..cli import boxes, count, fraction, load_model, model_args, positive, results_arg
+from ..cli import boxes, count, figures_arg, fraction, load_model, model_args, positive, results_arg
 from ..io import read_json, write_csv, write_json, write_text
 
 # Each prompt set is drawn with seed + offset, so the sets differ from each other.
@@ -201,9 +201,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
     header = list(table.columns)
     cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
     todo.append(("table1", figures.table_figure(header, cells, f"Table 1: {base_name} circuit on each model")))
-    with figures.png_export():
-        for stem, fig in todo:
-            figures.save_figure(fig, stem, args.figures)
+    figures.save_figures(todo, args.figures)
     where = args.figures or figures.figures_dir()
     print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
 
@@ -248,5 +246,5 @@ def register(sub) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--models", nargs="+", required=True)
     results_arg(p)
-    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
+    figures_arg(p)
     p.set_defaults(func=cmd_figures)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
 import pandas as pd
 
 from .. import cmap, data, figures, knockout
 from ..circuit import GROUP_LETTERS, Circuit, CircuitError
-from ..cli import boxes, load_model, model_args, positive, results_arg
+from ..cli import boxes, figures_arg, load_model, model_args, positive, results_arg
 from ..io import read_json, write_csv
 from .circuit import result_name
 
@@ -26,14 +25,6 @@ from .circuit import result_name
 CMAP_SEED_OFFSET = 5
 KNOCKOUT_SEED_OFFSET = 6
 SET_CHOICES = (*GROUP_LETTERS.values(), cmap.FULL)
-
-
-def _save(named_figures: list, directory: Path | None) -> None:
-    """Write (stem, figure) pairs as HTML + PNG, sharing one headless browser."""
-    with figures.png_export():
-        for stem, fig in named_figures:
-            figures.save_figure(fig, stem, directory)
-
 
 
 def _prompts(tokenizer, args: argparse.Namespace, offset: int) -> data.Batch:
@@ -80,7 +71,7 @@ def cmd_cmap(args: argparse.Namespace) -> None:
     todo = [("cmap", cmap.cmap_figure(frame))]
     if args.input_sets:
         todo.append(("cmap_input", cmap.input_patching_figure(frame)))
-    _save(todo, args.figures)
+    figures.save_figures(todo, args.figures)
 
 
 def cmd_knockout(args: argparse.Namespace) -> None:
@@ -90,13 +81,9 @@ def cmd_knockout(args: argparse.Namespace) -> None:
     full, curves = knockout.knockout_accuracy(model, batch, seed=args.seed, batch_size=args.batch_size)
     frame = pd.DataFrame(knockout.result_rows(name, full, curves, len(batch)))
     write_csv(args.results / "knockout.csv", frame)
-    _save([("knockout", knockout.knockout_figure(frame))], args.figures)
+    figures.save_figures([("knockout", knockout.knockout_figure(frame))], args.figures)
     print(f"knockout {name}: full={full:.2f} "
           + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in curves.items()))
-
-
-def _figures_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
 
 
 def register(sub) -> None:
@@ -111,7 +98,7 @@ def register(sub) -> None:
     )
     model_args(p)
     results_arg(p)
-    _figures_arg(p)
+    figures_arg(p)
     p.set_defaults(func=cmd_cmap)
 
     p = sub.add_parser("knockout", help="attention knockout: accuracy vs first blocked layer")
@@ -120,5 +107,5 @@ def register(sub) -> None:
     p.add_argument("--boxes", type=boxes, default=7)
     model_args(p)
     results_arg(p)
-    _figures_arg(p)
+    figures_arg(p)
     p.set_defaults(func=cmd_knockout)

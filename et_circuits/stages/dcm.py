@@ -42,7 +42,9 @@ import torch
 from .. import data, dcm, desiderata, figures
 from ..circuit import GROUP_LETTERS, Circuit, CircuitError
 from ..cmap import SET_DESIDERATA
-from ..cli import boxes, load_model, model_args, non_negative_float, positive, positive_float, results_arg
+from ..cli import (
+    boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, results_arg,
+)
 from ..io import read_json, write_csv, write_json
 from .circuit import result_name
 
@@ -304,9 +306,7 @@ def cmd_dcm_figure(args: argparse.Namespace) -> None:
     todo = [("dcm", figure2(frame))]
     if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
         todo.append(("dcm_extra", extra_figure(frame)))
-    with figures.png_export():
-        for stem, fig in todo:
-            figures.save_figure(fig, stem, args.figures)
+    figures.save_figures(todo, args.figures)
     main = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
     for (model, letter), rows in main.groupby(["model", "letter"], sort=False):
         print(f"figure 2 {model} {letter}: " + " ".join(
@@ -345,5 +345,5 @@ def register(sub) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--models", nargs="+", required=True)
     results_arg(p)
-    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
+    figures_arg(p)
     p.set_defaults(func=cmd_dcm_figure)
