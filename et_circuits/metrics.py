@@ -121,8 +121,6 @@ class _SharedPrefix(TransformerLensKeyValueCacheEntry):
 
     def append(self, new_keys, new_values):
         reps = new_keys.shape[0] // self.past_keys.shape[0]
-        if reps == 1:
-            return super().append(new_keys, new_values)
         keys = torch.cat([self.past_keys.repeat(reps, 1, 1, 1), new_keys], dim=1)
         values = torch.cat([self.past_values.repeat(reps, 1, 1, 1), new_values], dim=1)
         return keys, values
