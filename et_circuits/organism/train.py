@@ -46,6 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .. import data
 from ..data import NOUNS, Vocabulary
+from ..metrics import n_correct
 from .tokenizer import build_tokenizer
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -175,32 +176,19 @@ def answer_loss(model, ids: Int[Tensor, "b s"], targets: Int[Tensor, "b s"]) -> 
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-@dataclass
-class PromptSet:
+def prompt_set(tokenizer, vocab: Vocabulary, n: int, n_boxes: int, seed: int) -> data.Batch:
     """Paper-format prompts (no answer appended) for the paper's accuracy."""
-
-    ids: Int[Tensor, "n s"]
-    last: Int[Tensor, " n"]
-    answer: Int[Tensor, " n"]
-
-    @staticmethod
-    def make(tokenizer, vocab: Vocabulary, n: int, n_boxes: int, seed: int) -> "PromptSet":
-        batch = data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
-        return PromptSet(batch.input_ids, batch.last, batch.answer)
+    return data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
 
 
 @torch.no_grad()
-def prompt_accuracy(model, prompts: PromptSet, chunk: int = 300) -> float:
+def prompt_accuracy(model, prompts: data.Batch, chunk: int = 300) -> float:
     """Argmax at the last token == answer, with the HF model."""
     was_training = model.training
     model.eval()
-    hits = 0
-    for i in range(0, len(prompts.ids), chunk):
-        logits = model(input_ids=prompts.ids[i : i + chunk]).logits
-        pred = logits[torch.arange(logits.shape[0]), prompts.last[i : i + chunk]].argmax(-1)
-        hits += (pred == prompts.answer[i : i + chunk]).sum().item()
+    hits = sum(n_correct(model(input_ids=c.input_ids).logits, c.last, c.answer) for c in prompts.chunks(chunk))
     model.train(was_training)
-    return hits / len(prompts.ids)
+    return hits / len(prompts)
 
 
 @torch.no_grad()
@@ -338,8 +326,8 @@ def train_base(
     tok = organism_tokenizer()
     vocab = data.vocabulary(tok)
     enc, pad = Encoder(tok), tok.pad_token_id
-    checks = {n: PromptSet.make(tok, vocab, 200, n, SELECT_SEED + n) for n in range(2, recipe.cap + 1)}
-    select = PromptSet.make(tok, vocab, N_SELECT, 7, SELECT_SEED)
+    checks = {n: prompt_set(tok, vocab, 200, n, SELECT_SEED + n) for n in range(2, recipe.cap + 1)}
+    select = prompt_set(tok, vocab, N_SELECT, 7, SELECT_SEED)
     model = new_model(recipe.arch, tok, seed).train()
     adam, sched, params = optimizer(model.parameters(), recipe.opt)
     rng = random.Random(1_000_003 * seed + 17)  # the training stream, apart from all held-out sets
@@ -532,7 +520,7 @@ def _finetune_job(name: str, base_state: bytes, arch: Arch, recipe: FinetuneReci
     if use_lora:
         model = lora(model, recipe)
     task = task_for(name, recipe, vocab)
-    select = PromptSet.make(tok, vocab, N_SELECT, 7, SELECT_SEED)
+    select = prompt_set(tok, vocab, N_SELECT, 7, SELECT_SEED)
     held = [Encoder(tok)(task(random.Random(10_000 + i))) for i in range(200)]
 
     def probe() -> dict:
