@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import data, models  # noqa: E402
+from et_circuits import data, metrics, models  # noqa: E402
 from et_circuits import path_patching as pp  # noqa: E402
 
 
@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> float:
         f"{args.n} prompts of {clean.input_ids.shape[1]} tokens, batch {args.batch_size}, "
         f"top-k {list(top_k)}, device {model.cfg.device}, threads {torch.get_num_threads()}"
     )
+    # The unit both methods are made of: one plain forward over all prompts (best of two).
+    forward = min(timed(lambda: metrics.last_logits(model, clean, batch_size=args.batch_size))[1] for _ in range(2))
+    print(f"  one plain forward over the {args.n} prompts: {forward:.2f}s")
     runs, seconds = timed(lambda: pp.prepare(model, clean, corrupt, args.batch_size, progress=False))
     print(f"  fast: clean and corrupt runs (shared by the steps) {seconds:8.2f}s")
+    prepared = seconds
     receivers: list = []
     total = {"fast": seconds, "reference": 0.0}
     worst = 0.0
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> float:
         receivers = pp.top_heads(scores["fast"], k)
     speedup = total["reference"] / total["fast"]
     print(f"reference {total['reference']:.2f}s, fast {total['fast']:.2f}s, max score difference {worst:.2e}")
+    print(
+        f"in plain forwards: reference {total['reference'] / forward:.1f}, fast {total['fast'] / forward:.1f} "
+        f"(clean and corrupt runs {prepared / forward:.1f})"
+    )
     print(f"path_patching speedup={speedup:.1f}")
     return speedup
 

@@ -28,7 +28,7 @@ Two implementations give the same scores (tested to 1e-5 in fp32):
   receiver: its score is 0. The senders of a layer share each pass (one batch row per sender
   and prompt), so each pass starts at its senders' layer; prompts are grouped by sender
   position so a group's suffix starts at its p; the clean and corrupt runs are made once for
-  all four steps (`prepare`).
+  all four steps (`prepare`), each corrupt run from its first changed token on.
 
 With grouped-query attention, `hook_v` is made per query head for the duration (TransformerLens'
 `ungroup_grouped_query_attention`), so a receiver's value input is its own, not its kv group's.
@@ -195,10 +195,10 @@ SENDER_POSITIONS = ("last", "query_label", "prev_query_label")
 
 @dataclass
 class CleanRuns:
-    """What the fast method starts from, computed once for all four steps (one clean and one
-    corrupt forward per prompt): every layer's clean `resid_pre`, keys and values at all
-    positions, every head's clean and corrupt `hook_z` at the three sender positions, and the
-    clean probability of the target. Kept on the model's device."""
+    """What the fast method starts from, computed once for all four steps (`prepare`): every
+    layer's clean `resid_pre`, keys and values at all positions, every head's clean and corrupt
+    `hook_z` at the three sender positions, and the clean probability of the target. Kept on
+    the model's device."""
 
     resid: list[Float[Tensor, "batch seq d_model"]]
     keys: list[Float[Tensor, "batch seq head d_head"]]
@@ -225,42 +225,67 @@ class CleanRuns:
 def prepare(
     model: HookedTransformer, clean: Batch, corrupt: Batch, batch_size: int = 32, progress: bool = True
 ) -> CleanRuns:
-    """Run the clean and corrupt prompts once and keep what every fast step needs."""
+    """Run the clean prompts once and keep what every fast step needs; then run each corrupt
+    prompt from its first changed token only, attending to the clean prefix's keys and values
+    (the corruption starts at the previous query label, so on average half of a corrupt
+    prompt is its clean one)."""
     _check_pair(clean, corrupt)
-    layers = range(model.cfg.n_layers)
-    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-    names = {*resid_names, *(hook_name(k, layer) for k in ("k", "v", "z") for layer in layers)}
+    n_layers, device = model.cfg.n_layers, model.cfg.device
+    layers = range(n_layers)
+    kept = {f"blocks.{layer}.hook_resid_pre" for layer in layers}
+    kept |= {hook_name(k, layer) for k in ("k", "v", "z") for layer in layers}
     z_names = {hook_name("z", layer) for layer in layers}
-    parts: list[CleanRuns] = []
-    chunks = list(zip(clean.chunks(batch_size), corrupt.chunks(batch_size)))
+    chunks: list[dict[str, list[Tensor]]] = []  # per chunk: name -> tensors
     with per_head_values(model):
-        for c, k in tqdm(chunks, desc="path patching: clean and corrupt runs", disable=not progress, leave=False):
-            c, k = c.to(model.cfg.device), k.to(model.cfg.device)
-            logits, cache = model.run_with_cache(c.input_ids, names_filter=lambda n: n in names)
-            _, bad = model.run_with_cache(k.input_ids, names_filter=lambda n: n in z_names)
-            at = lambda run, kind, where: [  # noqa: E731
-                at_positions(run[hook_name(kind, layer)], c.position(where)) for layer in layers
-            ]
-            parts.append(
-                CleanRuns(
-                    resid=[cache[n] for n in resid_names],
-                    keys=[cache[hook_name("k", layer)] for layer in layers],
-                    values=[cache[hook_name("v", layer)] for layer in layers],
-                    clean_z={where: at(cache, "z", where) for where in SENDER_POSITIONS},
-                    corrupt_z={where: at(bad, "z", where) for where in SENDER_POSITIONS},
-                    p_clean=_target_prob(logits_at(logits, c.last), c.answer),
-                )
+        parts = list(clean.chunks(batch_size))
+        for c in tqdm(parts, desc="path patching: clean runs", disable=not progress, leave=False):
+            c = c.to(device)
+            logits, cache = model.run_with_cache(c.input_ids, names_filter=lambda n: n in kept)
+            chunk = {
+                "resid": [cache[f"blocks.{layer}.hook_resid_pre"] for layer in layers],
+                "keys": [cache[hook_name("k", layer)] for layer in layers],
+                "values": [cache[hook_name("v", layer)] for layer in layers],
+                "p_clean": [_target_prob(logits_at(logits, c.last), c.answer)],
+            }
+            for where in SENDER_POSITIONS:
+                chunk[where] = [at_positions(cache[hook_name("z", layer)], c.position(where)) for layer in layers]
+            chunks.append(chunk)
+            del cache, logits
+        joined = {name: [torch.cat(ts) for ts in zip(*(c[name] for c in chunks))] for name in chunks[0]}
+        del chunks
+        runs = CleanRuns(
+            joined["resid"],
+            joined["keys"],
+            joined["values"],
+            {where: joined[where] for where in SENDER_POSITIONS},
+            {where: [torch.empty_like(z) for z in joined[where]] for where in SENDER_POSITIONS},
+            joined["p_clean"][0],
+        )
+        start = _first_change(clean, corrupt)
+        parts = _same_position_chunks(start, batch_size)
+        for index in tqdm(parts, desc="path patching: corrupt runs", disable=not progress, leave=False):
+            s, rows = int(start[index[0]]), index.to(device)
+            prefix = prefix_cache([t[rows] for t in runs.keys], [t[rows] for t in runs.values], s, 0, n_layers)
+            embedded = model.embed(corrupt.input_ids[index, s:].to(device))  # LLaMA: resid_pre of layer 0
+            _, cache = model.run_with_cache(
+                embedded, start_at_layer=0, past_kv_cache=prefix, names_filter=lambda n: n in z_names
             )
-            del cache, bad, logits
-    cat = lambda lists: [torch.cat(ts) for ts in zip(*lists)]  # noqa: E731
-    return CleanRuns(
-        cat([p.resid for p in parts]),
-        cat([p.keys for p in parts]),
-        cat([p.values for p in parts]),
-        {w: cat([p.clean_z[w] for p in parts]) for w in SENDER_POSITIONS},
-        {w: cat([p.corrupt_z[w] for p in parts]) for w in SENDER_POSITIONS},
-        torch.cat([p.p_clean for p in parts]),
-    )
+            for where in SENDER_POSITIONS:
+                at = clean.position(where)[index] - s
+                for layer in layers:
+                    runs.corrupt_z[where][layer][rows] = at_positions(cache[hook_name("z", layer)], at)
+            del cache
+    return runs
+
+
+def _first_change(clean: Batch, corrupt: Batch) -> Int[Tensor, " batch"]:
+    """Where each corrupt run starts: its first token that differs from the clean prompt, or
+    the earliest sender position if that comes first (corrupt heads are read there)."""
+    differs = clean.input_ids != corrupt.input_ids
+    first = torch.where(differs.any(1), differs.int().argmax(1), differs.shape[1])
+    for where in SENDER_POSITIONS:
+        first = torch.minimum(first, clean.position(where))
+    return first
 
 
 def _same_position_chunks(pos: Int[Tensor, " batch"], size: int) -> list[Int[Tensor, " n"]]:
@@ -286,8 +311,9 @@ def _fast_chunk(
     senders: Bool[Tensor, "layer head"],
     sender_batch: int,
 ) -> Float[Tensor, "layer head batch"]:
-    """p_patched - p_clean as `_reference_chunk` (p_clean is in `runs`), computed with the shortcuts in the module doc from
-    this chunk's `runs`; up to `sender_batch` senders of one layer share a forward."""
+    """p_patched - p_clean as `_reference_chunk` (p_clean is in `runs`), computed with the
+    shortcuts in the module doc from this chunk's `runs`; up to `sender_batch` senders of one
+    layer share a forward."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     kind, n = step.receiver_kind, len(clean)
     pos, last = clean.position(step.position), clean.last

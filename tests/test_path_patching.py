@@ -62,6 +62,22 @@ def test_fast_equals_reference(scaled, group):
         assert ref[top:].abs().max() < 1e-6
 
 
+def test_prepare_corrupt_runs_start_at_the_first_change(scaled):
+    """The corrupt runs restart from the clean prefix at their first changed token; the heads
+    they read equal those of whole corrupt forwards."""
+    model, _, clean, corrupt = scaled
+    start = pp._first_change(clean, corrupt)
+    assert (start > 0).all() and len(start.unique()) > 1  # the prefix shortcut is exercised
+    assert torch.equal(start, clean.position("prev_query_label"))  # where the corruption starts
+    runs = pp.prepare(model, clean, corrupt, batch_size=6, progress=False)
+    with pp.per_head_values(model), torch.no_grad():
+        _, cache = model.run_with_cache(corrupt.input_ids)
+    for where in pp.SENDER_POSITIONS:
+        for layer in range(model.cfg.n_layers):
+            whole = cache[hook_name("z", layer)][torch.arange(len(clean)), clean.position(where)]
+            torch.testing.assert_close(runs.corrupt_z[where][layer], whole, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_small_tiles_equal_reference(scaled):
     """Few rows per pass: sender groups split inside a layer and across prompt chunks."""
     model, _, clean, corrupt = scaled
