@@ -77,7 +77,7 @@ def minimal(
 # Completeness
 
 
-def knockout_accuracy(
+def model_without(
     model: HookedTransformer,
     knocked: Circuit,
     batch: Batch,
@@ -117,7 +117,7 @@ def completeness(
     rows = []
     for kind, name, subset in tqdm(subsets, desc="completeness", disable=not progress, leave=False):
         f_circuit = circuit_accuracy(model, without(circuit, subset), batch, means, batch_size)
-        f_model = knockout_accuracy(model, _only(circuit, subset), batch, means, batch_size)
+        f_model = model_without(model, _only(circuit, subset), batch, means, batch_size)
         rows.append(
             {
                 "kind": kind,

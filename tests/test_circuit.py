@@ -88,11 +88,11 @@ def predicted(tiny_dir, vocab):
     return model, dataclasses.replace(batch, answer=own), reference_means(model, reference)
 
 
-def test_knockout_accuracy(predicted):
+def test_model_without_ablates_the_heads(predicted):
     model, batch, means = predicted
-    assert minimality.knockout_accuracy(model, Circuit({}), batch, means) == 1.0
+    assert minimality.model_without(model, Circuit({}), batch, means) == 1.0
     everything = Circuit({"value_fetcher": [(l, h) for l in range(2) for h in range(4)]})
-    assert minimality.knockout_accuracy(model, everything, batch, means) < 1.0
+    assert minimality.model_without(model, everything, batch, means) < 1.0
 
 
 def test_completeness_rows(predicted):
