@@ -1,5 +1,6 @@
 """Command line: `python -m et_circuits <command>`. Setup problems (unknown model, missing
-weights, malformed circuit file, impossible parameters) end in one line on stderr and exit 2."""
+weights, malformed circuit file, impossible parameters) and running out of GPU memory end in
+one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive, default=32, help="prompts per forward pass")
 
 
 def results_arg(p: argparse.ArgumentParser) -> None:
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (models.SetupError, DataError, CircuitError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        knobs = "--batch-size" + (" or --max-rows" if "max_rows" in args else "")
+        print(f"error: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
         return 2
     return 0
 

@@ -494,13 +494,15 @@ def run_steps(
     metadata: dict[str, str] | None = None,
     progress: bool = True,
     on_step: Callable[[Step, bool, float], None] | None = None,
+    max_rows: int = FAST_ROWS,
 ) -> dict[str, Float[Tensor, "layer head"]]:
     """The four steps in order; the receivers of each are the top-k heads of the one before.
 
     With `out_dir`, each step's scores go to `<out_dir>/<group>.safetensors` (atomically) with
     `metadata`, the method and the receivers; a step whose file is there with the same metadata
     is read back instead of recomputed, so an interrupted run resumes. `on_step(step, reused,
-    seconds)` is called after each step.
+    seconds)` is called after each step. `max_rows`: as in `step_scores` (it does not change
+    the scores, so it is not part of the metadata).
     """
     scores: dict[str, Tensor] = {}
     receivers: list[Head] = []
@@ -516,7 +518,8 @@ def run_steps(
             if method == "fast" and runs is None:
                 runs = prepare(model, clean, corrupt, batch_size, progress)
             scores[step.group] = step_scores(
-                model, clean, corrupt, step, receivers, method, batch_size=batch_size, progress=progress, runs=runs
+                model, clean, corrupt, step, receivers, method,
+                batch_size=batch_size, progress=progress, max_rows=max_rows, runs=runs,
             )
             if path is not None:
                 write_tensors(path, {"scores": scores[step.group]}, meta)

@@ -3,6 +3,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from et_circuits import cli
+from et_circuits.stages import circuit as circuit_stage
 
 
 def run_cli(*args, env=None):
@@ -45,3 +50,31 @@ def test_accuracy_line(tiny_dir):
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", last)
+
+
+def test_batch_size_must_be_positive(tiny_dir):
+    proc = run_cli("accuracy", "--model", str(tiny_dir), "--batch-size", "0")
+    assert proc.returncode == 2 and "must be positive" in proc.stderr
+
+
+def _out_of_memory(args):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+@pytest.mark.parametrize(
+    "command, knobs",
+    [
+        (["accuracy", "--model", "m", "--device", "cuda:1"], ["cuda:1", "lower --batch-size"]),
+        (["circuit", "--model", "m"], ["lower --batch-size or --max-rows"]),
+    ],
+)
+def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys, command, knobs):
+    monkeypatch.setattr(cli, "cmd_accuracy", _out_of_memory)
+    monkeypatch.setattr(circuit_stage, "cmd_circuit", _out_of_memory)
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: out of memory on ")
+    for part in knobs:
+        assert part in err
+    if command[0] == "accuracy":
+        assert "--max-rows" not in err

@@ -63,7 +63,8 @@ def cmd_circuit(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     scores = pp.run_steps(
-        model, clean, corrupt, top_k, args.method, args.batch_size, out / "path_patching", meta, on_step=report
+        model, clean, corrupt, top_k, args.method, args.batch_size, out / "path_patching", meta,
+        on_step=report, max_rows=args.max_rows,
     )
     t_pp = time.perf_counter() - t0
     candidates = pp.circuit_from_scores(scores, top_k)
@@ -225,6 +226,10 @@ def register(sub) -> None:
         help="at most this fraction of all heads per step (only bites on small models)",
     )
     p.add_argument("--method", choices=pp.METHODS, default="fast")
+    p.add_argument(
+        "--max-rows", type=positive, default=pp.FAST_ROWS,
+        help="(sender, prompt) rows per pass of the fast method: its memory knob",
+    )
     p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
     p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
