@@ -292,8 +292,8 @@ def _first_change(clean: Batch, corrupt: Batch) -> Int[Tensor, " batch"]:
 
 
 def _same_position_chunks(pos: Int[Tensor, " batch"], size: int) -> list[Int[Tensor, " n"]]:
-    """Prompt indices in chunks of at most `size` that share the sender position, so a chunk's
-    receiver run starts right at its position (a handful of chunks: one per box)."""
+    """Prompt indices in chunks of at most `size` that share a start position, so a chunk's
+    suffix run (a receiver run, a corrupt run) starts right there (a few chunks: one per box)."""
     chunks = []
     for value in torch.unique(pos).tolist():
         chunks += list((pos == value).nonzero()[:, 0].split(size))
