@@ -24,7 +24,7 @@ DCMS     := $(foreach m,$(MODELS),$(RESULTS)/$(m)/dcm.json)
 .PHONY: all install test circuit dcm cmap knockout figures bench organism clean
 .DELETE_ON_ERROR:
 
-all: circuit dcm cmap knockout figures
+all: circuit dcm cmap knockout
 
 # Install once per change of pyproject.toml. The CPU build of torch is pinned first where the
 # local wheel exists, so the loose torch requirement never pulls CUDA packages. PNG export of
@@ -48,6 +48,7 @@ $(RESULTS)/%/circuit.json: $(STAMP)
 
 circuit: $(CIRCUITS)
 	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS)
+	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS)
 
 $(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/$(BASE)/circuit.json
 	$(CLI) dcm --model $* --base $(BASE) --results $(RESULTS) $(DCM_ARGS)
@@ -61,8 +62,7 @@ cmap: dcm
 knockout: $(STAMP)
 	$(CLI) knockout --model $(BASE) --results $(RESULTS)
 
-figures: circuit
-	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS)
+figures: circuit  # the circuit stage draws its own figures, as dcm and cmap do
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
