@@ -145,7 +145,9 @@ def test_save_figure_writes_html_and_png(tmp_path):
 
 
 SMALL = ["--device", "cpu", "--n", "12", "--batch-size", "6"]
-CIRCUIT_SMALL = [*SMALL, "--minimality-n", "12", "--reference-n", "12", "--completeness-random", "2", "--max-rows", "40"]
+CIRCUIT_SMALL = [
+    *SMALL, "--minimality-n", "12", "--reference-n", "12", "--completeness-random", "2", "--max-rows", "40"
+]
 
 
 @pytest.fixture(scope="module")

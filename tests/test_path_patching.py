@@ -28,10 +28,10 @@ STEP = {s.group: s for s in pp.STEPS}
 
 
 
-def _scaled_model(path, n_kv_heads=None):
+def _scaled_model(path, n_kv_heads=None, dtype=torch.float32):
     """A 4-layer random LLaMA with weights scaled up so that heads have visible effects."""
     make_checkpoint(path, n_layers=4, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=1)
-    model, tok, _ = models.load(path, device="cpu")
+    model, tok, _ = models.load(path, device="cpu", dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
@@ -76,6 +76,21 @@ def test_prepare_corrupt_runs_start_at_the_first_change(scaled):
         for layer in range(model.cfg.n_layers):
             whole = cache[hook_name("z", layer)][torch.arange(len(clean)), clean.position(where)]
             torch.testing.assert_close(runs.corrupt_z[where][layer], whole, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_runs_in_bfloat16(tmp_path):
+    """The dtype of 7B runs on a GPU: the fast method's caches, prefix runs and patches keep
+    bf16 (run here on CPU) and give the reference's scores within bf16 rounding."""
+    model, tok = _scaled_model(tmp_path, n_kv_heads=2, dtype=torch.bfloat16)
+    clean, corrupt = pp.prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
+    runs = pp.prepare(model, clean, corrupt, batch_size=6, progress=False)
+    assert runs.keys[0].dtype == runs.corrupt_z["last"][0].dtype == torch.bfloat16
+    for group, receivers in RECEIVERS.items():
+        step = STEP[group]
+        fast = pp.step_scores(model, clean, corrupt, step, receivers, "fast", batch_size=6, progress=False, runs=runs)
+        ref = pp.step_scores(model, clean, corrupt, step, receivers, "reference", batch_size=6, progress=False)
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(fast, ref, atol=1e-3, rtol=0)
 
 
 def test_fast_small_tiles_equal_reference(scaled):
