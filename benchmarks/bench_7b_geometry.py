@@ -23,8 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import data, models  # noqa: E402
+from et_circuits import models  # noqa: E402
 from et_circuits import path_patching as pp  # noqa: E402
+from et_circuits.entity_tracking import data, recipe  # noqa: E402
+from et_circuits.settings import RunSettings  # noqa: E402
 from et_circuits.organism.tokenizer import build_tokenizer  # noqa: E402
 
 GEOMETRY_7B = dict(n_layers=32, n_heads=32, d_model=4096, d_mlp=11008, vocab=32000)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 (float32 with --small)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per plain forward")
-    p.add_argument("--max-rows", type=int, default=pp.FAST_ROWS, help="(sender, prompt) rows per fast pass")
+    p.add_argument("--max-rows", type=int, default=4096, help="(sender, prompt) rows per fast pass")
     p.add_argument("--reference-senders", type=int, default=4, help="senders per step the reference is timed on")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -79,31 +81,31 @@ def main(argv: list[str] | None = None) -> dict:
     model = random_llama(**geometry, device=device, dtype=dtype)
     tok = build_tokenizer()
     vocab = data.vocabulary(tok, min_objects=7, min_labels=8)
-    clean, corrupt = pp.prompts(tok, vocab, n, 7, args.seed)
+    clean, corrupt = recipe.path_patching_prompts(tok, vocab, n, 7, args.seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     print(
         f"geometry {n_layers} layers x {n_heads} heads, d_model {model.cfg.d_model}, {dtype}, {device}; "
         f"{n} prompts of {clean.input_ids.shape[1]} tokens; model built in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    top_k = pp.effective_top_k(pp.PAPER_TOP_K, n_layers, n_heads)
+    top_k = pp.effective_top_k(recipe.PAPER_TOP_K, n_layers, n_heads)
+    fast_settings = RunSettings(args.batch_size, args.max_rows, progress=True)
+    ref_settings = RunSettings(args.batch_size, progress=False)
     rng = random.Random(args.seed)
     all_heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
 
     sync(device)
     t0 = time.perf_counter()
-    runs = pp.prepare(model, clean, corrupt, args.batch_size)
+    runs = pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], fast_settings)
     sync(device)
     fast_total = time.perf_counter() - t0
     print(f"  clean and corrupt runs: {fast_total:.1f}s", flush=True)
-    reference_total, worst, receivers = 0.0, 0.0, []
-    for step, k in zip(pp.STEPS, top_k):
+    reference_total, worst, previous = 0.0, 0.0, []
+    for step, k in zip(pp.PAPER_STEPS, top_k):
+        receivers = pp.step_receivers(step, previous) or None
         sync(device)
         t0 = time.perf_counter()
-        fast = pp.step_scores(
-            model, clean, corrupt, step, receivers, "fast",
-            batch_size=args.batch_size, max_rows=args.max_rows, runs=runs,
-        )
+        fast = pp.path_patch(model, clean, corrupt, step.position, receivers, settings=fast_settings, runs=runs)
         sync(device)
         t_fast = time.perf_counter() - t0
         fast_total += t_fast
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         timings = []
         for subset in ([], senders):
             t0 = time.perf_counter()
-            ref = pp.step_scores(
-                model, clean, corrupt, step, receivers, "reference", subset, batch_size=args.batch_size, progress=False
+            ref = pp.path_patch(
+                model, clean, corrupt, step.position, receivers, senders=subset, method="reference", settings=ref_settings
             )
             sync(device)
             timings.append(time.perf_counter() - t0)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{len(senders)} senders) | max |fast - reference| on those {diff:.2e}",
             flush=True,
         )
-        receivers = pp.top_heads(fast, k)
+        previous = pp.top_heads(fast, k)
     result = {"fast_s": fast_total, "reference_s": reference_total, "max_diff": worst}
     print(
         f"7b_geometry full_sweep_fast={fast_total:.1f}s reference_extrapolated={reference_total:.1f}s "

@@ -16,8 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import data, metrics, models  # noqa: E402
+from et_circuits import metrics, models  # noqa: E402
 from et_circuits import path_patching as pp  # noqa: E402
+from et_circuits.entity_tracking import data, recipe  # noqa: E402
+from et_circuits.errors import SetupError  # noqa: E402
+from et_circuits.settings import RunSettings  # noqa: E402
 
 
 def timed(fn):
@@ -45,33 +48,35 @@ def main(argv: list[str] | None = None) -> float:
 
     try:
         model, tok, spec = models.load(args.model, device=args.device)
-    except models.SetupError as e:
+    except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes + 1)
-    clean, corrupt = pp.prompts(tok, vocab, args.n, args.boxes, args.seed)
-    top_k = pp.effective_top_k(pp.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
+    clean, corrupt = recipe.path_patching_prompts(tok, vocab, args.n, args.boxes, args.seed)
+    top_k = pp.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
+    quiet = RunSettings(args.batch_size, progress=False)
     print(
         f"{spec.name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "
         f"{args.n} prompts of {clean.input_ids.shape[1]} tokens, batch {args.batch_size}, "
         f"top-k {list(top_k)}, device {model.cfg.device}, threads {torch.get_num_threads()}"
     )
     # The unit both methods are made of: one plain forward over all prompts (best of three).
-    forward = min(timed(lambda: metrics.last_logits(model, clean, batch_size=args.batch_size))[1] for _ in range(3))
+    forward = min(timed(lambda: metrics.last_logits(model, clean, settings=quiet))[1] for _ in range(3))
     print(f"  one plain forward over the {args.n} prompts: {forward:.2f}s")
-    runs, seconds = timed(lambda: pp.prepare(model, clean, corrupt, args.batch_size, progress=False))
+    runs, seconds = timed(lambda: pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], quiet))
     print(f"  fast: clean and corrupt runs (shared by the steps) {seconds:8.2f}s")
     prepared = seconds
-    receivers: list = []
+    previous: list = []
     total = {"fast": seconds, "reference": 0.0}
     worst = 0.0
-    for step, k in zip(pp.STEPS, top_k):
+    for step, k in zip(pp.PAPER_STEPS, top_k):
+        receivers = pp.step_receivers(step, previous) or None
         scores = {}
         for method in ("fast", "reference"):
             scores[method], seconds = timed(
-                lambda: pp.step_scores(
-                    model, clean, corrupt, step, receivers, method, batch_size=args.batch_size,
-                    progress=False, runs=runs if method == "fast" else None,
+                lambda: pp.path_patch(
+                    model, clean, corrupt, step.position, receivers, method=method, settings=quiet,
+                    runs=runs if method == "fast" else None,
                 )
             )
             total[method] += seconds
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> float:
         worst = max(worst, diff)
         largest = scores["reference"].abs().max().item()
         print(f"  step {step.group:16s} max |fast - reference| = {diff:.2e} (max |score| {largest:.2e})")
-        receivers = pp.top_heads(scores["fast"], k)
+        previous = pp.top_heads(scores["fast"], k)
     speedup = total["reference"] / total["fast"]
     print(f"reference {total['reference']:.2f}s, fast {total['fast']:.2f}s, max score difference {worst:.2e}")
     print(

@@ -1,5 +1,7 @@
-"""Plotly figures: `save_figure` (self-contained HTML + static PNG, used by every stage) and the
-circuit stage's figures (path-patching heatmaps, the circuit diagram, Table 1, completeness)."""
+"""Plotly figures, all of them: `save_figure` (self-contained HTML + static PNG, used by every
+stage), the path-patching heatmaps, the circuit diagram (Figure 1), tables, completeness, DCM's
+Figure 2, CMAP's Figure 3 and the knockout curves. Each takes results (tensors, circuits, pandas
+frames) and returns a plotly figure, so a notebook can show it inline."""
 
 from __future__ import annotations
 
@@ -9,14 +11,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
+import math
+
 import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from .circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit
+from .circuit import Circuit
+from .errors import SetupError
 from .io import atomic_path
-from .models import SetupError
+from .cross_model import INPUT_PATCHES
+from .entity_tracking import desiderata, recipe
+from .types import GROUPS, POSITION_TITLES, group_title, letter
 
 _PNG_NEEDS = "PNG export needs kaleido with Chrome/Chromium (`make install` sets it up on Debian)."
 FIGURES_ENV = "ET_CIRCUITS_FIGURES"  # overrides the default directory for every stage
@@ -26,19 +33,6 @@ def figures_dir() -> Path:
     """Where figures go by default: $ET_CIRCUITS_FIGURES, else `figures/`."""
     return Path(os.environ.get(FIGURES_ENV) or "figures")
 
-GROUP_COLORS = {
-    "value_fetcher": "#d62728",
-    "pos_transmitter": "#1f77b4",
-    "pos_detector": "#2ca02c",
-    "struct_reader": "#9467bd",
-}
-GROUP_TITLES = {
-    "value_fetcher": "A: Value Fetcher",
-    "pos_transmitter": "B: Position Transmitter",
-    "pos_detector": "C: Position Detector",
-    "struct_reader": "D: Structure Reader",
-}
-POSITION_TITLES = {"prev_query_label": "previous query label", "query_label": "query label", "last": "last token"}
 
 
 @contextmanager
@@ -104,8 +98,8 @@ def step_heatmaps(
 ) -> go.Figure:
     """One layer x head heatmap per step (red = negative = important), each with its own
     colour scale centred on 0; the heads that ended in the circuit's group are boxed."""
-    groups = [g for g in GROUP_POSITIONS if g in scores]
-    titles = [GROUP_TITLES[g] for g in groups]
+    groups = list(scores)
+    titles = [group_title(g) for g in groups]
     fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.16, vertical_spacing=0.14)
     for i, group in enumerate(groups):
         s = scores[group].float()
@@ -149,7 +143,7 @@ def step_heatmaps(
         fig.update_xaxes(title_text="head", dtick=1 if n_heads <= 16 else 4, row=row, col=col)
         fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if n_layers <= 16 else 4, row=row, col=col)
     fig.update_layout(
-        title=title or "Path patching scores (mean relative change of p(target))",
+        title=title or "Path patching scores (relative change of the mean answer probability)",
         width=1000,
         height=850,
         legend=dict(orientation="h", y=-0.08),
@@ -167,6 +161,11 @@ _ARROWS = [  # (sender group, receiver group, composition)
     ("pos_detector", "pos_transmitter", "V"),
     ("pos_transmitter", "value_fetcher", "Q"),
 ]
+
+
+def _position_title(spec) -> str:
+    specs = (spec,) if isinstance(spec, str) else tuple(spec)
+    return " / ".join(POSITION_TITLES.get(s, s) for s in specs)
 
 
 def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = "") -> go.Figure:
@@ -195,8 +194,8 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
                 textfont=dict(size=9),
                 hovertext=[_head_label(l, h) for l, h in heads],
                 hoverinfo="text",
-                marker=dict(size=9, color=GROUP_COLORS[group]),
-                name=f"{GROUP_TITLES[group]} ({len(heads)})",
+                marker=dict(size=9, color=GROUPS[group].colour),
+                name=f"{group_title(group)} ({len(heads)})",
             )
         )
         fig.add_shape(
@@ -205,7 +204,7 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
             x1=column + 0.45,
             y0=(min(y) if y else 0) - 0.6,
             y1=(max(y) if y else 0) + 0.6,
-            line=dict(color=GROUP_COLORS[group], width=1.5, dash="dot"),
+            line=dict(color=GROUPS[group].colour, width=1.5, dash="dot"),
         )
     for sender, receiver, kind in _ARROWS:
         (x0, y0), (x1, y1) = centres[sender], centres[receiver]
@@ -223,7 +222,7 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
         showarrow=True, arrowhead=3, arrowwidth=2, arrowcolor="#555",
     )
     fig.add_annotation(x=3.9, y=top - 0.5, text="<b>logits</b>", showarrow=False, yshift=12)
-    positions = [POSITION_TITLES[circuit.positions.get(g, GROUP_POSITIONS[g])] for g in _COLUMNS]
+    positions = [_position_title(circuit.positions.get(g, GROUPS[g].position)) for g in _COLUMNS]
     fig.update_xaxes(
         tickvals=list(_COLUMNS.values()), ticktext=positions, range=[-0.6, 4.1], title="token position"
     )
@@ -270,7 +269,7 @@ def completeness_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
                 x=[r["model_without"] for r in sel],
                 y=[r["circuit_without"] for r in sel],
                 mode="markers+text" if kind == "group" else "markers",
-                text=[GROUP_LETTERS.get(r["name"], r["name"]) for r in sel] if kind == "group" else None,
+                text=[letter(r["name"]) for r in sel] if kind == "group" else None,
                 textposition="top center",
                 marker=dict(symbol=symbol, size=11),
                 name=f"K = {kind}",
@@ -280,4 +279,176 @@ def completeness_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
     fig.update_xaxes(title="F(M \\ K): full model without K", range=[-0.02, 1.02])
     fig.update_yaxes(title="F(C \\ K): circuit without K", range=[-0.02, 1.02])
     fig.update_layout(title=title or "Completeness", width=650, height=600)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# DCM: Figure 2 and group B on every desideratum (frames as `dcm-figure` writes dcm.csv)
+
+DESIDERATUM_COLORS = {"positional": "#1f77b4", "object_value": "#d62728", "box_label_value": "#2ca02c"}
+
+
+def figure2(frame):
+    """Figure 2: per group of the base circuit, grouped bars (one per desideratum) over the
+    models, accuracy (% of the desideratum's target) with the resampling std as error bars."""
+    rows = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
+    groups = list(dict.fromkeys(rows.group))
+    models = list(dict.fromkeys(rows.model))
+    fig = make_subplots(
+        rows=1, cols=max(len(groups), 1), shared_yaxes=True,
+        subplot_titles=[group_title(g) for g in groups],
+    )
+    for col, group in enumerate(groups, start=1):
+        for desideratum in desiderata.MAIN:
+            sel = rows[(rows.group == group) & (rows.desideratum == desideratum)].set_index("model").reindex(models)
+            fig.add_trace(
+                go.Bar(
+                    x=models, y=sel.accuracy_mean, error_y=dict(type="data", array=sel.accuracy_std),
+                    name=desideratum.replace("_", " "), legendgroup=desideratum, showlegend=col == 1,
+                    marker_color=DESIDERATUM_COLORS[desideratum],
+                    customdata=sel[["n_selected", "group_size"]].to_numpy(),
+                    hovertemplate="%{x}: %{y:.1f}% (%{customdata[0]} of %{customdata[1]} heads)<extra></extra>",
+                ),
+                row=1, col=col,
+            )
+    base = rows.circuit_of.iloc[0] if len(rows) else ""
+    fig.update_layout(
+        title=f"DCM on the {base} circuit: accuracy when the selected heads are patched (mean ± std over resamplings)",
+        barmode="group", height=420, width=max(900, 330 * len(groups)), template="plotly_white",
+    )
+    fig.update_yaxes(range=[0, 100])
+    fig.update_yaxes(title_text="accuracy (% of target)", row=1, col=1)
+    return fig
+
+
+def extra_figure(frame):
+    """Group B of the base circuit on every desideratum (main and extra; controls last)."""
+    rows = frame[(frame.circuit == "base_circuit") & (frame.group == recipe.EXTRA_GROUP)]
+    order = [d for d in desiderata.ALL if d not in desiderata.CONTROLS] + list(desiderata.CONTROLS)
+    names = [d for d in order if d in set(rows.desideratum)]
+    fig = go.Figure()
+    for model in dict.fromkeys(rows.model):
+        sel = rows[rows.model == model].set_index("desideratum").reindex(names)
+        fig.add_trace(go.Bar(
+            x=[n.replace("_", " ") for n in names], y=sel.accuracy_mean,
+            error_y=dict(type="data", array=sel.accuracy_std), name=model,
+        ))
+    fig.update_layout(
+        title="Group B (position transmitter) on every desideratum (controls: is not in, wrong segment)",
+        barmode="group", height=450, width=1100, template="plotly_white",
+        yaxis=dict(range=[0, 100], title="accuracy (% of target)"),
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# CMAP: Figure 3 and input patching (frames as `cmap` writes cmap.csv)
+
+PATCH_TITLES = {"z": "outputs (z)", "q": "queries", "k": "keys", "v": "values", "qk": "queries + keys",
+                "qkv": "queries + keys + values"}
+
+
+def _pairs(frame) -> list[tuple[str, str, float, float]]:
+    """(source, base, base accuracy, source accuracy) of each pair in `frame`, in order."""
+    first = frame.drop_duplicates(["source", "base"])
+    return list(zip(first["source"], first["base"], first["base_accuracy"], first["source_accuracy"]))
+
+
+def _baselines(fig, x: list, base_acc: float, source_acc: float, col: int) -> None:
+    """Dashed horizontal lines across the bars: base (red) and fine-tuned (green) accuracy."""
+    for name, value, color in (("base model", base_acc, "#e45756"), ("fine-tuned model", source_acc, "#54a24b")):
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=[value] * len(x), mode="lines", name=f"{name} alone", legendgroup=name,
+                line=dict(dash="dash", color=color), showlegend=col == 1,
+                hovertemplate=f"{name}: {value:.2f}<extra></extra>",
+            ),
+            row=1, col=col,
+        )
+
+
+def _panels(pairs, title: str):
+    fig = make_subplots(
+        rows=1, cols=max(len(pairs), 1), shared_yaxes=True,
+        subplot_titles=[f"{s} -> {b}<br><sup>base {ba:.2f}, fine-tuned {sa:.2f}</sup>" for s, b, ba, sa in pairs],
+    )
+    fig.update_yaxes(range=[0, 1.08], title_text="base-model accuracy", row=1, col=1)
+    fig.update_layout(
+        title=title, template="plotly_white", height=460, width=120 + 400 * max(len(pairs), 1),
+        legend=dict(orientation="h", y=-0.15),
+    )
+    return fig
+
+
+def cmap_figure(frame, patch: str = "z"):
+    """Figure 3: per source -> base pair, one bar per head set (sizes in brackets) patched
+    with `patch`, and the two models' own accuracies as dashed lines; an empty set shows
+    'none' and no bar."""
+    frame = frame[frame["patch"] == patch]
+    pairs = _pairs(frame)
+    fig = _panels(pairs, f"CMAP: the fine-tuned model's head {PATCH_TITLES[patch]} patched into the base model")
+    for col, (source, base, base_acc, source_acc) in enumerate(pairs, start=1):
+        rows = frame[(frame["source"] == source) & (frame["base"] == base)].set_index("set")
+        rows = rows.reindex([s for s in recipe.SET_ORDER if s in rows.index])
+        x = [f"{s} ({int(n)})" for s, n in zip(rows.index, rows["n_heads"])]
+        fig.add_trace(
+            go.Bar(
+                x=x, y=rows["accuracy"], marker_color="#4c78a8", name="patched base model",
+                showlegend=col == 1, legendgroup="patched",
+                text=["none" if math.isnan(a) else f"{a:.2f}" for a in rows["accuracy"].astype(float)],
+                textposition="outside",
+            ),
+            row=1, col=col,
+        )
+        _baselines(fig, x, base_acc, source_acc, col)
+    return fig
+
+
+def input_patching_figure(frame):
+    """Input patching: per pair, bars per patch kind (q, k, v, qk, qkv, and output z beside
+    them), one colour per head set that was input-patched."""
+    input_sets = list(dict.fromkeys(frame.loc[frame["patch"].isin(INPUT_PATCHES), "set"]))
+    frame = frame[frame["set"].isin(input_sets)]
+    pairs = _pairs(frame)
+    fig = _panels(pairs, "CMAP input patching: q / k / v of the fine-tuned model's heads in the base model")
+    order = [*INPUT_PATCHES, "z"]
+    colors = dict(zip(recipe.SET_ORDER[::-1], ("#4c78a8", "#f58518", "#72b7b2", "#b279a2", "#9d755d")))
+    for col, (source, base, base_acc, source_acc) in enumerate(pairs, start=1):
+        rows = frame[(frame["source"] == source) & (frame["base"] == base)]
+        for name in input_sets:
+            r = rows[rows["set"] == name].set_index("patch").reindex(order)
+            fig.add_trace(
+                go.Bar(
+                    x=order, y=r["accuracy"], name=f"set {name} ({int(r['n_heads'].fillna(0).max())} heads)",
+                    marker_color=colors[name], legendgroup=name, showlegend=col == 1,
+                    text=["none" if math.isnan(a) else f"{a:.2f}" for a in r["accuracy"].astype(float)],
+                    textposition="outside",
+                ),
+                row=1, col=col,
+            )
+        _baselines(fig, order, base_acc, source_acc, col)
+    fig.update_layout(barmode="group")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention knockout (frames as `knockout` writes knockout.csv)
+
+
+def knockout_figure(frame):
+    """Accuracy vs the first blocked layer, one line per edge; dashed: the unblocked model."""
+    fig = go.Figure()
+    for edge, rows in frame.groupby("edge", sort=False):
+        fig.add_trace(
+            go.Scatter(x=rows["from_layer"], y=rows["accuracy"], mode="lines+markers", name=recipe.EDGE_TITLES.get(edge, edge))
+        )
+    full = float(frame["full_accuracy"].iloc[0])
+    fig.add_hline(y=full, line_dash="dash", line_color="grey", annotation_text=f"no knockout {full:.2f}")
+    model = ", ".join(dict.fromkeys(frame["model"]))
+    fig.update_layout(
+        title=f"Attention knockout in {model}<br><sup>one edge blocked in every head of layers L and above</sup>",
+        xaxis_title="first blocked layer L", yaxis_title="accuracy", yaxis_range=[0, 1.05],
+        xaxis=dict(dtick=1 if frame["from_layer"].max() < 16 else None),
+        template="plotly_white", height=480, width=700, legend=dict(orientation="h", y=-0.2),
+    )
     return fig

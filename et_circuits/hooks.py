@@ -3,7 +3,8 @@
 evaluation, DCM, CMAP and knockout all call.
 
 Activations of these hook points have shape [batch, pos, head, d]; a position is given per
-example (`Int[Tensor, "batch"]`) because it differs between prompts.
+example (`Int[Tensor, "batch"]`) because it differs between prompts, or as a position set per
+example (`Int[Tensor, "batch k"]`, -1 where an example has fewer), e.g. every segment's label.
 """
 
 from __future__ import annotations
@@ -17,47 +18,65 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from .errors import SetupError
+
 HEAD_KINDS = ("z", "q", "k", "v", "result")
 Hook = tuple[str, Callable]
+Positions = Int[Tensor, " batch"] | Int[Tensor, "batch k"]  # one position per example, or a set (-1: none)
 
 
 def hook_name(kind: str, layer: int) -> str:
     """`blocks.{layer}.attn.hook_{kind}` for one of HEAD_KINDS."""
     if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head activation {kind!r}; expected one of {HEAD_KINDS}")
+        raise SetupError(f"unknown head activation {kind!r}; expected one of {HEAD_KINDS}")
     return f"blocks.{layer}.attn.hook_{kind}"
 
 
 def require_flags(model: HookedTransformer, kind: str) -> None:
     """Methods on `hook_result` need `use_attn_result`; say so instead of failing later."""
     if kind == "result" and not model.cfg.use_attn_result:
-        raise ValueError("hook_result needs model.set_use_attn_result(True)")
+        raise SetupError("hook_result needs model.set_use_attn_result(True)")
+
+
+def _slots(positions: Positions, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, positions, valid) of every slot of a position tensor as (batch, k): one slot per
+    prompt for a single position, k slots for a position set (-1: no position there)."""
+    positions = positions.to(device)
+    at = positions[:, None] if positions.ndim == 1 else positions
+    rows = torch.arange(at.shape[0], device=device)[:, None].expand_as(at)
+    return rows, at, at >= 0
 
 
 def at_positions(
-    act: Float[Tensor, "batch pos head d"], positions: Int[Tensor, " batch"]
-) -> Float[Tensor, "batch head d"]:
-    """act[b, positions[b]] for every example b."""
-    return act[torch.arange(act.shape[0], device=act.device), positions.to(act.device)]
+    act: Float[Tensor, "batch pos head d"], positions: Positions
+) -> Float[Tensor, "batch head d"] | Float[Tensor, "batch k head d"]:
+    """act[b, positions[b]] for every example b (or act[b, positions[b, j]] for every slot j of
+    a position set; slots without a position (-1) read position 0)."""
+    rows, at, _ = _slots(positions, act.device)
+    out = act[rows, at.clamp(min=0)]
+    return out[:, 0] if positions.ndim == 1 else out
 
 
 def mix_at_positions(
     act: Float[Tensor, "batch pos head d"],
-    positions: Int[Tensor, " batch"],
-    new: Float[Tensor, "batch head d"],
+    positions: Positions,
+    new: Float[Tensor, "batch head d"] | Float[Tensor, "batch k head d"],
     weight: Float[Tensor, " head"],
 ) -> Float[Tensor, "batch pos head d"]:
-    """At each example's position, head h becomes (1 - weight[h]) * act + weight[h] * new.
+    """At each example's position (or each position of its set), head h becomes
+    (1 - weight[h]) * act + weight[h] * new.
 
     weight 1 overwrites a head, 0 leaves it; fractional weights interpolate (DCM's mask).
     Out of place, so gradients flow to `weight`.
     """
-    rows = torch.arange(act.shape[0], device=act.device)
-    positions = positions.to(act.device)
-    old = act[rows, positions]
+    rows, at, valid = _slots(positions, act.device)
+    new = new.to(act.device, act.dtype)
+    new = new[:, None] if positions.ndim == 1 else new
+    rows, at, new = rows[valid], at[valid], new[valid]
+    old = act[rows, at]
     w = weight.to(act.device, act.dtype)[None, :, None]
     act = act.clone()
-    act[rows, positions] = old + w * (new.to(act.device, act.dtype) - old)
+    act[rows, at] = old + w * (new - old)
     return act
 
 
@@ -67,8 +86,8 @@ def _mix_hook(act, hook: HookPoint, positions, new, weight):
 
 def patch_hooks(
     kind: str,
-    new: dict[int, Float[Tensor, "batch head d"]],
-    positions: Int[Tensor, " batch"],
+    new: dict[int, Float[Tensor, "batch head d"]] | dict[int, Float[Tensor, "batch k head d"]],
+    positions: Positions,
     weights: Float[Tensor, "layer head"] | Bool[Tensor, "layer head"],
 ) -> list[Hook]:
     """Hooks that write `new[layer]` into the heads selected by `weights[layer]` at
@@ -87,7 +106,7 @@ def _store_hook(act, hook: HookPoint, positions, store, layer):
 
 
 def store_hooks(
-    kind: str, positions: Int[Tensor, " batch"], layers: Iterable[int], store: dict[int, Tensor]
+    kind: str, positions: Positions, layers: Iterable[int], store: dict[int, Tensor]
 ) -> list[Hook]:
     """Hooks that put each layer's `kind` activation at `positions` into `store[layer]`, so
     several kinds and positions can be read in one forward pass (CMAP's source run)."""
@@ -102,7 +121,7 @@ def gather(
     model: HookedTransformer,
     input_ids: Int[Tensor, "batch seq"],
     kind: str,
-    positions: Int[Tensor, " batch"],
+    positions: Positions,
     layers: Iterable[int] | None = None,
     fwd_hooks: list[Hook] = (),
 ) -> dict[int, Float[Tensor, "batch head d"]]:

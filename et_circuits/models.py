@@ -13,12 +13,10 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
+from .errors import SetupError
+
 ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
 MODELS_DIR_VAR = "ET_CIRCUITS_MODELS"
-
-
-class SetupError(RuntimeError):
-    """A model cannot be found or is not usable; the message says what to do."""
 
 
 @dataclass(frozen=True)

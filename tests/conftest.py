@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from et_circuits import data, models
+from et_circuits import models
+from et_circuits.entity_tracking import data
 from et_circuits.organism.tokenizer import build_tokenizer
 
 

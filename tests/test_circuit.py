@@ -3,16 +3,19 @@ tiny random checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from et_circuits import cli, data, minimality, models
+from et_circuits import cli, models
+from et_circuits import evaluation as minimality
 from et_circuits import path_patching as pp
-from et_circuits.circuit import Circuit, CircuitError, circuit_accuracy, reference_means, without
+from et_circuits.circuit import Circuit
+from et_circuits.entity_tracking import data
+from et_circuits.errors import CircuitError
+from et_circuits.evaluation import ablated_accuracy, position_means
 from et_circuits.figures import circuit_diagram, save_figure, step_heatmaps
 from et_circuits.stages.circuit import overlap_frame
 from tests.conftest import make_checkpoint
@@ -81,34 +84,34 @@ def predicted(tiny_dir, vocab):
         for p in model.parameters():  # sizeable head effects
             if p.ndim >= 2:
                 p.mul_(10)
-    batch = data.make_batch(tok, data.sample_prompts(vocab, 24, 7, 11))
+    batch = data.make_prompts(tok, data.sample_prompts(vocab, 24, 7, 11))
     with torch.no_grad():
-        own = model(batch.input_ids)[torch.arange(len(batch)), batch.last].argmax(-1)
-    reference = data.make_batch(tok, data.sample_prompts(vocab, 24, 7, 12))
-    return model, dataclasses.replace(batch, answer=own), reference_means(model, reference)
+        own = model(batch.input_ids)[torch.arange(len(batch)), batch.position("last")].argmax(-1)
+    reference = data.make_prompts(tok, data.sample_prompts(vocab, 24, 7, 12))
+    return model, batch.replace(answers=own), position_means(model, reference)
 
 
 def test_model_without_ablates_the_heads(predicted):
     model, batch, means = predicted
-    assert minimality.model_without(model, Circuit({}), batch, means) == 1.0
+    assert ablated_accuracy(model, Circuit({}), batch, means, ablate_circuit=True) == 1.0
     everything = Circuit({"value_fetcher": [(l, h) for l in range(2) for h in range(4)]})
-    assert minimality.model_without(model, everything, batch, means) < 1.0
+    assert ablated_accuracy(model, everything, batch, means, ablate_circuit=True) < 1.0
 
 
 def test_completeness_rows(predicted):
     model, batch, means = predicted
     circuit = Circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_detector": [(0, 1)], "struct_reader": []})
-    rows = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0, progress=False)
+    rows = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0)
     assert [r["kind"] for r in rows] == ["group", "group", "random", "random", "random"]
     for r in rows:
         assert r["size"] == len(r["heads"]) > 0
         assert r["gap"] == pytest.approx(abs(r["circuit_without"] - r["model_without"]))
     group = rows[0]
     assert group["name"] == "value_fetcher"
-    rest = without(circuit, [("value_fetcher", (1, 0)), ("value_fetcher", (1, 2))])
-    expect = circuit_accuracy(model, rest, batch, means)
+    rest = circuit.without([("value_fetcher", (1, 0)), ("value_fetcher", (1, 2))])
+    expect = ablated_accuracy(model, rest, batch, means)
     assert group["circuit_without"] == expect
-    again = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0, progress=False)
+    again = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0)
     assert again == rows  # seeded
 
 
@@ -127,7 +130,7 @@ def test_overlap_frame():
 
 
 def test_save_figure_writes_html_and_png(tmp_path):
-    scores = {s.group: torch.randn(3, 4) for s in pp.STEPS}
+    scores = {s.group: torch.randn(3, 4) for s in pp.PAPER_STEPS}
     circuit = Circuit(
         {"value_fetcher": [(2, 1)], "pos_transmitter": [(1, 3)], "pos_detector": [(0, 0)], "struct_reader": []}
     )
@@ -165,14 +168,14 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
         args = ["circuit", "--model", model, "--results", str(results), *CIRCUIT_SMALL, "--minimality-threshold", "0"]
         assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "path patching" in out and "reused" not in out
+    assert "circuit A=1/1" in out and "reused" not in out
     for name in ("base-model", "tuned-model"):
         d = results / name
         assert sorted(p.name for p in (d / "path_patching").iterdir()) == sorted(
-            f"{s.group}.safetensors" for s in pp.STEPS
+            f"{s.group}.safetensors" for s in pp.PAPER_STEPS
         )
         circuit = Circuit.load(d / "circuit.json")
-        assert [len(circuit.groups[s.group]) for s in pp.STEPS] == [1, 1, 1, 1]  # 6 heads: cap 1
+        assert [len(circuit.groups[s.group]) for s in pp.PAPER_STEPS] == [1, 1, 1, 1]  # 6 heads: cap 1
         assert json.loads((d / "minimality.json").read_text())["top_k"] == [1, 1, 1, 1]
         assert len(json.loads((d / "completeness.json").read_text())["rows"]) == 4 + 2
 

@@ -1,3 +1,6 @@
+"""The command line: one real subprocess for the entry point, the rest in-process through
+`cli.main` (the same code, without paying for a fresh interpreter and imports each time)."""
+
 import os
 import re
 import subprocess
@@ -10,51 +13,75 @@ from et_circuits import cli
 from et_circuits.stages import circuit as circuit_stage
 
 
-def run_cli(*args, env=None):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "et_circuits", *args], capture_output=True, text=True, env=full_env, timeout=300
-    )
+def run(capsys, *args):
+    """(exit status, stdout, stderr) of `python -m et_circuits *args`, in-process."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def assert_one_line_error(proc, *parts):
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def assert_one_line_error(result, *parts):
+    code, _, err = result
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
     for part in parts:
         assert part in lines[0]
 
 
-def test_missing_weights(tmp_path):
-    proc = run_cli("accuracy", "--model", "goat-7b", env={"ET_CIRCUITS_MODELS": str(tmp_path)})
-    assert_one_line_error(proc, "goat-7b", "ET_CIRCUITS_GOAT_7B", str(tmp_path / "goat-7b"), "tiedong/goat-lora-7b")
+def test_entry_point_runs_as_a_module(tiny_dir):
+    """`python -m et_circuits` in a fresh process: the accuracy line, and a one-line error."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run(
+        [sys.executable, "-m", "et_circuits", "accuracy", "--model", str(tiny_dir), "--n", "16", "--device", "cpu", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", ok.stdout.strip().splitlines()[-1])
+    bad = subprocess.run([sys.executable, "-m", "et_circuits", "accuracy", "--model", "gpt-5"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "gpt-5" in bad.stderr
 
 
-def test_unknown_model_lists_known_ones():
-    proc = run_cli("accuracy", "--model", "gpt-5")
-    assert_one_line_error(proc, "gpt-5", "llama-7b", "organism-goat")
+def test_missing_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ET_CIRCUITS_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("ET_CIRCUITS_GOAT_7B", raising=False)
+    result = run(capsys, "accuracy", "--model", "goat-7b")
+    assert_one_line_error(result, "goat-7b", "ET_CIRCUITS_GOAT_7B", str(tmp_path / "goat-7b"), "tiedong/goat-lora-7b")
 
 
-def test_not_a_llama_checkpoint(tmp_path):
+def test_unknown_model_lists_known_ones(capsys):
+    assert_one_line_error(run(capsys, "accuracy", "--model", "gpt-5"), "gpt-5", "llama-7b", "organism-goat")
+
+
+def test_unsupported_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    assert_one_line_error(run_cli("accuracy", "--model", str(tmp_path)), "not a LLaMA")
+    assert_one_line_error(run(capsys, "accuracy", "--model", str(tmp_path)), "bert")
 
 
-def test_impossible_parameters_are_usage_errors(tiny_dir):
-    proc = run_cli("accuracy", "--model", str(tiny_dir), "--boxes", "40")
-    assert proc.returncode == 2 and "between 2 and 26" in proc.stderr
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "tpu", "warp-drive"])
+def test_unavailable_device_is_one_line_naming_the_available_ones(tiny_dir, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has CUDA")
+    result = run(capsys, "accuracy", "--model", str(tiny_dir), "--device", device)
+    assert_one_line_error(result, repr(device), "available: cpu")
 
 
-def test_accuracy_line(tiny_dir):
-    proc = run_cli("accuracy", "--model", str(tiny_dir), "--n", "16", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", last)
+def test_impossible_parameters_are_usage_errors(tiny_dir, capsys):
+    code, _, err = run(capsys, "accuracy", "--model", str(tiny_dir), "--boxes", "40")
+    assert code == 2 and "between 2 and 26" in err
+    code, _, err = run(capsys, "accuracy", "--model", str(tiny_dir), "--batch-size", "0")
+    assert code == 2 and "must be positive" in err
 
 
-def test_batch_size_must_be_positive(tiny_dir):
-    proc = run_cli("accuracy", "--model", str(tiny_dir), "--batch-size", "0")
-    assert proc.returncode == 2 and "must be positive" in proc.stderr
+def test_accuracy_line(tiny_dir, capsys):
+    code, out, err = run(capsys, "accuracy", "--model", str(tiny_dir), "--n", "16", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", out.strip().splitlines()[-1])
 
 
 def _out_of_memory(args):

@@ -2,16 +2,19 @@
 
 import copy
 import json
-import dataclasses
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from et_circuits import cli, cmap, data, models
-from et_circuits.circuit import GROUP_POSITIONS, Circuit, CircuitError
-from et_circuits.models import SetupError
+from et_circuits import cli, models
+from et_circuits import cross_model as cmap
+from et_circuits.circuit import Circuit
+from et_circuits.entity_tracking import data, recipe
+from et_circuits.errors import CircuitError, SetupError
+from et_circuits.settings import RunSettings
+from et_circuits.stages.dcm import check_dcm_matches, selected_heads
 from tests.conftest import make_checkpoint
 
 CIRCUIT = Circuit(
@@ -38,9 +41,15 @@ DCM = {
 }
 
 
+def head_sets(circuit, dcm_result):
+    """The paper's head sets from a dcm.json-shaped result, as the cmap stage builds them."""
+    check_dcm_matches(circuit, dcm_result)
+    return recipe.cmap_head_sets(circuit, selected_heads(dcm_result))
+
+
 @pytest.fixture(scope="module")
 def batch(tiny, vocab):
-    return data.make_batch(tiny[1], data.sample_prompts(vocab, 24, 3, seed=1))
+    return data.make_prompts(tiny[1], data.sample_prompts(vocab, 24, 3, seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +65,23 @@ def qkv_twin(tiny):
 
 
 def _every_position(batch, kinds):
-    """Positions and all-heads masks for every (kind, position) of `batch`."""
+    """`batch` with a position "p<i>" for every index i, and all-heads masks for every (kind,
+    position)."""
     seq = batch.input_ids.shape[1]
-    positions = {p: torch.full((len(batch),), p) for p in range(seq)}
-    return positions, {(kind, p): torch.ones(2, 4, dtype=torch.bool) for kind in kinds for p in range(seq)}
+    prompts = batch.replace(positions={f"p{i}": torch.full((len(batch),), i) for i in range(seq)})
+    return prompts, {(kind, f"p{i}"): torch.ones(2, 4, dtype=torch.bool) for kind in kinds for i in range(seq)}
 
 
 def test_patching_a_model_into_itself_changes_nothing(tiny, batch):
     model = tiny[0]
     with torch.no_grad():
         clean = model(batch.input_ids)
-    positions, masks = _every_position(batch, ("z", "q", "k", "v"))
-    patched = cmap.cross_model_logits(model, model, batch.input_ids, positions, masks)
+    prompts, masks = _every_position(batch, ("z", "q", "k", "v"))
+    patched = cmap.cross_model_logits(model, model, prompts, masks)
     torch.testing.assert_close(patched, clean, atol=1e-5, rtol=0)
 
-    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), input_sets=["A", "full"])
-    result = cmap.cmap_accuracy(model, model, batch, variant_list, batch_size=10, progress=False)
+    variant_list = recipe.variants(head_sets(CIRCUIT, DCM), input_sets=["A", "full"])
+    result = cmap.cmap(model, model, batch, variant_list, RunSettings(batch_size=10, progress=False))
     assert result.source == result.base
     for v, acc in result.variants:
         if v.n_heads:
@@ -85,8 +95,8 @@ def test_output_patching_everywhere_reproduces_the_source(tiny, qkv_twin, batch)
     with torch.no_grad():
         x_logits, y_logits = x(batch.input_ids), y(batch.input_ids)
     assert (x_logits - y_logits).abs().max() > 1e-2  # the twin really is different
-    positions, masks = _every_position(batch, ("z",))
-    patched = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    prompts, masks = _every_position(batch, ("z",))
+    patched = cmap.cross_model_logits(x, y, prompts, masks)
     torch.testing.assert_close(patched, y_logits, atol=1e-5, rtol=0)
 
 
@@ -95,26 +105,25 @@ def test_input_patching_everywhere_reproduces_the_source(tiny, qkv_twin, batch):
     x, y = tiny[0], qkv_twin
     with torch.no_grad():
         y_logits = y(batch.input_ids)
-    positions, masks = _every_position(batch, ("q", "k", "v"))
-    patched = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    prompts, masks = _every_position(batch, ("q", "k", "v"))
+    patched = cmap.cross_model_logits(x, y, prompts, masks)
     torch.testing.assert_close(patched, y_logits, atol=1e-5, rtol=0)
     # q alone at every position is not enough: keys and values still come from X
-    positions, masks = _every_position(batch, ("q",))
-    q_only = cmap.cross_model_logits(x, y, batch.input_ids, positions, masks)
+    prompts, masks = _every_position(batch, ("q",))
+    q_only = cmap.cross_model_logits(x, y, prompts, masks)
     assert (q_only - y_logits).abs().max() > 1e-3
 
 
 def test_patch_at_group_position_only_touches_that_position_onwards(tiny, qkv_twin, batch):
     """z patched at the query label leaves every earlier position's logits as the base's."""
     x, y = tiny[0], qkv_twin
-    masks = cmap.site_masks({"pos_detector": [(0, 1)]}, GROUP_POSITIONS, "z", 2, 4)
+    masks = cmap.site_masks(Circuit({"pos_detector": [(0, 1)]}), "z", 2, 4)
     assert list(masks) == [("z", "query_label")]
-    where = {"query_label": batch.query_label}
-    patched = cmap.cross_model_logits(x, y, batch.input_ids, where, masks)
+    patched = cmap.cross_model_logits(x, y, batch, masks)
     with torch.no_grad():
         clean = x(batch.input_ids)
     for b in range(len(batch)):
-        p = int(batch.query_label[b])
+        p = int(batch.position("query_label")[b])
         torch.testing.assert_close(patched[b, :p], clean[b, :p], atol=1e-6, rtol=0)
         assert (patched[b, p] - clean[b, p]).abs().max() > 1e-4
 
@@ -124,20 +133,20 @@ def test_cmap_accuracy_matches_unbatched_reference(tiny, qkv_twin, batch):
     are set to the twin's own predictions so the accuracies are not trivially zero."""
     x, y = tiny[0], qkv_twin
     with torch.no_grad():
-        y_pred = y(batch.input_ids)[torch.arange(len(batch)), batch.last].argmax(-1)
-    b = dataclasses.replace(batch, answer=y_pred)
-    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), input_sets=["full"])
-    result = cmap.cmap_accuracy(x, y, b, variant_list, batch_size=7, progress=False)
+        y_pred = y(batch.input_ids)[torch.arange(len(batch)), batch.position("last")].argmax(-1)
+    b = batch.replace(answers=y_pred)
+    variant_list = recipe.variants(head_sets(CIRCUIT, DCM), input_sets=["full"])
+    result = cmap.cmap(x, y, b, variant_list, RunSettings(batch_size=7, progress=False))
     assert result.source == 1.0
-    where = {name: b.position(name) for name in ("last", "query_label", "prev_query_label")}
+    last = b.position("last")
     seen = set()
     for v, acc in result.variants:
         if v.n_heads == 0:
             assert math.isnan(acc)
             continue
-        masks = cmap.site_masks(v.groups, GROUP_POSITIONS, v.patch, 2, 4)
-        logits = cmap.cross_model_logits(x, y, b.input_ids, where, masks)
-        expected = int((logits[torch.arange(len(b)), b.last].argmax(-1) == b.answer).sum()) / len(b)
+        masks = cmap.site_masks(v.heads, v.patch, 2, 4)
+        logits = cmap.cross_model_logits(x, y, b, masks)
+        expected = int((logits[torch.arange(len(b)), last].argmax(-1) == b.answers).sum()) / len(b)
         assert acc == pytest.approx(expected, abs=1e-9), v
         seen.add(round(acc, 6))
     assert len(seen) > 1  # the variants do differ, so the comparison is not vacuous
@@ -147,10 +156,10 @@ def test_geometry_mismatch_is_a_clear_error(tiny, tmp_path, batch):
     make_checkpoint(tmp_path, n_layers=3, n_heads=4)
     other, _, _ = models.load(tmp_path, device="cpu")
     with pytest.raises(SetupError, match="different geometry.*n_layers 2 vs 3"):
-        cmap.cmap_accuracy(tiny[0], other, batch, [], progress=False)
-    positions, masks = _every_position(batch[:2], ("z",))
+        cmap.cmap(tiny[0], other, batch, [])
+    prompts, masks = _every_position(batch[:2], ("z",))
     with pytest.raises(SetupError, match="n_layers"):
-        cmap.cross_model_logits(tiny[0], other, batch.input_ids[:2], positions, masks)
+        cmap.cross_model_logits(tiny[0], other, prompts, masks)
 
 
 def test_gqa_refuses_key_value_patching(tmp_path):
@@ -166,45 +175,45 @@ def test_gqa_refuses_key_value_patching(tmp_path):
 
 
 def test_head_sets_follow_the_paper():
-    sets = cmap.cmap_head_sets(CIRCUIT, DCM)
-    assert sets["A"] == {"value_fetcher": [(1, 2)]}
-    assert sets["B"] == {"pos_transmitter": [(0, 1)]}
-    assert sets["C"] == {"pos_detector": []}  # DCM selected none
-    assert sets["D"] == {"struct_reader": [(0, 0)]}  # whole group, no DCM
-    assert sets["full"] == CIRCUIT.groups
-    assert cmap.cmap_head_sets(CIRCUIT, None)["A"] == {"value_fetcher": []}
+    sets = head_sets(CIRCUIT, DCM)
+    assert sets["A"].groups == {"value_fetcher": [(1, 2)]} and sets["A"].positions_of("value_fetcher") == ("last",)
+    assert sets["B"].groups == {"pos_transmitter": [(0, 1)]}
+    assert sets["C"].groups == {"pos_detector": []}  # DCM selected none
+    assert sets["D"].groups == {"struct_reader": [(0, 0)]}  # whole group, no DCM
+    assert sets["full"].groups == CIRCUIT.groups
+    assert recipe.cmap_head_sets(CIRCUIT, None)["A"].groups == {"value_fetcher": []}
 
 
 def test_stale_or_malformed_dcm_is_a_circuit_error():
     smaller = Circuit({**CIRCUIT.groups, "struct_reader": []})
     with pytest.raises(CircuitError, match="different circuit"):
-        cmap.cmap_head_sets(smaller, DCM)
+        head_sets(smaller, DCM)
     with pytest.raises(CircuitError, match="own_circuit"):
-        cmap.cmap_head_sets(CIRCUIT, {"groups": DCM["own_circuit"]["groups"]})
+        head_sets(CIRCUIT, {"groups": DCM["own_circuit"]["groups"]})
     broken = {"own_circuit": {"groups": {"value_fetcher": {"positional": {"heads": [[1, 0]]}}}}}
     with pytest.raises(CircuitError, match="object_value heads for group 'value_fetcher'"):
-        cmap.cmap_head_sets(CIRCUIT, broken)
+        head_sets(CIRCUIT, broken)
 
 
 def test_site_masks_merge_groups_sharing_a_position():
-    masks = cmap.site_masks(CIRCUIT.groups, GROUP_POSITIONS, "qk", 2, 4)
+    masks = cmap.site_masks(CIRCUIT, "qk", 2, 4)
     assert set(masks) == {(k, p) for k in "qk" for p in ("last", "query_label", "prev_query_label")}
     last = masks[("q", "last")]
     assert last.sum() == 3 and last[1, 0] and last[1, 2] and last[0, 1]
     assert cmap.first_layer(masks) == 0
     assert cmap.first_layer({("z", "last"): last & (torch.arange(2)[:, None] == 1)}) == 1
     with pytest.raises(CircuitError, match="outside the model"):
-        cmap.site_masks({"value_fetcher": [(5, 0)]}, GROUP_POSITIONS, "z", 2, 4)
+        cmap.site_masks(Circuit({"value_fetcher": [(5, 0)]}), "z", 2, 4)
 
 
 def test_empty_set_is_reported_not_patched(tiny, batch):
-    variant_list = cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), output_sets=["C", "D"], input_sets=[])
-    result = cmap.cmap_accuracy(tiny[0], tiny[0], batch, variant_list, progress=False)
-    rows = {r["set"]: r for r in cmap.result_rows(result, "ft", "base")}
+    variant_list = recipe.variants(head_sets(CIRCUIT, DCM), output_sets=["C", "D"], input_sets=[])
+    result = cmap.cmap(tiny[0], tiny[0], batch, variant_list)
+    rows = {r["set"]: r for r in recipe.cmap_rows(result, "ft", "base")}
     assert rows["C"]["accuracy"] is None and "no heads" in rows["C"]["note"]
     assert rows["D"]["accuracy"] == rows["D"]["base_accuracy"] and rows["D"]["note"] == ""
     with pytest.raises(CircuitError, match="unknown head set"):
-        cmap.variants(cmap.cmap_head_sets(CIRCUIT, DCM), output_sets=["E"])
+        recipe.variants(head_sets(CIRCUIT, DCM), output_sets=["E"])
 
 
 # ---------------------------------------------------------------------------------------------

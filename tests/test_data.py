@@ -2,8 +2,9 @@ import random
 
 import pytest
 
-from et_circuits import data
-from et_circuits.data import DataError, Sample
+from et_circuits.entity_tracking import data
+from et_circuits.entity_tracking.data import Sample
+from et_circuits.errors import DataError
 from et_circuits.organism.tokenizer import build_tokenizer
 
 PAPER_PROMPT = (
@@ -33,37 +34,37 @@ def test_render_is_the_paper_template():
 
 def test_paper_prompt_positions(tok):
     s = Sample(("apple", "computer", "document", "key", "bag", "map", "coffee"), tuple("FQXYEWB"), 0)
-    b = data.make_batch(tok, [s])
+    b = data.make_prompts(tok, [s])
     toks = tok.convert_ids_to_tokens(b.input_ids[0])
     assert len(toks) == 54 and toks[0] == "<s>"
-    assert b.last.item() == 53 and b.query_label.item() == 51
-    assert toks[b.prev_query_label.item()] == "F" and b.prev_query_label.item() == b.objects[0, 0].item() + 4
-    assert b.answer.item() == tok.convert_tokens_to_ids("apple")
+    assert b.positions["last"].item() == 53 and b.positions["query_label"].item() == 51
+    assert toks[b.positions["prev_query_label"].item()] == "F" and b.positions["prev_query_label"].item() == b.positions["objects"][0, 0].item() + 4
+    assert b.answers.item() == tok.convert_tokens_to_ids("apple")
 
 
 @pytest.mark.parametrize("n_boxes", [2, 3, 7, 12, 26])
 def test_every_carried_position_points_at_its_token(tok, vocab, n_boxes):
     samples = data.sample_prompts(data.Vocabulary(vocab.objects, vocab.labels), 20, n_boxes, seed=n_boxes)
-    b = data.make_batch(tok, samples)
+    b = data.make_prompts(tok, samples)
     for i, s in enumerate(samples):
         toks = tok.convert_ids_to_tokens(b.input_ids[i])
-        assert [toks[p] for p in b.objects[i]] == list(s.objects)
-        assert [toks[p] for p in b.labels[i]] == list(s.labels)
-        assert toks[b.query_label[i]] == s.query_label == toks[b.prev_query_label[i]]
-        assert b.prev_query_label[i] < b.query_label[i] < b.last[i]
-        assert toks[b.last[i]] == "the" and b.attention_mask[i, b.last[i]] == 1
-        assert b.answer[i] == b.input_ids[i, b.objects[i, s.query]]
+        assert [toks[p] for p in b.positions["objects"][i]] == list(s.objects)
+        assert [toks[p] for p in b.positions["labels"][i]] == list(s.labels)
+        assert toks[b.positions["query_label"][i]] == s.query_label == toks[b.positions["prev_query_label"][i]]
+        assert b.positions["prev_query_label"][i] < b.positions["query_label"][i] < b.positions["last"][i]
+        assert toks[b.positions["last"][i]] == "the" and b.attention_mask[i, b.positions["last"][i]] == 1
+        assert b.answers[i] == b.input_ids[i, b.positions["objects"][i, s.query]]
 
 
 def test_right_padding_keeps_positions(tok, vocab):
     rng = random.Random(0)
     samples = [data.random_sample(rng, vocab, n) for n in (2, 5, 3)]
-    b = data.make_batch(tok, samples)
-    assert b.input_ids.shape[1] == b.last.max() + 1
+    b = data.make_prompts(tok, samples)
+    assert b.input_ids.shape[1] == b.positions["last"].max() + 1
     for i, s in enumerate(samples):
-        assert b.last[i] == b.attention_mask[i].sum() - 1
-        assert b.input_ids[i, b.objects[i, s.query]] == b.answer[i]
-        assert (b.objects[i, s.n_boxes :] == -1).all()
+        assert b.positions["last"][i] == b.attention_mask[i].sum() - 1
+        assert b.input_ids[i, b.positions["objects"][i, s.query]] == b.answers[i]
+        assert (b.positions["objects"][i, s.n_boxes :] == -1).all()
 
 
 def test_sampling_is_seeded_and_distinct(vocab):
@@ -87,7 +88,7 @@ def test_impossible_parameters(vocab):
 def test_multi_token_words_are_filtered_and_rejected(tok):
     assert "zeppelin" not in data.vocabulary(tok).objects
     with pytest.raises(DataError, match="single token"):
-        data.make_batch(tok, [Sample(("zeppelin", "apple"), ("A", "B"), 0)])
+        data.make_prompts(tok, [Sample(("zeppelin", "apple"), ("A", "B"), 0)])
 
 
 def test_too_few_usable_words_is_a_clear_error():
@@ -131,10 +132,10 @@ def test_box_label_value_desideratum(tok, vocab):
         assert cf.target == cf.base.objects[k]
         assert len(set(cf.source.labels)) == 7
     # the target is tokenized exactly like the base answers: as the object token in context
-    base = data.make_batch(tok, [cf.base for cf in cfs], answers=[cf.target for cf in cfs])
+    base = data.make_prompts(tok, [cf.base for cf in cfs], answers=[cf.target for cf in cfs])
     for i, cf in enumerate(cfs):
         k = cf.base.labels.index(cf.source.query_label)
-        assert base.answer[i] == base.input_ids[i, base.objects[i, k]]
+        assert base.answers[i] == base.input_ids[i, base.positions["objects"][i, k]]
 
 
 def test_reference_set_queries_vary(vocab):
@@ -162,9 +163,9 @@ def sentencepiece_style_tokenizer():
 def test_sentencepiece_marker_positions():
     tok = sentencepiece_style_tokenizer()
     s = Sample(("apple", "computer", "document", "key", "bag", "map", "pen"), tuple("FQXYEWB"), 3)
-    b = data.make_batch(tok, [s])
+    b = data.make_prompts(tok, [s])
     toks = tok.convert_ids_to_tokens(b.input_ids[0])
     assert len(toks) == 54
-    assert [toks[p] for p in b.objects[0]] == ["▁" + o for o in s.objects]
-    assert toks[b.query_label[0]] == toks[b.prev_query_label[0]] == "▁Y"
-    assert tok.convert_ids_to_tokens([b.answer.item()]) == ["▁key"]
+    assert [toks[p] for p in b.positions["objects"][0]] == ["▁" + o for o in s.objects]
+    assert toks[b.positions["query_label"][0]] == toks[b.positions["prev_query_label"][0]] == "▁Y"
+    assert tok.convert_ids_to_tokens([b.answers.item()]) == ["▁key"]

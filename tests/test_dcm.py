@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
-from et_circuits import cmap, data, dcm, desiderata, models
+from et_circuits import component_masking as dcm
+from et_circuits import models
 from et_circuits.circuit import Circuit
 from et_circuits.cli import main
+from et_circuits.entity_tracking import data, desiderata, recipe
+from et_circuits.stages.dcm import selected_heads
 from tests.conftest import make_checkpoint
 
 GROUPS = {  # position -> heads of a 2-layer, 4-head model
@@ -25,7 +28,7 @@ GROUPS = {  # position -> heads of a 2-layer, 4-head model
 def pairs(tiny, vocab):
     splits = desiderata.draw_splits(data.positional, vocab, (96, 48, 16), 7, seed=0)
     tok = tiny[1]
-    return dcm.Pairs.build(tok, splits.train), dcm.Pairs.build(tok, splits.eval)
+    return desiderata.tokenize_pairs(tok, splits.train), desiderata.tokenize_pairs(tok, splits.eval)
 
 
 def _reference_patch(model, pairs, position, heads):
@@ -44,7 +47,7 @@ def _reference_patch(model, pairs, position, heads):
 
     hooks = [(f"blocks.{l}.attn.hook_z", lambda act, hook, l=l: overwrite(act, hook, l)) for l in {l for l, _ in heads}]
     logits = model.run_with_hooks(pairs.base.input_ids, fwd_hooks=hooks)
-    return logits[rows, pairs.base.last]
+    return logits[rows, pairs.base.position("last")]
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["full", "resume"])
@@ -53,10 +56,10 @@ def test_mask_ones_is_base_and_zeros_is_patched(tiny, pairs, position, resume):
     model = tiny[0]
     train = pairs[0]
     heads = GROUPS[position]
-    d = dcm.pair_data(model, train, position, heads, resume=resume)
-    assert (d.resume is not None) == resume
+    d = dcm.prepare(model, train, position, heads, run=resume)
+    assert (d.run is not None) == resume
     with torch.no_grad():
-        plain = model(train.base.input_ids)[torch.arange(len(train)), train.base.last]
+        plain = model(train.base.input_ids)[torch.arange(len(train)), train.base.position("last")]
         ones = dcm.masked_logits(model, heads, torch.ones(len(heads)), d)
         zeros = dcm.masked_logits(model, heads, torch.zeros(len(heads)), d)
         reference = _reference_patch(model, train, position, heads)
@@ -70,25 +73,25 @@ def test_resume_equals_full_forward(tmp_path, vocab, n_kv_heads):
     make_checkpoint(tmp_path, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=3)
     model, tok, _ = models.load(tmp_path, device="cpu")
     cfs = desiderata.draw_splits(desiderata.segment_at_start, vocab, (24, 1, 1), 7, seed=1).train
-    t = dcm.Pairs.build(tok, cfs)
+    t = desiderata.tokenize_pairs(tok, cfs)
     mask = torch.tensor([0.3, 0.9, 0.0])
     for position, heads in [("last", [(2, 1), (1, 3), (2, 0)]), ("prev_query_label", [(0, 2), (2, 3), (1, 1)])]:
-        full = dcm.pair_data(model, t, position, heads, resume=False)
-        fast = dcm.pair_data(model, t, position, heads)
-        assert (fast.resume.layer, fast.resume.start) == (min(l for l, _ in heads), int(full.position.min()))
+        full = dcm.prepare(model, t, position, heads, run=False)
+        fast = dcm.prepare(model, t, position, heads)
+        assert fast.restart == (min(l for l, _ in heads), int(full.position.min()))
         with torch.no_grad():
             torch.testing.assert_close(
                 dcm.masked_logits(model, heads, mask, fast), dcm.masked_logits(model, heads, mask, full),
                 atol=1e-5, rtol=0,
             )
-    no_room = dcm.pair_data(model, t, "last", [(2, 1)], max_resume_bytes=10)
-    assert no_room.resume is None
+    no_room = dcm.prepare(model, t, "last", [(2, 1)], max_restart_bytes=10)
+    assert no_room.run is None and no_room.restart is None
 
 
 def test_mask_gradient_flows_and_weights_stay_frozen(tiny, pairs):
     model = tiny[0]
     heads = GROUPS["last"]
-    train, eval = (dcm.pair_data(model, p, "last", heads) for p in pairs)
+    train, eval = (dcm.prepare(model, p, "last", heads) for p in pairs)
     before = copy.deepcopy(model.state_dict())
     config = dcm.DCMConfig(batch_size=16)
     a = dcm.train_mask(model, heads, train, eval, config, seed=0)
@@ -120,7 +123,7 @@ def test_dcm_finds_the_head_that_is_right_by_construction(tiny_dir, pairs, index
     only_x[index] = True
     data_ = []
     for p in pairs:
-        d = dcm.pair_data(model, p, "last", heads)
+        d = dcm.prepare(model, p, "last", heads)
         with torch.no_grad():
             d.target = dcm.masked_logits(model, heads, (~only_x).float(), d).argmax(-1)
         data_.append(d)
@@ -133,7 +136,7 @@ def test_nothing_selected_when_the_base_answer_is_the_target(tiny, pairs):
     heads = GROUPS["last"]
     data_ = []
     for p in pairs:
-        d = dcm.pair_data(model, p, "last", heads)
+        d = dcm.prepare(model, p, "last", heads)
         with torch.no_grad():
             d.target = dcm.masked_logits(model, heads, torch.ones(len(heads)), d).argmax(-1)
         data_.append(d)
@@ -151,31 +154,38 @@ def test_bootstrap():
         dcm.bootstrap(correct, 0)
 
 
-def test_run_jobs_shares_data_and_reuses_results(tiny, vocab, monkeypatch):
+def test_run_dcm_shares_data_and_reuses_results(tiny, monkeypatch):
+    """The paper's protocol over asks: one result per ask, seeds kept apart, every training
+    saved under its key; a rerun with the saved results trains nothing and gives the same
+    results; any changed setting in the key trains again."""
     model, tok = tiny
-    plan = dcm.Plan(dcm.DCMConfig(batch_size=16), (32, 16, 16), 7, data_seed=5)
-    jobs = [
-        dcm.Job(((1, 0), (1, 3)), "last", "object_value", 0),
-        dcm.Job(((1, 0), (1, 3)), "last", "object_value", 0),  # the same job from another circuit
-        dcm.Job(((0, 3),), "prev_query_label", "object_value", 1),
-        dcm.Job((), "query_label", "positional", 0),  # an empty group
+    plan = recipe.DCMPlan(dcm.DCMConfig(batch_size=16), (32, 16, 16), 7, data_seed=5, seeds=(0, 1), resamples=4)
+    asks = [
+        recipe.Ask(((1, 0), (1, 3)), "last", "object_value"),
+        recipe.Ask(((1, 0), (1, 3)), "last", "object_value"),  # the same ask from another circuit
+        recipe.Ask(((0, 3),), "prev_query_label", "positional"),
+        recipe.Ask((), "query_label", "positional"),  # an empty group
     ]
     saved = {}
-    first = dcm.run_jobs(model, tok, vocab, jobs, plan, on_result=saved.__setitem__, progress=False)
-    assert len(first) == 3 and saved == first
-    empty = first[plan.key(jobs[3])]
-    assert empty["heads"] == [] and empty["steps"] == 0 and len(empty["test_correct"]) == 16
+    first = recipe.run_dcm(model, tok, asks, plan, done=saved, on_result=saved.__setitem__)
+    assert len(first) == 3 and len(saved) == 3 * 2
+    assert set(saved) == {plan.key(a, s) for a in asks for s in plan.seeds}
+    empty = first[asks[3]]
+    assert empty.selected == [] and all(r.steps == 0 and len(r.test_correct) == 16 for r in empty.seeds.values())
     for result in first.values():
-        assert result["test_accuracy"] == pytest.approx(result["test_correct"].count("1") / 16)
+        assert set(result.seeds) == {0, 1} and len(result.accuracy) == 4
+        for r in result.seeds.values():
+            assert r.test_accuracy == pytest.approx(r.test_correct.float().mean().item())
 
     def no_training(*args, **kwargs):
-        raise AssertionError("a finished job was trained again")
+        raise AssertionError("a finished training was run again")
 
     monkeypatch.setattr(dcm, "train_mask", no_training)
-    assert dcm.run_jobs(model, tok, vocab, jobs, plan, done=first, progress=False) == first
-    other = dcm.Plan(dcm.DCMConfig(batch_size=16, lam=0.1), (32, 16, 16), 7, data_seed=5)
-    with pytest.raises(AssertionError, match="trained again"):  # other settings: not reused
-        dcm.run_jobs(model, tok, vocab, jobs[:1], other, done=first, progress=False)
+    again = recipe.run_dcm(model, tok, asks, plan, done=saved)
+    assert {a: recipe.dcm_entry(r) for a, r in again.items()} == {a: recipe.dcm_entry(r) for a, r in first.items()}
+    other = recipe.DCMPlan(dcm.DCMConfig(batch_size=16, lam=0.1), (32, 16, 16), 7, data_seed=5, seeds=(0, 1))
+    with pytest.raises(AssertionError, match="run again"):  # other settings: not reused
+        recipe.run_dcm(model, tok, asks[:1], other, done=saved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +228,7 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
     assert {g: set(d) for g, d in own_groups.items()} == {
         "value_fetcher": {"object_value"}, "pos_transmitter": {"positional"}, "pos_detector": {"positional"},
     }
-    assert all(tuple(h) in {(1, 0), (1, 2)} for h in cmap.dcm_heads(ft_result, "value_fetcher", "object_value"))
+    assert all(h in {(1, 0), (1, 2)} for h in selected_heads(ft_result)["value_fetcher"]["object_value"])
 
     # a rerun trains nothing and writes the same file
     monkeypatch.setattr(dcm, "train_mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))

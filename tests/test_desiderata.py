@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from et_circuits import data, desiderata
-from et_circuits.data import DataError, Sample
-from et_circuits.dcm import Pairs
+from et_circuits.entity_tracking import data, desiderata
+from et_circuits.entity_tracking.data import Sample
+from et_circuits.errors import DataError
 from et_circuits.organism.tokenizer import build_tokenizer
 from tests.test_data import sentencepiece_style_tokenizer
 
@@ -36,10 +36,10 @@ def _check_positions(tok, batch, samples):
     """Carried positions point at the words they name, in whatever template rendered them."""
     for i, s in enumerate(samples):
         toks = [t.lstrip("▁") for t in _tokens(tok, batch, i)]
-        assert [toks[p] for p in batch.objects[i, : s.n_boxes]] == list(s.objects)
-        assert [toks[p] for p in batch.labels[i, : s.n_boxes]] == list(s.labels)
-        assert toks[batch.query_label[i]] == s.query_label == toks[batch.prev_query_label[i]]
-        assert batch.prev_query_label[i] == batch.labels[i, s.query] < batch.query_label[i] < batch.last[i]
+        assert [toks[p] for p in batch.positions["objects"][i, : s.n_boxes]] == list(s.objects)
+        assert [toks[p] for p in batch.positions["labels"][i, : s.n_boxes]] == list(s.labels)
+        assert toks[batch.positions["query_label"][i]] == s.query_label == toks[batch.positions["prev_query_label"][i]]
+        assert batch.positions["prev_query_label"][i] == batch.positions["labels"][i, s.query] < batch.positions["query_label"][i] < batch.positions["last"][i]
 
 
 def test_fourteen_desiderata():
@@ -51,7 +51,7 @@ def test_fourteen_desiderata():
 @pytest.mark.parametrize("name", list(desiderata.ALL))
 def test_positions_in_base_and_source(tok, vocab, name):
     pairs = _pairs(name, vocab)
-    t = Pairs.build(tok, pairs)
+    t = desiderata.tokenize_pairs(tok, pairs)
     _check_positions(tok, t.base, [p.base for p in pairs])
     _check_positions(tok, t.source, [p.source for p in pairs])
 
@@ -60,44 +60,44 @@ def test_positions_in_base_and_source(tok, vocab, name):
 def test_positional_targets(tok, vocab, name):
     """Target = the base object at the source's queried segment index, as tokenized in the base."""
     pairs = _pairs(name, vocab)
-    t = Pairs.build(tok, pairs)
+    t = desiderata.tokenize_pairs(tok, pairs)
     for i, cf in enumerate(pairs):
         j = cf.source.query
         assert j != cf.base.query and j < cf.base.n_boxes
         assert cf.target == cf.base.objects[j]
-        assert t.target[i] == t.base.input_ids[i, t.base.objects[i, j]]
+        assert t.target[i] == t.base.input_ids[i, t.base.positions["objects"][i, j]]
         assert not set(cf.source.objects) & set(cf.base.objects)
 
 
 def test_object_value_target(tok, vocab):
     pairs = _pairs("object_value", vocab)
-    t = Pairs.build(tok, pairs)
+    t = desiderata.tokenize_pairs(tok, pairs)
     for i, cf in enumerate(pairs):
         assert cf.target == cf.source.answer and cf.target not in cf.base.objects
         # the same token as the object inside the source prompt
-        assert t.target[i] == t.source.input_ids[i, t.source.objects[i, cf.source.query]]
+        assert t.target[i] == t.source.input_ids[i, t.source.positions["objects"][i, cf.source.query]]
 
 
 def test_box_label_value_target_is_tokenized_like_every_target(tok, vocab):
     """The authors' defect: this target was tokenized differently. Here it is the base object
     bound (by token match) to the source's query label, as that object appears in the base."""
     pairs = _pairs("box_label_value", vocab)
-    t = Pairs.build(tok, pairs)
+    t = desiderata.tokenize_pairs(tok, pairs)
     for i, cf in enumerate(pairs):
-        label_id = t.source.input_ids[i, t.source.query_label[i]]
-        hits = [k for k in range(cf.base.n_boxes) if t.base.input_ids[i, t.base.labels[i, k]] == label_id]
+        label_id = t.source.input_ids[i, t.source.positions["query_label"][i]]
+        hits = [k for k in range(cf.base.n_boxes) if t.base.input_ids[i, t.base.positions["labels"][i, k]] == label_id]
         assert len(hits) == 1 and hits[0] != cf.base.query
-        assert t.target[i] == t.base.input_ids[i, t.base.objects[i, hits[0]]]
+        assert t.target[i] == t.base.input_ids[i, t.base.positions["objects"][i, hits[0]]]
         assert cf.target == cf.base.objects[hits[0]]
 
 
 def test_wrong_segment_target(tok, vocab):
     pairs = _pairs("wrong_segment", vocab)
-    t = Pairs.build(tok, pairs)
+    t = desiderata.tokenize_pairs(tok, pairs)
     for i, cf in enumerate(pairs):
         k = cf.base.objects.index(cf.target)
         assert k not in (cf.base.query, cf.source.query)
-        assert t.target[i] == t.base.input_ids[i, t.base.objects[i, k]]
+        assert t.target[i] == t.base.input_ids[i, t.base.positions["objects"][i, k]]
 
 
 def test_surface_forms(vocab):
@@ -120,10 +120,10 @@ def test_segment_order_renders_label_first(tok):
     assert data.render(s).text == (
         "Box B contains the apple, Box O contains the key, Box X contains the map. Box B contains the"
     )
-    b = data.make_batch(tok, [s])
+    b = data.make_prompts(tok, [s])
     _check_positions(tok, b, [s])
-    assert b.labels[0, 0] < b.objects[0, 0]  # label before its object
-    assert b.objects[0, 0] == b.labels[0, 0] + 3
+    assert b.positions["labels"][0, 0] < b.positions["objects"][0, 0]  # label before its object
+    assert b.positions["objects"][0, 0] == b.positions["labels"][0, 0] + 3
 
 
 def test_query_label_is_found_by_token_not_substring(tok, vocab):
@@ -132,10 +132,10 @@ def test_query_label_is_found_by_token_not_substring(tok, vocab):
     base = Sample(tuple(rng.sample(vocab.objects, 7)), ("O", "X", "B", "C", "D", "E", "F"), 2)
     for name in desiderata.ALL:
         cf = desiderata.builder(name)(base, rng, vocab)
-        t = Pairs.build(tok, [cf])
+        t = desiderata.tokenize_pairs(tok, [cf])
         toks = [x.lstrip("▁") for x in _tokens(tok, t.base, 0)]
-        assert toks[t.base.query_label[0]] == "B" and toks[t.base.prev_query_label[0]] == "B"
-        assert t.base.prev_query_label[0] == t.base.labels[0, 2]
+        assert toks[t.base.positions["query_label"][0]] == "B" and toks[t.base.positions["prev_query_label"][0]] == "B"
+        assert t.base.positions["prev_query_label"][0] == t.base.positions["labels"][0, 2]
 
 
 def test_splits_are_seeded_disjoint_and_share_bases(vocab):

@@ -1,25 +1,32 @@
 """Attention knockout: the blocking hook, edge positions, the layer-resuming evaluation, the CLI."""
 
-import dataclasses
-
 import pandas as pd
 import pytest
 import torch
 
-from et_circuits import cli, data, knockout, metrics, models
-from et_circuits.data import DataError
+from et_circuits import attention_knockout as knockout, cli, metrics, models
+from et_circuits.entity_tracking import data, recipe
+from et_circuits.errors import DataError
+from et_circuits.resume import clean_run, resume
+from et_circuits.settings import RunSettings
 from tests.conftest import make_checkpoint
+
+EDGES = {e.name: e for e in recipe.EDGES}
 
 
 @pytest.fixture(scope="module")
 def batch(tiny, vocab):
     """Prompts whose answers are the tiny model's own predictions (full accuracy 1), so that
-    knocking out an edge visibly changes accuracy."""
+    knocking out an edge visibly changes accuracy; with the knockout's random control."""
     model, tok = tiny
-    b = data.make_batch(tok, data.sample_prompts(vocab, 30, 3, seed=2))
+    b = recipe.with_random_context(data.make_prompts(tok, data.sample_prompts(vocab, 30, 3, seed=2)), 4)
     with torch.no_grad():
-        pred = model(b.input_ids)[torch.arange(len(b)), b.last].argmax(-1)
-    return dataclasses.replace(b, answer=pred)
+        pred = model(b.input_ids)[torch.arange(len(b)), b.position("last")].argmax(-1)
+    return b.replace(answers=pred)
+
+
+def edge_positions(prompts, name):
+    return prompts.position(EDGES[name].query), prompts.position(EDGES[name].key)
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
@@ -28,17 +35,17 @@ def test_resume_equals_the_full_forward(tmp_path, vocab, n_kv_heads):
     the clean logits of those positions (the shortcut knockout and CMAP rely on)."""
     make_checkpoint(tmp_path, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads)
     model, tok, _ = models.load(tmp_path, device="cpu")
-    ids = data.make_batch(tok, data.sample_prompts(vocab, 5, 3, seed=3)).input_ids
-    run = metrics.clean_run(model, ids)
+    ids = data.make_prompts(tok, data.sample_prompts(vocab, 5, 3, seed=3)).input_ids
+    run = clean_run(model, ids)
     for layer, start in [(0, 0), (1, 7), (2, ids.shape[1] - 1)]:
-        logits = metrics.resume(model, run, layer, start)
+        logits = resume(model, run, layer, start)
         assert logits.shape[1] == ids.shape[1] - start
         torch.testing.assert_close(logits, run.logits[:, start:], atol=1e-5, rtol=0)
 
 
 def test_block_hook_zeroes_exactly_the_edge_from_layer_L(tiny, batch):
     model = tiny[0]
-    queries, keys = knockout.edge_positions(batch, "last->object")
+    queries, keys = edge_positions(batch, "last->object")
     hooks = knockout.block_hooks(queries, keys, [1])
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in (0, 1)]
     with torch.no_grad():
@@ -56,44 +63,46 @@ def test_block_hook_zeroes_exactly_the_edge_from_layer_L(tiny, batch):
     torch.testing.assert_close(pattern[rows, :, other], clean[names[1]][rows, :, other])
 
 
-def test_edge_positions_point_at_the_right_tokens(tiny, batch):
+def test_edge_positions_point_at_the_right_tokens(tiny, vocab):
     tok = tiny[1]
-    q, k = knockout.edge_positions(batch, "last->object")
-    for b, sample in enumerate(batch.samples):
-        assert q[b] == batch.last[b]
+    samples = data.sample_prompts(vocab, 30, 3, seed=2)
+    batch = data.make_prompts(tok, samples)
+    q, k = edge_positions(batch, "last->object")
+    for b, sample in enumerate(samples):
+        assert q[b] == batch.position("last")[b]
         assert tok.convert_ids_to_tokens(int(batch.input_ids[b, k[b]])) == sample.answer
-    q, k = knockout.edge_positions(batch, "query_label->prev_query_label")
+    q, k = edge_positions(batch, "query_label->prev_query_label")
     assert (batch.input_ids[torch.arange(len(batch)), q] == batch.input_ids[torch.arange(len(batch)), k]).all()
     assert (k < q).all()
-    with pytest.raises(DataError, match="unknown edge"):
-        knockout.edge_positions(batch, "last->bos")
+    with pytest.raises(DataError, match="unknown position"):
+        batch.position("bos")
 
 
 def test_random_control_avoids_the_tested_tokens_and_is_seeded(batch):
-    _, k = knockout.edge_positions(batch, "last->random", seed=0)
-    objects = knockout.query_objects(batch)
-    assert (k >= 1).all() and (k != objects).all() and (k != batch.prev_query_label).all()
-    assert (k < batch.query_label - 1).all()  # inside the context, before the query
-    assert torch.equal(k, knockout.random_context(batch, 0))
-    assert not torch.equal(k, knockout.random_context(batch, 1))
+    k = batch.position("random_context")
+    assert (k >= 1).all() and (k != batch.position("answer_object")).all()
+    assert (k != batch.position("prev_query_label")).all()
+    assert (k < batch.position("query_label") - 1).all()  # inside the context, before the query
+    assert torch.equal(k, recipe.with_random_context(batch, 4).position("random_context"))
+    assert not torch.equal(k, recipe.with_random_context(batch, 1).position("random_context"))
 
 
 def test_keys_must_precede_queries(batch):
     with pytest.raises(DataError, match="before its query"):
-        knockout.block_hooks(batch.query_label, batch.last, [0])
+        knockout.block_hooks(batch.position("query_label"), batch.position("last"), [0])
 
 
 def test_knockout_accuracy_matches_full_forward_reference(tiny, batch):
     """Chunked, layer-resuming curves equal blocking in plain full forward passes."""
     model = tiny[0]
-    full, curves = knockout.knockout_accuracy(model, batch, seed=4, batch_size=8, progress=False)
+    full, curves = knockout.knockout(model, batch, recipe.EDGES, RunSettings(batch_size=8, progress=False))
     assert full == 1.0
-    assert set(curves) == set(knockout.EDGES) and all(len(c) == 2 for c in curves.values())
+    assert set(curves) == set(EDGES) and all(len(c) == 2 for c in curves.values())
     for edge, accs in curves.items():
-        queries, keys = knockout.edge_positions(batch, edge, seed=4)
+        queries, keys = edge_positions(batch, edge)
         for layer, acc in enumerate(accs):
             hooks = knockout.block_hooks(queries, keys, range(layer, 2))
-            expected = metrics.accuracy(model, batch, lambda chunk: hooks, batch_size=len(batch), progress=False)
+            expected = metrics.accuracy(model, batch, lambda chunk: hooks, RunSettings(batch_size=len(batch), progress=False))
             assert acc == pytest.approx(expected, abs=1e-6), (edge, layer)
     assert min(min(c) for c in curves.values()) < 1.0  # some knockout changes answers
 
@@ -111,8 +120,8 @@ def test_cli_writes_curves(organism_env, tmp_path):
             "--boxes", "3", "--device", "cpu"]
     assert cli.main(argv) == 0
     frame = pd.read_csv(tmp_path / "knockout.csv")
-    assert len(frame) == len(knockout.EDGES) * 2
+    assert len(frame) == len(recipe.EDGES) * 2
     assert list(frame.columns) == ["model", "edge", "from_layer", "accuracy", "full_accuracy", "n"]
     assert set(frame["from_layer"]) == {0, 1} and (frame["model"] == "organism-llama").all()
     assert [stem for _, stem in organism_env] == ["knockout"]
-    assert len(organism_env[0][0].data) == len(knockout.EDGES)
+    assert len(organism_env[0][0].data) == len(recipe.EDGES)

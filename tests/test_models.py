@@ -2,12 +2,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from et_circuits import data, models
+from et_circuits import models
+from et_circuits.entity_tracking import data
 from tests.conftest import make_checkpoint
 
 
 def _prompts(tok, n=4, seed=0):
-    return data.make_batch(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed))
+    return data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed))
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
@@ -84,5 +85,5 @@ def test_missing_weights_message_names_every_place(monkeypatch, tmp_path):
 
 def test_not_llama_is_setup_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(models.SetupError, match="not a LLaMA"):
+    with pytest.raises(models.SetupError, match="gpt2"):
         models.load(tmp_path, device="cpu")

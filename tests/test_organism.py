@@ -10,7 +10,9 @@ from functools import lru_cache
 import pytest
 import torch
 
-from et_circuits import data, metrics, models
+from et_circuits import metrics, models
+from et_circuits.entity_tracking import data
+from et_circuits.settings import RunSettings
 from et_circuits.organism import train
 
 WEIGHTS = models.ORGANISM_DIR
@@ -33,8 +35,8 @@ def card_accuracy() -> dict[str, float]:
 @lru_cache(maxsize=None)
 def accuracy(name: str, n: int) -> float:
     model, tok, _ = load(name)
-    batch = data.make_batch(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed=0))
-    return metrics.accuracy(model, batch, batch_size=100, progress=False)
+    batch = data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed=0))
+    return metrics.accuracy(model, batch, settings=RunSettings(batch_size=100, progress=False))
 
 
 @pytest.mark.parametrize("name", models.ORGANISM)
@@ -70,7 +72,7 @@ def test_goat_merged_logits_equal_unmerged_peft():
     assert not any("lora" in n for n, _ in merged.named_parameters())
     samples = data.sample_prompts(data.vocabulary(tok), 8, 7, seed=3)
     samples += [data.random_sample(random.Random(i), data.vocabulary(tok), 2 + i % 6) for i in range(8)]
-    batch = data.make_batch(tok, samples)
+    batch = data.make_prompts(tok, samples)
     with torch.no_grad():
         want = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         got = merged(batch.input_ids)

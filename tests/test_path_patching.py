@@ -1,22 +1,33 @@
-"""Path patching: the fast method equals the reference (1e-5, fp32) on every step, the
-reference follows the paper's semantics, and the step files resume."""
+"""Path patching: the fast method equals the reference (1e-5, fp32) on the paper's steps and on
+randomised cases (q, k and v receivers, sender and receiver positions, position sets, GQA, each
+metric, learned positional embeddings), the reference follows the semantics on a direct case,
+the paper's recipe reproduces the scores of the code it replaced, and discovery resumes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from et_circuits import data, models
+import et_circuits as et
+from et_circuits import models
 from et_circuits import path_patching as pp
-from et_circuits.circuit import CircuitError
-from et_circuits.data import DataError
+from et_circuits.entity_tracking import data, recipe
+from et_circuits.errors import CircuitError, DataError
 from et_circuits.hooks import hook_name, logits_at, patch_hooks
+from et_circuits.settings import RunSettings
+from et_circuits.stages.circuit import load_scores, step_files
+from et_circuits.types import Receiver
 from tests.conftest import make_checkpoint
 
-# Receivers spread over the layers of a 4-layer model, so every step has reachable and
+FIXTURES = Path(__file__).parent / "fixtures" / "organism-llama-path-patching"
+S = RunSettings(batch_size=6, progress=False)
+STEP = {s.group: s for s in pp.PAPER_STEPS}
+# Receivers of a 4-layer model, spread over the layers so that every step has reachable and
 # unreachable senders.
 RECEIVERS = {
     "value_fetcher": [],
@@ -24,8 +35,10 @@ RECEIVERS = {
     "pos_detector": [(2, 0), (3, 2)],
     "struct_reader": [(1, 1), (3, 3)],
 }
-STEP = {s.group: s for s in pp.STEPS}
 
+
+def _receivers(group):
+    return pp.step_receivers(STEP[group], RECEIVERS[group])
 
 
 def _scaled_model(path, n_kv_heads=None, dtype=torch.float32):
@@ -39,22 +52,28 @@ def _scaled_model(path, n_kv_heads=None, dtype=torch.float32):
     return model, tok
 
 
+def _with_wrong_answers(clean, corrupt):
+    """Logit-difference prompts: the wrong answer of a clean prompt is its corrupt answer."""
+    return clean.replace(wrong_answers=corrupt.answers), corrupt
+
+
 @pytest.fixture(scope="module", params=[None, 2], ids=["mha", "gqa"])
 def scaled(request, tmp_path_factory):
     model, tok = _scaled_model(tmp_path_factory.mktemp("scaled"), request.param)
     vocab = data.vocabulary(tok, min_labels=8)
-    clean, corrupt = pp.prompts(tok, vocab, 20, 7, seed=3)
+    clean, corrupt = recipe.path_patching_prompts(tok, vocab, 20, 7, seed=3)
     return model, tok, clean, corrupt
 
 
 @pytest.mark.parametrize("group", list(RECEIVERS))
-def test_fast_equals_reference(scaled, group):
+def test_paper_steps_fast_equals_reference(scaled, group):
     model, _, clean, corrupt = scaled
     step = STEP[group]
-    fast = pp.step_scores(model, clean, corrupt, step, RECEIVERS[group], "fast", batch_size=6, progress=False)
-    ref = pp.step_scores(model, clean, corrupt, step, RECEIVERS[group], "reference", batch_size=6, progress=False)
+    kwargs = dict(receivers=_receivers(group) or None, settings=S)
+    fast = pp.path_patch(model, clean, corrupt, step.position, **kwargs)
+    ref = pp.path_patch(model, clean, corrupt, step.position, method="reference", **kwargs)
     assert fast.shape == (4, 4) and not fast.isnan().any()
-    assert ref.abs().max() > 1e-4  # the comparison is not between zeros (10x the tolerance)
+    assert ref.abs().max() > 1e-3  # the comparison is not between zeros (100x the tolerance)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     if step.receiver_kind is not None:  # a sender at or above every receiver cannot reach one
         top = max(layer for layer, _ in RECEIVERS[group])
@@ -62,44 +81,112 @@ def test_fast_equals_reference(scaled, group):
         assert ref[top:].abs().max() < 1e-6
 
 
+def _random_case(rng: random.Random):
+    """A sender position, distinct receivers (kind and position drawn at random, sometimes at a
+    position the senders do not reach; none only for senders at the last position, whose
+    direct effect is read) and a metric."""
+    positions = ["last", "query_label", "prev_query_label", "labels+1", "objects"]
+    sender = rng.choice(positions)
+    receivers = set()
+    for _ in range(rng.randint(0 if sender == "last" else 1, 3)):
+        at = sender if rng.random() < 0.7 else rng.choice(positions)
+        receivers.add(Receiver(rng.randrange(1, 4), rng.randrange(4), rng.choice("qkv"), at))
+    metric = rng.choice([None, et.logit_diff])
+    return sender, sorted(receivers) or None, metric
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_random_cases_fast_equals_reference(scaled, case):
+    model, _, clean, corrupt = scaled
+    sender, receivers, metric = _random_case(random.Random(case))
+    clean, corrupt = _with_wrong_answers(clean, corrupt)
+    args = (model, clean, corrupt, sender, receivers, metric)
+    fast = pp.path_patch(*args, settings=S)
+    ref = pp.path_patch(*args, method="reference", settings=S)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_random_cases_are_not_all_zero(scaled):
+    """Most drawn cases have effects well above the tolerance (so the test above tests)."""
+    model, _, clean, corrupt = scaled
+    clean, corrupt = _with_wrong_answers(clean, corrupt)
+    largest = [
+        pp.path_patch(model, clean, corrupt, *_random_case(random.Random(case)), settings=S).abs().max()
+        for case in range(12)
+    ]
+    assert sum(x > 1e-4 for x in largest) >= 10  # 10x the tolerance
+
+
+def test_a_receiver_keeps_its_frozen_input_where_other_patches_move_it(tmp_path):
+    """Receivers off the sender positions are held at their (clean) frozen-run input, which
+    blocks what the other receivers' patches would change there: adding such receivers changes
+    the scores, and the fast method agrees (float64, so the small effect stands clear of
+    rounding)."""
+    model, tok = _scaled_model(tmp_path, dtype=torch.float64)
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 20, 7, seed=3)
+    through_v = [Receiver(2, 2, "v", "labels+1")]
+    blocked = through_v + [Receiver(3, h, kind, "labels") for h in range(4) for kind in "kv"]
+    one = pp.path_patch(model, clean, corrupt, "labels+1", through_v, method="reference", settings=S)
+    two = pp.path_patch(model, clean, corrupt, "labels+1", blocked, method="reference", settings=S)
+    assert (one - two).abs().max() > 2e-5
+    fast = pp.path_patch(model, clean, corrupt, "labels+1", blocked, settings=S)
+    torch.testing.assert_close(fast, two, atol=1e-6, rtol=0)
+
+
+def test_metric_and_relative(scaled):
+    """The default is the relative change of the mean answer probability; a passed metric is
+    absolute unless asked; relative = absolute / metric(clean)."""
+    model, _, clean, corrupt = scaled
+    rel = pp.path_patch(model, clean, corrupt, "last", settings=S)
+    absolute = pp.path_patch(model, clean, corrupt, "last", metric=et.answer_prob, settings=S)
+    with torch.no_grad():
+        p_clean = et.answer_prob(et.last_logits(model, clean), clean).item()
+    torch.testing.assert_close(rel, absolute / p_clean, atol=1e-5, rtol=1e-4)
+    again = pp.path_patch(model, clean, corrupt, "last", metric=et.answer_prob, relative=True, settings=S)
+    torch.testing.assert_close(again, rel, atol=1e-6, rtol=1e-6)
+
+
 def test_prepare_corrupt_runs_start_at_the_first_change(scaled):
     """The corrupt runs restart from the clean prefix at their first changed token; the heads
     they read equal those of whole corrupt forwards."""
     model, _, clean, corrupt = scaled
-    start = pp._first_change(clean, corrupt)
+    positions = [s.position for s in pp.PAPER_STEPS]
+    start = pp._first_change(clean, corrupt, positions)
     assert (start > 0).all() and len(start.unique()) > 1  # the prefix shortcut is exercised
     assert torch.equal(start, clean.position("prev_query_label"))  # where the corruption starts
-    runs = pp.prepare(model, clean, corrupt, batch_size=6, progress=False)
+    runs = pp.prepare(model, clean, corrupt, positions, S)
     with pp.per_head_values(model), torch.no_grad():
         _, cache = model.run_with_cache(corrupt.input_ids)
-    for where in pp.SENDER_POSITIONS:
+    for where in positions:
         for layer in range(model.cfg.n_layers):
             whole = cache[hook_name("z", layer)][torch.arange(len(clean)), clean.position(where)]
-            torch.testing.assert_close(runs.corrupt_z[where][layer], whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(runs.corrupt_z[where][layer][:, 0], whole, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_runs_in_bfloat16(tmp_path):
     """The dtype of 7B runs on a GPU: the fast method's caches, prefix runs and patches keep
-    bf16 (run here on CPU) and give the reference's scores within bf16 rounding."""
+    bf16 (run here on CPU) and give the reference's scores within bf16 rounding, relative to
+    each step's largest score."""
     model, tok = _scaled_model(tmp_path, n_kv_heads=2, dtype=torch.bfloat16)
-    clean, corrupt = pp.prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
-    runs = pp.prepare(model, clean, corrupt, batch_size=6, progress=False)
-    assert runs.keys[0].dtype == runs.corrupt_z["last"][0].dtype == torch.bfloat16
-    for group, receivers in RECEIVERS.items():
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
+    runs = pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], S)
+    assert runs.run.keys[0].dtype == runs.corrupt_z["last"][0].dtype == torch.bfloat16
+    for group in RECEIVERS:
         step = STEP[group]
-        fast = pp.step_scores(model, clean, corrupt, step, receivers, "fast", batch_size=6, progress=False, runs=runs)
-        ref = pp.step_scores(model, clean, corrupt, step, receivers, "reference", batch_size=6, progress=False)
-        assert ref.abs().max() > 1e-3
-        torch.testing.assert_close(fast, ref, atol=1e-3, rtol=0)
+        receivers = _receivers(group) or None
+        fast = pp.path_patch(model, clean, corrupt, step.position, receivers, settings=S, runs=runs)
+        ref = pp.path_patch(model, clean, corrupt, step.position, receivers, method="reference", settings=S)
+        scale = ref.abs().max()
+        assert scale > 1e-3
+        torch.testing.assert_close(fast, ref, atol=0.02 * scale.item(), rtol=0)
 
 
 def test_fast_small_tiles_equal_reference(scaled):
     """Few rows per pass: sender groups split inside a layer and across prompt chunks."""
     model, _, clean, corrupt = scaled
-    step = STEP["struct_reader"]
-    receivers = RECEIVERS["struct_reader"]
-    small = pp.step_scores(model, clean, corrupt, step, receivers, "fast", max_rows=7, progress=False)
-    ref = pp.step_scores(model, clean, corrupt, step, receivers, "reference", batch_size=20, progress=False)
+    receivers = _receivers("struct_reader")
+    small = pp.path_patch(model, clean, corrupt, "prev_query_label", receivers, settings=RunSettings(6, 7, False))
+    ref = pp.path_patch(model, clean, corrupt, "prev_query_label", receivers, method="reference", settings=RunSettings(20, progress=False))
     torch.testing.assert_close(small, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -107,7 +194,7 @@ def test_identical_corruption_scores_zero(scaled):
     model, _, clean, _ = scaled
     for method in pp.METHODS:
         for group in ("value_fetcher", "struct_reader"):
-            s = pp.step_scores(model, clean, clean, STEP[group], RECEIVERS[group], method, progress=False)
+            s = pp.path_patch(model, clean, clean, STEP[group].position, _receivers(group) or None, method=method, settings=S)
             assert s.abs().max() < 1e-5, (method, group)
 
 
@@ -116,19 +203,47 @@ def test_last_layer_sender_is_a_direct_patch(scaled):
     at the last token of a clean run (an independent check of the semantics)."""
     model, _, clean, corrupt = scaled
     layer, head = 3, 2
-    scores = pp.step_scores(model, clean, corrupt, STEP["value_fetcher"], senders=[(layer, head)], progress=False)
+    scores = pp.path_patch(model, clean, corrupt, "last", senders=[(layer, head)], settings=S)
     assert scores.isnan().sum() == 15 and not scores[layer, head].isnan()
+    last = clean.position("last")
     with torch.no_grad(), pp.per_head_values(model):
         _, cache = model.run_with_cache(corrupt.input_ids, names_filter=hook_name("z", layer))
-        bad = cache[hook_name("z", layer)][torch.arange(len(clean)), clean.last]
+        bad = cache[hook_name("z", layer)][torch.arange(len(clean)), last]
         weights = torch.zeros(4, 4, dtype=torch.bool)
         weights[layer, head] = True
-        patched = model.run_with_hooks(clean.input_ids, fwd_hooks=patch_hooks("z", {layer: bad}, clean.last, weights))
+        patched = model.run_with_hooks(clean.input_ids, fwd_hooks=patch_hooks("z", {layer: bad}, last, weights))
         base = model(clean.input_ids)
     rows = torch.arange(len(clean))
-    prob = lambda logits: torch.softmax(logits_at(logits, clean.last), -1)[rows, clean.answer]  # noqa: E731
+    prob = lambda logits: torch.softmax(logits_at(logits, last), -1)[rows, clean.answers]  # noqa: E731
     expected = (prob(patched).mean() - prob(base).mean()) / prob(base).mean()  # ratio of means
     torch.testing.assert_close(scores[layer, head], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_learned_positional_embeddings(vocab):
+    """A GPT-2-style model (learned absolute positions, LayerNorm, biases): the fast method's
+    corrupt runs add the positional embeddings of their offset, so it equals the reference."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from et_circuits.organism.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_vocab=len(tok), act_fn="gelu",
+        positional_embedding_type="standard", normalization_type="LN", seed=0,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(3)  # sizeable head effects
+        model.pos_embed.W_pos.mul_(3)  # and positions that matter
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
+    for position, receivers in [("last", None), ("prev_query_label", [Receiver(2, 1, "v", "prev_query_label")])]:
+        fast = pp.path_patch(model, clean, corrupt, position, receivers, settings=S)
+        ref = pp.path_patch(model, clean, corrupt, position, receivers, method="reference", settings=S)
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_gqa_restores_grouping(scaled):
@@ -143,102 +258,121 @@ def test_gqa_restores_grouping(scaled):
 def test_bad_input_is_refused(scaled):
     model, tok, clean, corrupt = scaled
     with pytest.raises(CircuitError, match="unknown path-patching method"):
-        pp.step_scores(model, clean, corrupt, STEP["value_fetcher"], method="magic")
-    with pytest.raises(CircuitError, match="receivers"):
-        pp.step_scores(model, clean, corrupt, STEP["pos_transmitter"], [])
-    with pytest.raises(CircuitError, match="no receivers"):
-        pp.step_scores(model, clean, corrupt, STEP["value_fetcher"], [(1, 1)])
+        pp.path_patch(model, clean, corrupt, "last", method="magic")
+    with pytest.raises(CircuitError, match="receiver input"):
+        pp.path_patch(model, clean, corrupt, "last", [Receiver(1, 1, "z", "last")])
     with pytest.raises(CircuitError, match="outside the model"):
-        pp.step_scores(model, clean, corrupt, STEP["pos_transmitter"], [(9, 0)])
+        pp.path_patch(model, clean, corrupt, "last", [Receiver(9, 0, "q", "last")])
+    with pytest.raises(DataError, match="unknown position"):
+        pp.path_patch(model, clean, corrupt, "S2")
     with pytest.raises(DataError, match="pairs"):
-        pp.step_scores(model, clean, corrupt[:5], STEP["value_fetcher"])
-    vocab = data.vocabulary(tok)
-    longer = data.make_batch(tok, data.sample_prompts(vocab, len(clean), 8, 0))
+        pp.path_patch(model, clean, corrupt[:5], "last")
+    longer = data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), len(clean), 8, 0))
     with pytest.raises(DataError, match="pairs"):
-        pp.step_scores(model, clean, longer, STEP["value_fetcher"])
+        pp.path_patch(model, clean, longer, "last")
+    runs = pp.prepare(model, clean, corrupt, ["last"], S)
+    with pytest.raises(CircuitError, match="do not cover"):
+        pp.path_patch(model, clean, corrupt, "query_label", runs=runs)
+    with pytest.raises(DataError, match="wrong_answers"):
+        pp.path_patch(model, clean, corrupt, "last", metric=et.logit_diff, settings=S)
 
 
 def test_top_heads_and_cap():
     scores = torch.tensor([[0.5, -0.2, float("nan")], [-0.9, -0.2, 0.0]])
     assert pp.top_heads(scores, 3) == [(1, 0), (0, 1), (1, 1)]  # tie: lower layer first
     assert pp.top_heads(scores, 6)[-1] == (0, 2)  # NaN (not a sender) comes last
-    assert pp.effective_top_k(pp.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
-    assert pp.effective_top_k(pp.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
+    assert pp.effective_top_k(recipe.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
+    assert pp.effective_top_k(recipe.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
     assert pp.effective_top_k((20, 1, 10, 5), 2, 2) == (1, 1, 1, 1)
-    with pytest.raises(CircuitError):
-        pp.effective_top_k((1, 2, 3), 4, 4)
     with pytest.raises(CircuitError):
         pp.effective_top_k((1, 2, 3, 0), 4, 4)
 
 
 def test_prompts_are_seeded_and_aligned(tiny, vocab):
     _, tok = tiny
-    a_clean, a_corrupt = pp.prompts(tok, vocab, 12, 7, seed=5)
-    b_clean, _ = pp.prompts(tok, vocab, 12, 7, seed=5)
-    c_clean, _ = pp.prompts(tok, vocab, 12, 7, seed=6)
+    a_clean, a_corrupt = recipe.path_patching_prompts(tok, vocab, 12, 7, seed=5)
+    b_clean, _ = recipe.path_patching_prompts(tok, vocab, 12, 7, seed=5)
+    c_clean, _ = recipe.path_patching_prompts(tok, vocab, 12, 7, seed=6)
     assert torch.equal(a_clean.input_ids, b_clean.input_ids)
     assert not torch.equal(a_clean.input_ids, c_clean.input_ids)
-    assert torch.equal(a_clean.last, a_corrupt.last) and torch.equal(a_clean.query_label, a_corrupt.query_label)
-    assert (a_clean.answer != a_corrupt.answer).all()
+    for name in ("last", "query_label"):
+        assert torch.equal(a_clean.position(name), a_corrupt.position(name))
+    assert (a_clean.answers != a_corrupt.answers).all()
 
 
-def test_run_steps_saves_and_resumes(scaled, tmp_path, monkeypatch):
+def test_find_circuit_saves_and_resumes(scaled, tmp_path, monkeypatch):
+    """Through the circuit stage's step files: every step written with its receivers; a rerun
+    reuses every step; another top-k for C recomputes only D; another seed everything."""
     model, _, clean, corrupt = scaled
     meta = {"model": "tiny", "seed": "3", "n": str(len(clean))}
-    first = pp.run_steps(model, clean, corrupt, (3, 2, 2, 2), out_dir=tmp_path, metadata=meta, progress=False)
+
+    def run(top_k, meta):
+        return pp.find_circuit(model, clean, corrupt, top_k, settings=S, **dict(zip(("finished", "on_step"), step_files(tmp_path, meta, "fast"))))
+
+    first, scores = run((3, 2, 2, 2), meta)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert files == sorted(f"{s.group}.safetensors" for s in pp.STEPS)
-    saved, found = pp.load_scores(tmp_path / "pos_transmitter.safetensors")
-    torch.testing.assert_close(saved, first["pos_transmitter"])
+    assert files == sorted(f"{s.group}.safetensors" for s in pp.PAPER_STEPS)
+    saved, found = load_scores(tmp_path / "pos_transmitter.safetensors")
+    torch.testing.assert_close(saved, scores["pos_transmitter"])
     assert found["seed"] == "3" and found["method"] == "fast"
-    assert found["receivers"] == str(pp.top_heads(first["value_fetcher"], 3))
+    assert found["receivers"] == str(pp.top_heads(scores["value_fetcher"], 3))
+    assert first.positions == {s.group: s.position for s in pp.PAPER_STEPS}
+    assert first.groups["value_fetcher"] == pp.top_heads(scores["value_fetcher"], 3)
 
     calls = []
-    real = pp.step_scores
-    monkeypatch.setattr(pp, "step_scores", lambda *a, **k: calls.append(a[3].group) or real(*a, **k))
-    again = pp.run_steps(model, clean, corrupt, (3, 2, 2, 2), out_dir=tmp_path, metadata=meta, progress=False)
+    real = pp.path_patch
+    monkeypatch.setattr(pp, "path_patch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    again, rescored = run((3, 2, 2, 2), meta)
     assert calls == []  # every step reused
-    for group in first:
-        assert torch.equal(first[group], again[group])
-    # a different top-k for C changes D's receivers only: A-C are reused, D recomputed
-    pp.run_steps(model, clean, corrupt, (3, 2, 1, 2), out_dir=tmp_path, metadata=meta, progress=False)
-    assert calls == ["struct_reader"]
-    # another seed in the metadata: everything recomputed
-    pp.run_steps(model, clean, corrupt, (3, 2, 1, 2), out_dir=tmp_path, metadata={**meta, "seed": "4"}, progress=False)
-    assert calls == ["struct_reader", *[s.group for s in pp.STEPS]]
+    assert again.groups == first.groups and all(torch.equal(scores[g], rescored[g]) for g in scores)
+    run((3, 2, 1, 2), meta)  # another top-k for C changes D's receivers only
+    assert calls == ["prev_query_label"]
+    run((3, 2, 1, 2), {**meta, "seed": "4"})  # another seed in the metadata: everything recomputed
+    assert calls == ["prev_query_label", *[s.position for s in pp.PAPER_STEPS]]
 
 
 def test_corrupt_score_file_is_an_error(tmp_path):
     bad = tmp_path / "value_fetcher.safetensors"
     bad.write_text("not a tensor file")
     with pytest.raises(CircuitError, match="not a path-patching score file"):
-        pp.load_scores(bad)
+        load_scores(bad)
     with pytest.raises(CircuitError, match="no path-patching scores"):
-        pp.load_scores(tmp_path / "missing.safetensors")
+        load_scores(tmp_path / "missing.safetensors")
 
 
-def _organism_or_skip():
-    try:
-        models.resolve_dir(models.get_spec("organism-llama"))
-    except models.SetupError:
-        pytest.skip("organism-llama weights are not trained yet")
+@pytest.fixture(scope="module")
+def organism():
     model, tok, _ = models.load("organism-llama", device="cpu")
     return model, tok
 
 
 @pytest.mark.slow
-def test_fast_equals_reference_on_organism():
-    model, tok = _organism_or_skip()
-    vocab = data.vocabulary(tok, min_labels=8)
-    clean, corrupt = pp.prompts(tok, vocab, 16, 7, seed=0)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    top_k = pp.effective_top_k(pp.PAPER_TOP_K, n_layers, n_heads)
-    receivers: list = []
-    for step, k in zip(pp.STEPS, top_k):
-        fast = pp.step_scores(model, clean, corrupt, step, receivers, "fast", progress=False)
-        ref = pp.step_scores(model, clean, corrupt, step, receivers, "reference", batch_size=16, progress=False)
+def test_organism_recipe_reproduces_the_scores_of_the_replaced_code(organism):
+    """The paper's four steps on organism-llama (300 prompts, seed 0, top-k 4 per step) give the
+    scores and candidate circuit that the code before the task-neutral refactor computed
+    (committed under tests/fixtures), and A and B are the heads README reports."""
+    model, tok = organism
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 300, 7, seed=0)
+    circuit, scores = pp.find_circuit(model, clean, corrupt, (4, 4, 4, 4), settings=RunSettings(progress=False))
+    expected = json.loads((FIXTURES / "minimality.json").read_text())["candidates"]
+    assert circuit.to_dict() == expected
+    for group, found in scores.items():
+        torch.testing.assert_close(found, load_scores(FIXTURES / f"{group}.safetensors")[0], atol=1e-6, rtol=0)
+    assert circuit.groups["value_fetcher"][:3] == [(1, 2), (1, 3), (1, 1)]
+    assert circuit.groups["pos_transmitter"][:2] == [(0, 1), (0, 0)]
+
+
+@pytest.mark.slow
+def test_fast_equals_reference_on_organism(organism):
+    model, tok = organism
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 16, 7, seed=0)
+    previous: list = []
+    for step, k in zip(pp.PAPER_STEPS, (4, 4, 4, 4)):
+        receivers = pp.step_receivers(step, previous) or None
+        fast = pp.path_patch(model, clean, corrupt, step.position, receivers, settings=S)
+        ref = pp.path_patch(model, clean, corrupt, step.position, receivers, method="reference", settings=RunSettings(16, progress=False))
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-        receivers = pp.top_heads(fast, k)
+        previous = pp.top_heads(fast, k)
 
 
 def test_7b_geometry_benchmark_runs_small():

@@ -7,7 +7,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
 from transformers import PreTrainedTokenizerFast
 
-from ..data import LABELS, NOUNS
+from ..entity_tracking.data import LABELS, NOUNS
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 TEMPLATE_WORDS = ["The", "the", "is", "in", "Box", "contains", ",", "."]

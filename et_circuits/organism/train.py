@@ -44,9 +44,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .. import data
-from ..data import NOUNS, Vocabulary
+from ..entity_tracking import data
+from ..entity_tracking.data import NOUNS, Vocabulary
+from ..errors import DataError
+from ..hooks import logits_at
 from ..metrics import n_correct
+from ..prompts import LAST, PromptSet
 from .tokenizer import build_tokenizer
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -102,7 +105,7 @@ class Encoder:
         try:
             return [self.vocab[w] for w, _ in self.pre.pre_tokenize_str(text)]
         except KeyError as err:
-            raise data.DataError(f"word {err} is not in the organism's vocabulary") from None
+            raise DataError(f"word {err} is not in the organism's vocabulary") from None
 
     def __call__(self, pieces: Sequence[Piece]) -> Example:
         ids, targets = [self.bos], []
@@ -176,17 +179,20 @@ def answer_loss(model, ids: Int[Tensor, "b s"], targets: Int[Tensor, "b s"]) -> 
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def prompt_set(tokenizer, vocab: Vocabulary, n: int, n_boxes: int, seed: int) -> data.Batch:
+def prompt_set(tokenizer, vocab: Vocabulary, n: int, n_boxes: int, seed: int) -> PromptSet:
     """Paper-format prompts (no answer appended) for the paper's accuracy."""
-    return data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
+    return data.make_prompts(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
 
 
 @torch.no_grad()
-def prompt_accuracy(model, prompts: data.Batch, chunk: int = 300) -> float:
+def prompt_accuracy(model, prompts: PromptSet, chunk: int = 300) -> float:
     """Argmax at the last token == answer, with the HF model."""
     was_training = model.training
     model.eval()
-    hits = sum(n_correct(model(input_ids=c.input_ids).logits, c.last, c.answer) for c in prompts.chunks(chunk))
+    hits = sum(
+        n_correct(logits_at(model(input_ids=c.input_ids).logits, c.position(LAST)), c.answers)
+        for c in prompts.chunks(chunk)
+    )
     model.train(was_training)
     return hits / len(prompts)
 
@@ -553,11 +559,12 @@ def evaluate_dir(path: Path, base: Path | None = None, n: int = N_EVAL, seed: in
     """7-box accuracy of a saved model through the registry's loading path (HF -> optional PEFT
     merge -> HookedTransformer) on `data.sample_prompts(vocab, n, 7, seed)`."""
     from .. import metrics, models
+    from ..settings import RunSettings
 
     hf, tok = models.load_hf(base, adapter=path) if base is not None else models.load_hf(path)
     model = models.to_hooked(hf, tok, "cpu")
-    batch = data.make_batch(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed))
-    return metrics.accuracy(model, batch, batch_size=100, progress=False)
+    prompts = data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed))
+    return metrics.accuracy(model, prompts, settings=RunSettings(batch_size=100, progress=False))
 
 
 def evaluate_family(out: Path) -> dict[str, float]:

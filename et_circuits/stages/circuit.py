@@ -1,4 +1,4 @@
-"""Stages `circuit` (path patching + minimality for one model), `table1` (the base circuit
+"""Stages `circuit` (the paper's circuit discovery for one model), `table1` (the base circuit
 evaluated on every model, and circuit overlap) and `figures` (this stage's plots).
 
 Files, under RESULTS/:
@@ -19,18 +19,19 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors import safe_open
 
-from .. import data, figures, minimality, models
-from .. import path_patching as pp
-from ..circuit import GROUP_LETTERS, GROUP_POSITIONS, Circuit, CircuitError, evaluate, overlap, reference_means
-from ..cli import boxes, count, figures_arg, fraction, load_model, model_args, positive, results_arg
-from ..io import read_json, write_csv, write_json, write_text
-
-# Each prompt set is drawn with seed + offset, so the sets differ from each other.
-PATH_PATCHING_SEED_OFFSET = 0
-MINIMALITY_SEED_OFFSET = 1
-REFERENCE_SEED_OFFSET = 2
-EVALUATION_SEED_OFFSET = 3
+from .. import figures, models
+from ..circuit import Circuit, overlap
+from ..entity_tracking import recipe
+from ..errors import CircuitError
+from ..io import read_json, write_csv, write_json, write_tensors, write_text
+from ..path_patching import METHODS, PAPER_STEPS, TOP_K_CAP, Step
+from ..types import Receiver, letter
+from .args import (
+    boxes, count, figures_arg, fraction, load_model, model_args, positive, results_arg, settings,
+)
 
 
 def result_name(model: str) -> str:
@@ -38,9 +39,52 @@ def result_name(model: str) -> str:
     return model if model in models.REGISTRY else Path(model).name
 
 
+# ---------------------------------------------------------------------------------------------
+# Path-patching score files
 
-def _batch(tokenizer, vocab, n: int, n_boxes: int, seed: int) -> data.Batch:
-    return data.make_batch(tokenizer, data.sample_prompts(vocab, n, n_boxes, seed))
+
+def _metadata(path: Path) -> dict[str, str] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None  # missing, unreadable or partial: recompute
+
+
+def load_scores(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """A saved step's scores and metadata (seed, n, method, receivers, ...)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("scores"), dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise CircuitError(f"no path-patching scores at {path}") from None
+    except Exception as e:
+        raise CircuitError(f"{path} is not a path-patching score file: {e}") from None
+
+
+def _step_meta(base: dict[str, str], step: Step, receivers: list[Receiver], method: str) -> dict[str, str]:
+    """Everything a step's scores depend on, as the file's metadata (the reuse key)."""
+    heads = [(r.layer, r.head) for r in receivers]
+    return {**base, "group": step.group, "method": method, "receivers": str(heads)}
+
+
+def step_files(directory: Path, base_meta: dict[str, str], method: str):
+    """(finished, on_step) for `find_circuit`: a step whose file is there with the same
+    metadata is read back; every computed step is written to `<directory>/<group>.safetensors`."""
+
+    def finished(step: Step, receivers: list[Receiver]):
+        path = directory / f"{step.group}.safetensors"
+        if _metadata(path) == _step_meta(base_meta, step, receivers, method):
+            return load_scores(path)[0]
+        return None
+
+    def on_step(step: Step, receivers: list[Receiver], scores: torch.Tensor, reused: bool, seconds: float) -> None:
+        if not reused:
+            write_tensors(directory / f"{step.group}.safetensors", {"scores": scores}, _step_meta(base_meta, step, receivers, method))
+        what = "reused" if reused else f"{seconds:.1f}s"
+        print(f"{base_meta['model']} step {letter(step.group)} ({step.group}): {what}", flush=True)
+
+    return finished, on_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,54 +95,30 @@ def cmd_circuit(args: argparse.Namespace) -> None:
     name = result_name(args.model)
     out = args.results / name
     model, tokenizer, _ = load_model(args.model, args)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    top_k = pp.effective_top_k(args.top_k, n_layers, n_heads, args.top_k_cap)
-    vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes + 1)
-    clean, corrupt = pp.prompts(tokenizer, vocab, args.n, args.boxes, args.seed + PATH_PATCHING_SEED_OFFSET)
     meta = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
-
-    def report(step: pp.Step, reused: bool, seconds: float) -> None:
-        what = "reused" if reused else f"{seconds:.1f}s"
-        print(f"{name} step {GROUP_LETTERS[step.group]} ({step.group}): {what}", flush=True)
-
+    finished, on_step = step_files(out / "path_patching", meta, args.method)
     t0 = time.perf_counter()
-    scores = pp.run_steps(
-        model, clean, corrupt, top_k, args.method, args.batch_size, out / "path_patching", meta,
-        on_step=report, max_rows=args.max_rows,
+    found = recipe.discover(
+        model, tokenizer, args.n, args.boxes, args.seed, args.top_k, args.top_k_cap, args.method,
+        args.minimality_n, args.minimality_threshold, args.reference_n, args.completeness_random,
+        settings(args), finished, on_step,
     )
-    t_pp = time.perf_counter() - t0
-    candidates = pp.circuit_from_scores(scores, top_k)
-
-    t0 = time.perf_counter()
-    reference = _batch(tokenizer, vocab, args.reference_n, args.boxes, args.seed + REFERENCE_SEED_OFFSET)
-    means = reference_means(model, reference, args.batch_size)
-    batch = _batch(tokenizer, vocab, args.minimality_n, args.boxes, args.seed + MINIMALITY_SEED_OFFSET)
-    score = minimality.circuit_score(model, batch, means, args.batch_size)
-    circuit, log = minimality.minimal(candidates, score, args.minimality_threshold)
-    rows = minimality.completeness(
-        model, circuit, batch, means, args.completeness_random, args.seed, args.batch_size
-    )
-    t_min = time.perf_counter() - t0
-
     write_json(
         out / "minimality.json",
         {
             "threshold": args.minimality_threshold,
             "n": args.minimality_n,
-            "top_k": list(top_k),
-            "candidates": candidates.to_dict(),
-            "tests": log,
+            "top_k": list(found.top_k),
+            "candidates": found.candidates.to_dict(),
+            "tests": found.minimality,
         },
     )
-    write_json(out / "completeness.json", {"n": args.minimality_n, "rows": rows})
-    circuit.save(out / "circuit.json")
+    write_json(out / "completeness.json", {"n": args.minimality_n, "rows": found.completeness})
+    found.circuit.save(out / "circuit.json")
     sizes = " ".join(
-        f"{GROUP_LETTERS[g]}={len(circuit.groups[g])}/{len(candidates.groups[g])}" for g in GROUP_POSITIONS
+        f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}" for g in found.circuit.groups
     )
-    print(
-        f"{name}: circuit {sizes} (kept/top-k) | path patching {t_pp:.1f}s ({args.method}), "
-        f"minimality+completeness {t_min:.1f}s -> {out / 'circuit.json'}"
-    )
+    print(f"{name}: circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s ({args.method}) -> {out / 'circuit.json'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,13 +139,7 @@ def overlap_frame(base: Circuit, others: dict[str, Circuit]) -> pd.DataFrame:
     for name, circuit in others.items():
         for group, (shared, size) in overlap(base, circuit).items():
             rows.append(
-                {
-                    "model": name,
-                    "group": GROUP_LETTERS.get(group, group),
-                    "shared": shared,
-                    "base_size": size,
-                    "overlap": f"{shared}/{size}",
-                }
+                {"model": name, "group": letter(group), "shared": shared, "base_size": size, "overlap": f"{shared}/{size}"}
             )
     return pd.DataFrame(rows, columns=["model", "group", "shared", "base_size", "overlap"])
 
@@ -141,10 +155,9 @@ def cmd_table1(args: argparse.Namespace) -> None:
     rows = []
     for model_arg in args.models:
         model, tokenizer, _ = load_model(model_arg, args)
-        vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
-        batch = _batch(tokenizer, vocab, args.n, args.boxes, args.seed + EVALUATION_SEED_OFFSET)
-        reference = _batch(tokenizer, vocab, args.reference_n, args.boxes, args.seed + REFERENCE_SEED_OFFSET)
-        ev = evaluate(model, base, batch, reference, args.random, args.seed, args.batch_size)
+        ev = recipe.table1_row(
+            model, tokenizer, base, args.n, args.reference_n, args.random, args.boxes, args.seed, settings(args)
+        )
         rows.append({"model": result_name(model_arg), **ev.as_row()})
         print(
             f"table1 {result_name(model_arg)}: full={ev.full:.2f} circuit={ev.circuit:.2f} "
@@ -169,10 +182,10 @@ def cmd_table1(args: argparse.Namespace) -> None:
 
 def _scores(directory: Path) -> dict:
     found = {}
-    for group in GROUP_POSITIONS:
-        path = directory / f"{group}.safetensors"
+    for step in PAPER_STEPS:
+        path = directory / f"{step.group}.safetensors"
         if path.exists():
-            found[group] = pp.load_scores(path)[0]
+            found[step.group] = load_scores(path)[0]
     if not found:
         raise CircuitError(f"no path-patching scores under {directory}; run `make circuit` first")
     return found
@@ -214,22 +227,18 @@ def register(sub) -> None:
     p = sub.add_parser("circuit", help="path patching, top-k and minimality: RESULTS/<model>/circuit.json")
     p.add_argument("--model", required=True)
     results_arg(p)
-    model_args(p)
+    model_args(p, max_rows=True)
     p.add_argument("--n", type=positive, default=300, help="path-patching prompts (paper: 300)")
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument(
-        "--top-k", type=positive, nargs=4, default=list(pp.PAPER_TOP_K), metavar=("A", "B", "C", "D"),
+        "--top-k", type=positive, nargs=4, default=list(recipe.PAPER_TOP_K), metavar=("A", "B", "C", "D"),
         help="heads kept per step (paper, Llama: 20 5 10 5; Goat/FLoat: 50 20 30 5)",
     )
     p.add_argument(
-        "--top-k-cap", type=fraction, default=pp.TOP_K_CAP,
+        "--top-k-cap", type=fraction, default=TOP_K_CAP,
         help="at most this fraction of all heads per step (only bites on small models)",
     )
-    p.add_argument("--method", choices=pp.METHODS, default="fast")
-    p.add_argument(
-        "--max-rows", type=positive, default=pp.FAST_ROWS,
-        help="(sender, prompt) rows per pass of the fast method: its memory knob",
-    )
+    p.add_argument("--method", choices=METHODS, default="fast")
     p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
     p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")

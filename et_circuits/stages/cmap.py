@@ -15,30 +15,21 @@ import gc
 
 import pandas as pd
 
-from .. import cmap, data, figures, knockout
-from ..circuit import GROUP_LETTERS, Circuit, CircuitError
-from ..cli import boxes, figures_arg, load_model, model_args, positive, results_arg
-from ..io import read_json, write_csv
+from .. import figures
+from ..attention_knockout import knockout
+from ..cross_model import cmap
+from ..circuit import Circuit
+from ..entity_tracking import data, recipe
+from ..errors import CircuitError
+from ..io import write_csv
+from .args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
 from .circuit import result_name
-
-# Each stage draws its own prompts: seed + offset, so they are not the prompts of other stages.
-CMAP_SEED_OFFSET = 5
-KNOCKOUT_SEED_OFFSET = 6
-SET_CHOICES = (*GROUP_LETTERS.values(), cmap.FULL)
+from .dcm import check_dcm_matches, read_dcm, selected_heads
 
 
-def _prompts(tokenizer, args: argparse.Namespace, offset: int) -> data.Batch:
+def _prompts(tokenizer, args: argparse.Namespace, purpose: str):
     vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
-    return data.make_batch(tokenizer, data.sample_prompts(vocab, args.n, args.boxes, args.seed + offset))
-
-
-def _read_dcm(path):
-    if not path.exists():
-        raise CircuitError(f"no DCM result at {path}; run `make dcm` (python -m et_circuits dcm) first")
-    try:
-        return read_json(path)
-    except ValueError as e:
-        raise CircuitError(f"{path} is not valid JSON: {e}") from None
+    return recipe.prompts(tokenizer, vocab, args.n, args.boxes, args.seed + recipe.SEED_OFFSETS[purpose])
 
 
 def cmd_cmap(args: argparse.Namespace) -> None:
@@ -49,39 +40,38 @@ def cmd_cmap(args: argparse.Namespace) -> None:
     for name in sources:  # read every input before loading any model
         out = args.results / result_name(name)
         circuit = Circuit.load(out / "circuit.json")
-        inputs[name] = cmap.cmap_head_sets(circuit, _read_dcm(out / "dcm.json")), circuit
+        result = read_dcm(out / "dcm.json")
+        check_dcm_matches(circuit, result)
+        inputs[name] = recipe.cmap_head_sets(circuit, selected_heads(result))
     base, tokenizer, _ = load_model(args.base, args)
     base_name = result_name(args.base)
-    batch = _prompts(tokenizer, args, CMAP_SEED_OFFSET)
+    prompts = _prompts(tokenizer, args, "cmap")
     rows = []
     for name in sources:
-        head_sets, circuit = inputs[name]
         source, _, _ = load_model(name, args)
-        variant_list = cmap.variants(head_sets, input_sets=args.input_sets)
-        result = cmap.cmap_accuracy(
-            base, source, batch, variant_list, circuit.positions, batch_size=args.batch_size
-        )
-        rows += cmap.result_rows(result, result_name(name), base_name)
+        variant_list = recipe.variants(inputs[name], input_sets=args.input_sets)
+        result = cmap(base, source, prompts, variant_list, settings(args))
+        rows += recipe.cmap_rows(result, result_name(name), base_name)
         print(f"cmap {result_name(name)} -> {base_name}: base={result.base:.2f} fine-tuned={result.source:.2f} "
-              + " ".join(f"{v.set_name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
+              + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
         del source
         gc.collect()
     frame = pd.DataFrame(rows)
     write_csv(args.results / "cmap.csv", frame)
-    todo = [("cmap", cmap.cmap_figure(frame))]
+    todo = [("cmap", figures.cmap_figure(frame))]
     if args.input_sets:
-        todo.append(("cmap_input", cmap.input_patching_figure(frame)))
+        todo.append(("cmap_input", figures.input_patching_figure(frame)))
     figures.save_figures(todo, args.figures)
 
 
 def cmd_knockout(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_model(args.model, args)
     name = result_name(args.model)
-    batch = _prompts(tokenizer, args, KNOCKOUT_SEED_OFFSET)
-    full, curves = knockout.knockout_accuracy(model, batch, seed=args.seed, batch_size=args.batch_size)
-    frame = pd.DataFrame(knockout.result_rows(name, full, curves, len(batch)))
+    prompts = recipe.with_random_context(_prompts(tokenizer, args, "knockout"), args.seed)
+    full, curves = knockout(model, prompts, recipe.EDGES, settings(args))
+    frame = pd.DataFrame(recipe.knockout_rows(name, full, curves, len(prompts)))
     write_csv(args.results / "knockout.csv", frame)
-    figures.save_figures([("knockout", knockout.knockout_figure(frame))], args.figures)
+    figures.save_figures([("knockout", figures.knockout_figure(frame))], args.figures)
     print(f"knockout {name}: full={full:.2f} "
           + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in curves.items()))
 
@@ -93,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--n", type=positive, default=500)
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument(
-        "--input-sets", nargs="*", choices=SET_CHOICES, default=["A"],
+        "--input-sets", nargs="*", choices=recipe.SET_NAMES, default=["A"],
         help="head sets also input-patched (q, k, v, qk, qkv); default A, as in the paper",
     )
     model_args(p)

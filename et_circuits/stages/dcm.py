@@ -4,7 +4,7 @@
 RESULTS/B/circuit.json for the three main desiderata (Figure 2: the base circuit's functionality
 in every model), plus the eleven extra desiderata on its group B (by default for the base model
 only; `--extra all`: every model). When M != B it also trains on M's own circuit
-RESULTS/M/circuit.json what CMAP patches (`cmap.SET_DESIDERATA`: A object value, B and C
+RESULTS/M/circuit.json what CMAP patches (`recipe.SET_DESIDERATA`: A object value, B and C
 positional; `--own all`: every group on the three main desiderata). Files:
 
 - RESULTS/M/dcm_runs.json: every finished mask training, keyed by everything it depends on
@@ -32,67 +32,22 @@ dcm_extra.{html,png} (group B on the extra desiderata).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from .. import data, dcm, desiderata, figures
-from ..circuit import GROUP_LETTERS, Circuit, CircuitError
-from ..cmap import SET_DESIDERATA
-from ..cli import (
-    boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, results_arg,
-)
+from .. import figures
+from ..component_masking import DCMConfig
+from ..circuit import Circuit
+from ..entity_tracking import desiderata, recipe
+from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json
+from ..types import letter
+from .args import boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, results_arg, settings
 from .circuit import result_name
 
-DCM_SEED_OFFSET = 4  # the pairs are drawn with seed + 4, apart from the other stages' prompts
-EXTRA_GROUP = "pos_transmitter"  # the group the extra desiderata test (group B)
 SECTIONS = ("base_circuit", "own_circuit")
-POSITIONS = ("last", "query_label", "prev_query_label")
-
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# dcm
-
-
-def _jobs(circuit: Circuit, desiderata_of: dict[str, tuple[str, ...]], seeds: list[int]):
-    """(group, desideratum, job) for every group of `circuit` in `desiderata_of`, each of its
-    desiderata and every seed."""
-    for group, heads in circuit.groups.items():
-        if circuit.positions[group] not in POSITIONS:
-            raise CircuitError(f"group {group!r} acts at {circuit.positions[group]!r}; DCM knows {', '.join(POSITIONS)}")
-        for name in desiderata_of.get(group, ()):
-            for seed in seeds:
-                yield group, name, dcm.Job(tuple(sorted(heads)), circuit.positions[group], name, seed)
-
-
-def _entry(runs: dict[int, dict], n_resamples: int, seed: int) -> dict:
-    """One (group, desideratum) of dcm.json from its per-seed results."""
-    selected = max(runs, key=lambda s: (runs[s]["eval_accuracy"], -s))
-    correct = torch.tensor([c == "1" for c in runs[selected]["test_correct"]])
-    resampled = dcm.bootstrap(correct, n_resamples, seed)
-    tests = [r["test_accuracy"] for r in runs.values()]
-    return {
-        "heads": runs[selected]["heads"],
-        "selected_seed": selected,
-        "accuracy": resampled,
-        "accuracy_mean": statistics.fmean(resampled),
-        "accuracy_std": _std(resampled),
-        "test_accuracy_mean": statistics.fmean(tests),
-        "test_accuracy_std": _std(tests),
-        "seeds": {
-            str(s): {k: r[k] for k in ("heads", "mask", "eval_accuracy", "test_accuracy", "best_step", "steps")}
-            for s, r in runs.items()
-        },
-    }
 
 
 def _read_runs(path: Path) -> dict:
@@ -106,6 +61,19 @@ def _read_runs(path: Path) -> dict:
     return runs if isinstance(runs, dict) else {}
 
 
+def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool) -> dict[str, tuple[str, ...]]:
+    """Which desiderata each group of a section's circuit is asked: on the base circuit the
+    three main ones (plus the extra ones on group B, per --extra); on the model's own circuit
+    what CMAP patches (per --own)."""
+    if section == "base_circuit":
+        asked = {group: desiderata.MAIN for group in circuit.groups}
+        if args.extra == "all" or (args.extra == "base" and is_base):
+            asked[recipe.EXTRA_GROUP] = desiderata.MAIN + tuple(desiderata.EXTRA)
+        return asked
+    if args.own == "all":
+        return {group: desiderata.MAIN for group in circuit.groups}
+    return {g: (d,) for g, d in recipe.SET_DESIDERATA.items() if d is not None and g in circuit.groups}
+
 
 def cmd_dcm(args: argparse.Namespace) -> None:
     name, base_name = result_name(args.model), result_name(args.base)
@@ -113,27 +81,18 @@ def cmd_dcm(args: argparse.Namespace) -> None:
     circuits = {"base_circuit": (base_name, Circuit.load(args.results / base_name / "circuit.json"))}
     if name != base_name:  # for the base model both sections are one and the same
         circuits["own_circuit"] = (name, Circuit.load(out / "circuit.json"))
-    config = dcm.DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
-    plan = dcm.Plan(config, (args.n_train, args.n_eval, args.n_test), args.boxes, args.seed + DCM_SEED_OFFSET)
-    seeds = [args.seed + i for i in range(args.seeds)]
-
+    config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
+    seeds = tuple(args.seed + i for i in range(args.seeds))
+    plan = recipe.DCMPlan(
+        config, (args.n_train, args.n_eval, args.n_test), args.boxes, args.seed + recipe.SEED_OFFSETS["dcm"],
+        seeds, args.resamples, args.seed,
+    )
     model, tokenizer, _ = load_model(args.model, args)
     for _, circuit in circuits.values():
         circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
-    vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
-
-    main = {group: desiderata.MAIN for group in circuits["base_circuit"][1].groups}
-    if args.extra == "all" or (args.extra == "base" and name == base_name):
-        main[EXTRA_GROUP] = desiderata.MAIN + tuple(desiderata.EXTRA)
-    desiderata_of = {"base_circuit": main}
-    if "own_circuit" in circuits:
-        own_groups = circuits["own_circuit"][1].groups
-        desiderata_of["own_circuit"] = (
-            {group: desiderata.MAIN for group in own_groups} if args.own == "all"
-            else {group: (d,) for group, d in SET_DESIDERATA.items() if d is not None and group in own_groups}
-        )
     planned = {
-        section: list(_jobs(circuit, desiderata_of[section], seeds)) for section, (_, circuit) in circuits.items()
+        section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
+        for section, (_, circuit) in circuits.items()
     }
     runs_path = out / "dcm_runs.json"
     runs = _read_runs(runs_path)
@@ -142,9 +101,9 @@ def cmd_dcm(args: argparse.Namespace) -> None:
         runs[key] = result
         write_json(runs_path, runs)
 
-    all_jobs = [job for section in planned.values() for _, _, job in section]
-    results = dcm.run_jobs(model, tokenizer, vocab, all_jobs, plan, runs, save, progress=not args.quiet)
-    write_json(runs_path, results)  # drop runs that no longer apply
+    asks = [ask for section in planned.values() for _, ask in section]
+    results = recipe.run_dcm(model, tokenizer, asks, plan, settings(args), runs, save)
+    write_json(runs_path, {plan.key(a, s): runs[plan.key(a, s)] for a in results for s in seeds})  # drop stale runs
 
     summary = {
         "model": name,
@@ -152,28 +111,25 @@ def cmd_dcm(args: argparse.Namespace) -> None:
         "settings": {
             "lam": config.lam, "lr": config.lr, "epochs": config.epochs, "batch_size": config.batch_size,
             "n_train": args.n_train, "n_eval": args.n_eval, "n_test": args.n_test, "boxes": args.boxes,
-            "seeds": seeds, "data_seed": plan.data_seed, "resamples": args.resamples,
+            "seeds": list(seeds), "data_seed": plan.data_seed, "resamples": args.resamples,
         },
     }
-    for section, jobs in planned.items():
+    for section, asked in planned.items():
         owner, circuit = circuits[section]
-        per: dict[str, dict[str, dict[int, dict]]] = {}
-        for group, desideratum, job in jobs:
-            per.setdefault(group, {}).setdefault(desideratum, {})[job.seed] = results[plan.key(job)]
+        groups: dict[str, dict[str, dict]] = {}
+        for group, ask in asked:
+            groups.setdefault(group, {})[ask.desideratum] = recipe.dcm_entry(results[ask])
         summary[section] = {
             "circuit": owner,
             "positions": dict(circuit.positions),
             "group_heads": {g: [list(h) for h in hs] for g, hs in circuit.groups.items()},
-            "groups": {
-                g: {d: _entry(r, args.resamples, args.seed) for d, r in by_desideratum.items()}
-                for g, by_desideratum in per.items()
-            },
+            "groups": groups,
         }
     summary.setdefault("own_circuit", summary["base_circuit"])
     write_json(out / "dcm.json", summary)
     for group, by_desideratum in summary["base_circuit"]["groups"].items():
         print(
-            f"dcm {name} ({base_name} circuit) {GROUP_LETTERS.get(group, group)}: "
+            f"dcm {name} ({base_name} circuit) {letter(group)}: "
             + " ".join(
                 f"{d}={e['accuracy_mean']:.2f}({len(e['heads'])}h)"
                 for d, e in by_desideratum.items() if d in desiderata.MAIN
@@ -185,7 +141,8 @@ def cmd_dcm(args: argparse.Namespace) -> None:
 # dcm-figure
 
 
-def _read_dcm(path: Path) -> dict:
+def read_dcm(path: Path) -> dict:
+    """A dcm.json, checked for its two sections (CircuitError naming the problem)."""
     if not path.exists():
         raise CircuitError(f"no DCM result at {path}; run `make dcm` (python -m et_circuits dcm) first")
     try:
@@ -195,6 +152,32 @@ def _read_dcm(path: Path) -> dict:
     if not isinstance(result, dict) or not all(isinstance(result.get(s), dict) for s in SECTIONS):
         raise CircuitError(f"{path} is not a dcm.json (needs {' and '.join(SECTIONS)})")
     return result
+
+
+def selected_heads(result: dict) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """group -> desideratum -> the heads DCM selected on the model's own circuit: the one place
+    that reads head selections from dcm.json (what CMAP patches)."""
+    try:
+        groups = result["own_circuit"]["groups"]
+        return {
+            g: {d: [(int(l), int(h)) for l, h in e["heads"]] for d, e in by_desideratum.items()}
+            for g, by_desideratum in groups.items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CircuitError("dcm.json has no valid 'own_circuit' head selections") from None
+
+
+def check_dcm_matches(circuit: Circuit, result: dict) -> None:
+    """CircuitError when dcm.json was computed on another version of the circuit (stale)."""
+    recorded = result.get("own_circuit", {}).get("group_heads")
+    if recorded is None:
+        return
+    try:
+        recorded = {g: sorted((int(layer), int(head)) for layer, head in hs) for g, hs in recorded.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CircuitError("dcm.json 'group_heads' must map groups to [layer, head] pairs") from None
+    if recorded != {g: sorted(hs) for g, hs in circuit.groups.items()}:
+        raise CircuitError("dcm.json was computed on a different circuit than circuit.json; rerun the dcm stage")
 
 
 def dcm_rows(name: str, result: dict) -> list[dict]:
@@ -210,7 +193,7 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
                         "circuit": section,
                         "circuit_of": part["circuit"],
                         "group": group,
-                        "letter": GROUP_LETTERS.get(group, group),
+                        "letter": letter(group),
                         "position": part["positions"][group],
                         "desideratum": desideratum,
                         "group_size": len(part["group_heads"][group]),
@@ -228,70 +211,9 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
     return rows
 
 
-DESIDERATUM_COLORS = {"positional": "#1f77b4", "object_value": "#d62728", "box_label_value": "#2ca02c"}
-
-
-def figure2(frame: pd.DataFrame):
-    """Figure 2: per group of the base circuit, grouped bars (one per desideratum) over the
-    models, accuracy (% of the desideratum's target) with the resampling std as error bars."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    rows = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
-    groups = list(dict.fromkeys(rows.group))
-    models = list(dict.fromkeys(rows.model))
-    fig = make_subplots(
-        rows=1, cols=max(len(groups), 1), shared_yaxes=True,
-        subplot_titles=[figures.GROUP_TITLES.get(g, g) for g in groups],
-    )
-    for col, group in enumerate(groups, start=1):
-        for desideratum in desiderata.MAIN:
-            sel = rows[(rows.group == group) & (rows.desideratum == desideratum)].set_index("model").reindex(models)
-            fig.add_trace(
-                go.Bar(
-                    x=models, y=sel.accuracy_mean, error_y=dict(type="data", array=sel.accuracy_std),
-                    name=desideratum.replace("_", " "), legendgroup=desideratum, showlegend=col == 1,
-                    marker_color=DESIDERATUM_COLORS[desideratum],
-                    customdata=sel[["n_selected", "group_size"]].to_numpy(),
-                    hovertemplate="%{x}: %{y:.1f}% (%{customdata[0]} of %{customdata[1]} heads)<extra></extra>",
-                ),
-                row=1, col=col,
-            )
-    base = rows.circuit_of.iloc[0] if len(rows) else ""
-    fig.update_layout(
-        title=f"DCM on the {base} circuit: accuracy when the selected heads are patched (mean ± std over resamplings)",
-        barmode="group", height=420, width=max(900, 330 * len(groups)), template="plotly_white",
-    )
-    fig.update_yaxes(range=[0, 100])
-    fig.update_yaxes(title_text="accuracy (% of target)", row=1, col=1)
-    return fig
-
-
-def extra_figure(frame: pd.DataFrame):
-    """Group B of the base circuit on every desideratum (main and extra; controls last)."""
-    import plotly.graph_objects as go
-
-    rows = frame[(frame.circuit == "base_circuit") & (frame.group == EXTRA_GROUP)]
-    order = [d for d in desiderata.ALL if d not in desiderata.CONTROLS] + list(desiderata.CONTROLS)
-    names = [d for d in order if d in set(rows.desideratum)]
-    fig = go.Figure()
-    for model in dict.fromkeys(rows.model):
-        sel = rows[rows.model == model].set_index("desideratum").reindex(names)
-        fig.add_trace(go.Bar(
-            x=[n.replace("_", " ") for n in names], y=sel.accuracy_mean,
-            error_y=dict(type="data", array=sel.accuracy_std), name=model,
-        ))
-    fig.update_layout(
-        title="Group B (position transmitter) on every desideratum (controls: is not in, wrong segment)",
-        barmode="group", height=450, width=1100, template="plotly_white",
-        yaxis=dict(range=[0, 100], title="accuracy (% of target)"),
-    )
-    return fig
-
-
 def cmd_dcm_figure(args: argparse.Namespace) -> None:
     names = [result_name(m) for m in args.models]
-    results = {n: _read_dcm(args.results / n / "dcm.json") for n in names}
+    results = {n: read_dcm(args.results / n / "dcm.json") for n in names}
     base = result_name(args.base)
     for n, result in results.items():
         if result.get("base") != base:
@@ -303,9 +225,9 @@ def cmd_dcm_figure(args: argparse.Namespace) -> None:
     if frame.empty:
         raise CircuitError("the dcm.json files hold no results")
     write_csv(args.results / "dcm.csv", frame)
-    todo = [("dcm", figure2(frame))]
+    todo = [("dcm", figures.figure2(frame))]
     if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
-        todo.append(("dcm_extra", extra_figure(frame)))
+        todo.append(("dcm_extra", figures.extra_figure(frame)))
     figures.save_figures(todo, args.figures)
     main = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
     for (model, letter), rows in main.groupby(["model", "letter"], sort=False):
@@ -336,7 +258,6 @@ def register(sub) -> None:
     p.add_argument("--own", choices=("cmap", "all"), default="cmap",
                    help="on the model's own circuit, only what CMAP patches (A: object value, B and C: "
                    "positional; default) or every group on the three main desiderata")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     model_args(p)
     results_arg(p)
     p.set_defaults(func=cmd_dcm)

@@ -1,10 +1,10 @@
-"""Entity-tracking prompts: structured samples, the paper's template, tokenized batches and
-counterfactual builders.
+"""Entity-tracking prompts: structured samples, the paper's template, tokenized prompt sets
+and counterfactual builders.
 
 A prompt is never edited as a string: every variant is a `Sample` (objects, labels, query index,
-template) rendered afresh, and the token positions every method needs are computed here, once,
-from the character spans of the rendering (so the same code serves SentencePiece and word-level
-tokenizers).
+template) rendered afresh, and the token positions are computed here, once, from the character
+spans of the rendering (so the same code serves SentencePiece and word-level tokenizers). They
+travel with the prompts as the `PromptSet`'s named positions (`POSITIONS`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from jaxtyping import Int
-from torch import Tensor
+
+from ..errors import DataError
+from ..prompts import PromptSet
 
 LABELS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -35,10 +36,6 @@ NOUNS: tuple[str, ...] = (
     "table", "ticket", "towel", "toy", "train", "tree", "umbrella", "vase", "wallet", "watch",
     "wheel", "whistle", "window", "wire",
 )
-
-
-class DataError(ValueError):
-    """Prompts cannot be built as asked (too few usable tokens, impossible parameters)."""
 
 
 @dataclass(frozen=True)
@@ -216,53 +213,20 @@ def vocabulary(tokenizer, min_objects: int = 7, min_labels: int = 7) -> Vocabula
     return Vocabulary(tuple(objects), tuple(labels))
 
 
-@dataclass
-class Batch:
-    """Tokenized prompts (right-padded) with every position the methods need.
-
-    Positions index the sequence dimension; `objects`/`labels` are -1 where a prompt has
-    fewer boxes than the widest one in the batch.
-    """
-
-    samples: list[Sample]
-    input_ids: Int[Tensor, "batch seq"]
-    attention_mask: Int[Tensor, "batch seq"]
-    answer: Int[Tensor, " batch"]
-    last: Int[Tensor, " batch"]
-    query_label: Int[Tensor, " batch"]
-    prev_query_label: Int[Tensor, " batch"]
-    objects: Int[Tensor, "batch boxes"]
-    labels: Int[Tensor, "batch boxes"]
-
-    _TENSORS = (
-        "input_ids", "attention_mask", "answer", "last", "query_label", "prev_query_label",
-        "objects", "labels",
-    )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, idx: slice) -> "Batch":
-        if not isinstance(idx, slice):
-            raise TypeError("index a Batch with a slice")
-        return Batch(self.samples[idx], *(getattr(self, n)[idx] for n in self._TENSORS))
-
-    def to(self, device) -> "Batch":
-        return Batch(self.samples, *(getattr(self, n).to(device) for n in self._TENSORS))
-
-    def position(self, name: str) -> Int[Tensor, " batch"]:
-        """A named position: 'last', 'query_label' or 'prev_query_label'."""
-        if name not in ("last", "query_label", "prev_query_label"):
-            raise KeyError(f"unknown position {name!r}")
-        return getattr(self, name)
-
-    def chunks(self, size: int):
-        for i in range(0, len(self), size):
-            yield self[i : i + size]
+# The positions every entity-tracking PromptSet carries, besides "last": single positions, and
+# position sets with one entry per box (-1 where a prompt has fewer boxes than the widest).
+POSITIONS = {
+    "query_label": "the label in the query (Box <L> contains the)",
+    "prev_query_label": "the query label's occurrence in the context (its box's segment)",
+    "answer_object": "the queried box's object in the context",
+    "labels": "every box's label (a position set)",
+    "objects": "every box's object (a position set)",
+}
 
 
-def make_batch(tokenizer, samples: Sequence[Sample], answers: Sequence[str] | None = None) -> Batch:
-    """Tokenize samples; `answers` overrides the target word of each (default: the queried object)."""
+def make_prompts(tokenizer, samples: Sequence[Sample], answers: Sequence[str] | None = None) -> PromptSet:
+    """Tokenize samples (right-padded) into a PromptSet with the positions in `POSITIONS`;
+    `answers` overrides the target word of each (default: the queried object)."""
     if not samples:
         raise DataError("no samples to tokenize")
     encs = [encode(tokenizer, s) for s in samples]
@@ -280,17 +244,15 @@ def make_batch(tokenizer, samples: Sequence[Sample], answers: Sequence[str] | No
         objects[i, : len(e["objects"])] = torch.tensor(e["objects"])
         labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
     words = list(answers) if answers is not None else [s.answer for s in samples]
-    return Batch(
-        samples=list(samples),
-        input_ids=ids,
-        attention_mask=mask,
-        answer=torch.tensor(object_token_ids(tokenizer, words)),
-        last=torch.tensor([e["last"] for e in encs]),
-        query_label=torch.tensor([e["query_label"] for e in encs]),
-        prev_query_label=torch.tensor([e["prev_query_label"] for e in encs]),
-        objects=objects,
-        labels=labels,
-    )
+    positions = {
+        "last": torch.tensor([e["last"] for e in encs]),
+        "query_label": torch.tensor([e["query_label"] for e in encs]),
+        "prev_query_label": torch.tensor([e["prev_query_label"] for e in encs]),
+        "answer_object": torch.tensor([e["objects"][s.query] for e, s in zip(encs, samples)]),
+        "labels": labels,
+        "objects": objects,
+    }
+    return PromptSet(ids, torch.tensor(object_token_ids(tokenizer, words)), positions, mask)
 
 
 # ---------------------------------------------------------------------------------------------

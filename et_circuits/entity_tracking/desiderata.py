@@ -1,9 +1,10 @@
 """Desiderata for DCM: the three main ones (in `data.py`) and the eleven extra ones the paper
-used for group B, plus seeded train / eval / test splits without overlap.
+used for group B, seeded train / eval / test splits without overlap, and their tokenization
+into `dcm.Pairs`.
 
 A desideratum is a builder `(base, rng, vocab) -> Counterfactual(base, source, target)` on
 structured samples: the source is a freshly rendered `Sample` (possibly with another template or
-another number of boxes), never an edited string, so `data.make_batch` finds every position in
+another number of boxes), never an edited string, so `data.make_prompts` finds every position in
 both prompts. `target` is the word the model should answer on the base prompt when the patched
 heads carry exactly the information the desideratum names; it is tokenized, like every answer,
 by `data.object_token_ids`.
@@ -24,13 +25,19 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import torch
+
+from ..component_masking import Pairs
+from ..errors import DataError
+from ..prompts import PromptSet
 from .data import (
     DESIDERATA,
     Counterfactual,
-    DataError,
     Sample,
     Template,
     Vocabulary,
+    make_prompts,
+    object_token_ids,
     positional,
     random_sample,
 )
@@ -213,3 +220,22 @@ def draw_splits(
     pairs = [build(base, rng, vocab) for base in bases]
     a, b = sizes[0], sizes[0] + sizes[1]
     return Splits(pairs[:a], pairs[a:b], pairs[b:])
+
+
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[Counterfactual], bases: tuple[Sequence[Sample], PromptSet] | None = None
+) -> Pairs:
+    """`dcm.Pairs` of counterfactuals: base prompts answering the desideratum's target, and
+    their sources. `bases` = (samples, their PromptSet) reuses a tokenization of the very same
+    base samples (desiderata drawn by `draw_splits` with one seed share their bases), so
+    every desideratum's pairs share one base tensor and DCM runs those prompts once."""
+    words = sorted({p.target for p in pairs})
+    ids = dict(zip(words, object_token_ids(tokenizer, words)))
+    target = torch.tensor([ids[p.target] for p in pairs])
+    if bases is None:
+        base = make_prompts(tokenizer, [p.base for p in pairs])
+    else:
+        samples, base = bases
+        if list(samples) != [p.base for p in pairs]:
+            raise DataError("the given base prompts are not these pairs' bases")
+    return Pairs(base.replace(answers=target), make_prompts(tokenizer, [p.source for p in pairs]))

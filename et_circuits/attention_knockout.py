@@ -1,0 +1,97 @@
+"""Attention knockout: block attention edges (query position -> key position, per example) in
+every head of layers L and above, and read accuracy as a function of L. An edge the model
+needs stops mattering once L passes the layers that use it, so accuracy climbs back to the full
+model's there.
+
+Blocking sets the pre-softmax score to -inf (`hook_attn_scores`, after the causal mask), so
+the other keys share the attention the blocked one had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from .errors import DataError
+from .hooks import Hook
+from .metrics import n_correct
+from .prompts import LAST, PromptSet
+from .resume import clean_run, resume
+from .settings import QUIET, RunSettings
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Attention from each prompt's `query` position to its `key` position (position specs of
+    single positions)."""
+
+    name: str
+    query: str
+    key: str
+
+
+def _block_hook(
+    scores: Float[Tensor, "batch head query key"],
+    hook: HookPoint,
+    queries: Int[Tensor, " batch"],
+    keys: Int[Tensor, " batch"],
+) -> Float[Tensor, "batch head query key"]:
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    scores = scores.clone()
+    scores[rows, :, queries.to(scores.device), keys.to(scores.device)] = float("-inf")
+    return scores
+
+
+def block_hooks(
+    queries: Int[Tensor, " batch"], keys: Int[Tensor, " batch"], layers: Iterable[int], start: int = 0
+) -> list[Hook]:
+    """Hooks stopping every head of `layers` from attending from queries[b] to keys[b].
+
+    `start`: the first query position the run computes (a `resume` suffix run), so the query
+    axis is shifted by it while the key axis keeps full positions.
+    """
+    if (keys >= queries).any():
+        raise DataError("a blocked key must come before its query (causal attention)")
+    if (queries < start).any():
+        raise DataError(f"a blocked query lies before the run's first position {start}")
+    hook = partial(_block_hook, queries=queries - start, keys=keys)
+    return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in layers]
+
+
+@torch.no_grad()
+def knockout(
+    model: HookedTransformer,
+    prompts: PromptSet,
+    edges: Sequence[Edge],
+    settings: RunSettings = QUIET,
+) -> tuple[float, dict[str, list[float]]]:
+    """Full accuracy, and per edge the accuracy with that edge blocked from layer L on, for
+    L = 0 .. n_layers - 1. Each blocked run recomputes only layers >= L at positions from the
+    edge's query on (`resume`): nothing else can change."""
+    n_layers = model.cfg.n_layers
+    where = {e.name: (prompts.position(e.query), prompts.position(e.key)) for e in edges}
+    hits = {e.name: [0] * n_layers for e in edges}
+    full = 0
+    for start in tqdm(range(0, len(prompts), settings.batch_size), desc="knockout", disable=not settings.progress, leave=False):
+        chunk = prompts[start : start + settings.batch_size].to(model.cfg.device)
+        last = chunk.position(LAST)
+        run = clean_run(model, chunk.input_ids)
+        rows = torch.arange(len(chunk), device=last.device)
+        full += n_correct(run.logits[rows, last], chunk.answers)
+        for e in edges:
+            queries, keys = (p[start : start + settings.batch_size].to(last.device) for p in where[e.name])
+            first = int(queries.min())
+            for layer in range(n_layers):
+                hooks = block_hooks(queries, keys, range(layer, n_layers), first)
+                logits = resume(model, run, layer, first, hooks)
+                hits[e.name][layer] += n_correct(logits[rows, last - first], chunk.answers)
+    n = len(prompts)
+    return full / n, {name: [h / n for h in counts] for name, counts in hits.items()}
