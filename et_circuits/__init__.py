@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import entity_tracking  # noqa: E402
+from . import entity_tracking, figures  # noqa: E402
 from .circuit import Circuit  # noqa: E402
 from .cross_model import CmapResult, Variant, cmap, cross_model_logits  # noqa: E402
 from .component_masking import DCMConfig, DCMResult, Pairs, Question, dcm, dcm_many  # noqa: E402
@@ -52,6 +52,6 @@ __all__ = [
     "cmap", "cross_model_logits", "Variant", "CmapResult", "knockout", "Edge",
     # errors
     "EtCircuitsError", "SetupError", "DataError", "CircuitError",
-    # the paper's task
-    "entity_tracking",
+    # the paper's task, and every figure
+    "entity_tracking", "figures",
 ]
