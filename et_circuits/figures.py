@@ -23,7 +23,7 @@ from .errors import SetupError
 from .io import atomic_path
 from .cross_model import INPUT_PATCHES
 from .entity_tracking import desiderata, recipe
-from .types import GROUPS, POSITION_TITLES, group_title, letter
+from .types import GROUPS, PAPER_GROUPS, POSITION_TITLES, group_title, letter
 
 _PNG_NEEDS = "PNG export needs kaleido with Chrome/Chromium (`make install` sets it up on Debian)."
 FIGURES_ENV = "ET_CIRCUITS_FIGURES"  # overrides the default directory for every stage
@@ -154,13 +154,13 @@ def step_heatmaps(
 # ---------------------------------------------------------------------------------------------
 # Circuit diagram (the paper's Figure 1)
 
-# Columns of the diagram: where each group acts, left to right in the order information flows.
-_COLUMNS = {"struct_reader": 0, "pos_detector": 1, "pos_transmitter": 2, "value_fetcher": 3}
+# Columns of the diagram: the paper's groups left to right in the order information flows (D
+# first), and an arrow from each group to the one path patching found it through.
+_COLUMNS = {g.name: i for i, g in enumerate(reversed(PAPER_GROUPS))}
 _ARROWS = [  # (sender group, receiver group, composition)
-    ("struct_reader", "pos_detector", "V"),
-    ("pos_detector", "pos_transmitter", "V"),
-    ("pos_transmitter", "value_fetcher", "Q"),
-]
+    (later.name, earlier.name, later.receiver_kind.upper())
+    for earlier, later in zip(PAPER_GROUPS, PAPER_GROUPS[1:])
+][::-1]
 
 
 def _position_title(spec) -> str:
