@@ -46,6 +46,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -59,7 +60,7 @@ from .errors import CircuitError, DataError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .metrics import Metric, answer_prob
 from .prompts import LAST, PromptSet
-from .resume import CleanRun, check_supported, embed, prefix_cache
+from .resume import CleanRun, check_supported, embed, run_from
 from .settings import QUIET, RunSettings
 from .types import INPUT_KINDS, PAPER_GROUPS, Head, Receiver
 
@@ -247,10 +248,11 @@ def prepare(
         parts = _same_start_chunks(start, settings.batch_size)
         for index in tqdm(parts, desc="path patching: corrupt runs", disable=not settings.progress, leave=False):
             s = int(start[index[0]])
-            keys, values = ([run[l][index, :s].to(device) for l in layers] for run in (prepared.run.keys, prepared.run.values))
-            prefix = prefix_cache(keys, values, s, 0, n_layers)
+            keys, values = ({l: run[l][index, :s].to(device) for l in layers} for run in (prepared.run.keys, prepared.run.values))
             x = embed(model, corrupt.input_ids[index, s:].to(device), s)
-            _, cache = model.run_with_cache(x, start_at_layer=0, past_kv_cache=prefix, names_filter=lambda n: n in z_names)
+            cache: dict[str, Tensor] = {}
+            hooks = [(name, partial(_keep, store=cache)) for name in sorted(z_names)]
+            run_from(model, x, 0, keys, values, hooks)
             for p in positions:
                 at = clean[index].position_set(p)
                 at = torch.where(at >= 0, at - s, at)
@@ -258,6 +260,10 @@ def prepare(
                     prepared.corrupt_z[p][layer][index] = at_positions(cache[hook_name("z", layer)], at).cpu()
             del cache
     return prepared
+
+
+def _keep(act, hook, store):
+    store[hook.name] = act.detach()
 
 
 def _first_change(clean: PromptSet, corrupt: PromptSet, positions: Sequence[str]) -> Int[Tensor, " batch"]:
@@ -372,12 +378,10 @@ def _fast_chunk(
                     values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(reps * n, -1, n_heads, v.shape[-1])
                 shifted = torch.where(where >= 0, where - start, where)
                 hooks += patch_hooks(kind, values, _tile(shifted, reps), mask.to(device))
-            logits = model.run_with_hooks(
-                _tile(x_clean[above[0]][:, start:end], reps),
-                start_at_layer=above[0],
-                past_kv_cache=prefix_cache(runs.run.keys, runs.run.values, start, above[0], n_layers),
-                fwd_hooks=hooks,
-            )
+            prefix = {l: runs.run.keys[l][:, :start] for l in range(above[0], n_layers)}, {
+                l: runs.run.values[l][:, :start] for l in range(above[0], n_layers)
+            }
+            logits = run_from(model, _tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks)
             logits = logits_at(logits, _tile(last - start, reps))
         logits = logits.view(reps, n, -1)
         for r, (layer, head) in enumerate(group):

@@ -3,10 +3,17 @@
 
 A `CleanRun` keeps what an unpatched forward leaves for such restarts: per layer, the residual
 stream entering it (`resid_pre`) and its keys and values (`hook_k` / `hook_v`, before rotary,
-in whatever head layout the model had when the run was made). `resume` then recomputes only
+in whatever head layout the model had when the run was made). `run_from` then computes only
 layers >= L at positions >= p, attending to the clean keys and values of the earlier
-positions through a frozen KV cache. The result equals the full forward up to float rounding
-(tested); DCM, CMAP, knockout and fast path patching all restart this way.
+positions. DCM, CMAP, knockout and fast path patching all restart this way (`resume` is the
+common case of one row per prompt).
+
+`run_from` is this project's own pass over the blocks (it calls every TransformerLens module
+and hook point on the way, so hooks see what they see in a normal forward): its batch may hold
+each prompt many times (fast path patching: one row per sender and prompt), and the clean
+prefix is rotated and projected once per prompt and broadcast over those rows, where
+TransformerLens' KV cache would tile it per row and rotate all of it again in every layer. The
+result equals TransformerLens' full forward up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -19,8 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .errors import SetupError
 from .hooks import Hook
@@ -28,10 +34,17 @@ from .hooks import Hook
 SUPPORTED_POSITIONAL = ("rotary", "standard")
 
 
+# Configuration flags `run_from` does not reproduce (each changes the attention or the block).
+UNSUPPORTED_FLAGS = (
+    "use_attn_in", "use_split_qkv_input", "use_qk_norm", "use_dynamic_ntk_rope", "use_logn_attn",
+    "use_attention_sinks", "use_normalization_before_and_after",
+)
+
+
 def check_supported(model: HookedTransformer) -> None:
     """SetupError (one line) for model configurations whose activations a restart cannot
     reproduce exactly: positional schemes other than rotary or learned absolute embeddings,
-    and local (sliding-window) attention."""
+    local (sliding-window) attention, and the block variants in `UNSUPPORTED_FLAGS`."""
     cfg = model.cfg
     if cfg.positional_embedding_type not in SUPPORTED_POSITIONAL:
         raise SetupError(
@@ -40,6 +53,9 @@ def check_supported(model: HookedTransformer) -> None:
         )
     if cfg.attn_types is not None and "local" in cfg.attn_types:
         raise SetupError("models with local (sliding-window) attention layers are not supported")
+    flags = [f for f in UNSUPPORTED_FLAGS if getattr(cfg, f, False)]
+    if flags or cfg.attention_dir != "causal" or getattr(cfg, "clip_qkv", None) is not None:
+        raise SetupError(f"this model's attention is not supported ({', '.join(flags) or 'non-causal or clipped'})")
 
 
 @dataclass
@@ -123,11 +139,96 @@ def resume(
 
     Hooks see suffix coordinates on the query axis (position p is p - start); key axes of
     attention scores keep full positions. `grad`: keep the autograd graph (DCM's masks)."""
-    cache = prefix_cache(run.keys, run.values, start, layer, model.cfg.n_layers)
+    keys = {l: k[:, :start] for l, k in run.keys.items() if l >= layer}
+    values = {l: v[:, :start] for l, v in run.values.items() if l >= layer}
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return model.run_with_hooks(
-            run.resid[layer][:, start:], start_at_layer=layer, past_kv_cache=cache, fwd_hooks=list(fwd_hooks)
-        )
+        return run_from(model, run.resid[layer][:, start:], layer, keys, values, fwd_hooks)
+
+
+def run_from(
+    model: HookedTransformer,
+    x: Float[Tensor, "rows suffix d_model"],
+    layer: int,
+    keys: Mapping[int, Float[Tensor, "prompts start kv_head d_head"]],
+    values: Mapping[int, Float[Tensor, "prompts start kv_head d_head"]],
+    fwd_hooks: Sequence[Hook] = (),
+    stop_at_layer: int | None = None,
+) -> Tensor:
+    """Run layers `layer`.. (up to `stop_at_layer`, exclusive: then the residual stream is
+    returned) on `x`, the residual entering `layer` at positions start.. of some prompts, where
+    `keys[l]` / `values[l]` are the clean keys and values of positions < start of each prompt.
+    `x` may hold each prompt several times, rows repeat-major (row r * prompts + i is prompt i):
+    the prefix is shared by all of them. Returns logits at the suffix positions."""
+    check_supported(model)
+    stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        for i in range(layer, stop):
+            x = _block(model.blocks[i], x, keys[i], values[i])
+        if stop_at_layer is not None:
+            return x
+        if model.cfg.normalization_type is not None:
+            x = model.ln_final(x)
+        return apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
+
+
+def _block(block, resid_pre: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """One TransformerLens block (pre-norm, as `TransformerBlock.forward`) on a suffix that
+    attends to a shared clean prefix."""
+    cfg = block.cfg
+    resid_pre = block.hook_resid_pre(resid_pre)
+    attn_out = block.hook_attn_out(_attention(block.attn, block.ln1(resid_pre), keys, values))
+    if cfg.attn_only:
+        return block.hook_resid_post(resid_pre + attn_out)
+    if cfg.parallel_attn_mlp:
+        mlp_in = resid_pre if not cfg.use_hook_mlp_in else block.hook_mlp_in(resid_pre.clone())
+        return block.hook_resid_post(resid_pre + attn_out + block.apply_mlp(block.ln2(mlp_in)))
+    resid_mid = block.hook_resid_mid(resid_pre + attn_out)
+    mlp_in = resid_mid if not cfg.use_hook_mlp_in else block.hook_mlp_in(resid_mid.clone())
+    return block.hook_resid_post(resid_mid + block.apply_mlp(block.ln2(mlp_in)))
+
+
+def _per_head(t: Tensor, n_heads: int) -> Tensor:
+    """Keys or values with one head per query head (grouped-query kv heads repeated)."""
+    return t if t.shape[2] == n_heads else t.repeat_interleave(n_heads // t.shape[2], dim=2)
+
+
+def _attention(attn, normed: Tensor, prefix_keys: Tensor, prefix_values: Tensor) -> Tensor:
+    """Attention of the suffix rows (queries at positions start..) over the shared prefix and
+    the suffix itself, with TransformerLens' hook points and arithmetic (scale, soft cap,
+    causal mask with its IGNORE value, NaN-free softmax, W_O)."""
+    cfg = attn.cfg
+    n_heads, start = cfg.n_heads, prefix_keys.shape[1]
+    q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)  # hook_q / hook_k / hook_v
+    if cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, start))
+        k = attn.hook_rot_k(attn.apply_rotary(k, start))
+        prefix_keys = attn.apply_rotary(prefix_keys, 0)
+    rows, length = q.shape[:2]
+    prompts = prefix_keys.shape[0]
+    q = q.transpose(1, 2)  # rows head suffix d
+    k, v = (_per_head(t, n_heads).transpose(1, 2) for t in (k, v))
+    pk, pv = (_per_head(t.to(q.dtype), n_heads).transpose(1, 2) for t in (prefix_keys, prefix_values))
+    shared = q.reshape(rows // prompts, prompts, n_heads, length, -1)
+    scores = torch.cat(
+        [(shared @ pk.transpose(-1, -2)[None]).reshape(rows, n_heads, length, start), q @ k.transpose(-1, -2)], dim=-1
+    ) / attn.attn_scale
+    scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    visible = torch.cat([torch.ones(length, start, dtype=torch.bool, device=q.device), causal], dim=-1)
+    scores = attn.hook_attn_scores(torch.where(visible, scores, attn.IGNORE.to(scores.device)))
+    pattern = torch.softmax(scores, dim=-1)
+    pattern = attn.hook_pattern(torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)).to(v.dtype)
+    # The two halves of pattern @ values add up in float32 and round once, as one matmul would.
+    wide = torch.promote_types(v.dtype, torch.float32)
+    to_prefix = pattern[..., :start].reshape(rows // prompts, prompts, n_heads, length, start)
+    z = (to_prefix.to(wide) @ pv.to(wide)[None]).reshape(rows, n_heads, length, -1)
+    z = (z + pattern[..., start:].to(wide) @ v.to(wide)).to(v.dtype)
+    z = attn.hook_z(z.transpose(1, 2))  # rows suffix head d
+    if cfg.use_attn_result:
+        result = attn.hook_result(torch.einsum("bphd,hdm->bphm", z, attn.W_O))
+        return result.sum(-2) + attn.b_O
+    w = attn.W_O.reshape(n_heads * cfg.d_head, cfg.d_model).T.contiguous()
+    return torch.nn.functional.linear(z.reshape(rows, length, n_heads * cfg.d_head), w, attn.b_O)
 
 
 def embed(model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], start: int) -> Float[Tensor, "batch suffix d_model"]:
@@ -138,36 +239,6 @@ def embed(model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], star
     if model.cfg.positional_embedding_type == "standard":
         x = x + model.pos_embed(input_ids, start)
     return x
-
-
-class _SharedPrefix(TransformerLensKeyValueCacheEntry):
-    """Frozen clean keys/values of the positions before a suffix, stored once per prompt. A
-    suffix batch may hold each prompt several times (rows repeat-major, as path patching's
-    many senders per pass): the prefix is tiled only when its layer runs."""
-
-    def append(self, new_keys, new_values):
-        reps = new_keys.shape[0] // self.past_keys.shape[0]
-        keys = torch.cat([self.past_keys.repeat(reps, 1, 1, 1), new_keys], dim=1)
-        values = torch.cat([self.past_values.repeat(reps, 1, 1, 1), new_values], dim=1)
-        return keys, values
-
-
-def prefix_cache(
-    keys: Sequence[Tensor] | Mapping[int, Tensor],
-    values: Sequence[Tensor] | Mapping[int, Tensor],
-    start: int,
-    first_layer: int,
-    n_layers: int,
-) -> TransformerLensKeyValueCache:
-    """A frozen KV cache of the clean keys/values at positions < `start` of every layer from
-    `first_layer` on (indexed by layer): what a forward restarted there attends to."""
-    entries = [
-        _SharedPrefix(keys[i][:, :start], values[i][:, :start], frozen=True) if i >= first_layer else None
-        for i in range(n_layers)
-    ]
-    prompts = keys[first_layer]
-    mask = torch.ones(prompts.shape[0], start, dtype=torch.int, device=prompts.device)
-    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 def restart_bytes(model: HookedTransformer, n: int, seq: int, layer: int, start: int) -> int:
