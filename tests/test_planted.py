@@ -17,41 +17,30 @@ from tests.planted import (
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated")
 
 # =============================================================================================
-# Adapters: the only calls into et_circuits in this file (today's API). Porting the tests to a
-# new API means editing these functions only. Prompts are `et_circuits.prompts.PromptSet`s.
+# Adapters: the only calls into et_circuits in this file. Porting the tests to another API
+# means editing these functions only. Prompts are `et_circuits.PromptSet`s.
 
-from et_circuits import circuit as _circuit
-from et_circuits import cmap as _cmap
-from et_circuits import dcm as _dcm
-from et_circuits import path_patching as _pp
-from et_circuits.data import Batch as _Batch
+import et_circuits as _et
+from et_circuits import component_masking as _dcm
 
-
-def to_batch(prompts) -> _Batch:
-    """A PromptSet as today's `data.Batch` (dummy samples; no boxes)."""
-    n = len(prompts)
-    none = torch.full((n, 1), -1)
-    pos = prompts.positions
-    return _Batch([None] * n, prompts.input_ids, prompts.attention_mask, prompts.answers, pos["last"],
-                  pos["query_label"], pos["prev_query_label"], none, none)
+_Q = _et.RunSettings(16, progress=False)
 
 
 def code_path_patch_step1(model, clean, corrupt, method: str) -> torch.Tensor:
     """Step 1 (senders at the last token, read at the logits) scores of every head [layer, head]."""
-    return _pp.step_scores(model, to_batch(clean), to_batch(corrupt), _pp.STEPS[0], [], method,
-                           batch_size=16, progress=False)
+    return _et.path_patch(model, clean, corrupt, "last", method=method, settings=_Q)
 
 
 def _pair_data(model, pairs, position, heads):
     base, source, target = pairs
-    return _dcm.pair_data(model, _dcm.Pairs(to_batch(base), to_batch(source), target), position, heads)
+    return _dcm.prepare(model, _et.Pairs(base.replace(answers=target), source), position, heads)
 
 
 def code_dcm(model, heads, position: str, train, eval, test, lam: float) -> dict:
     """Train a DCM mask over `heads` at `position` (the paper's lr 0.1, 2 epochs; batch 16) on
     (base, source, target) triples; the final mask (in `heads` order), the selected heads, eval
     accuracy, and the test accuracy when the selected heads are patched from source into base."""
-    config = _dcm.DCMConfig(lam=lam, lr=0.1, epochs=2, batch_size=16)
+    config = _et.DCMConfig(lam=lam, lr=0.1, epochs=2, batch_size=16)
     result = _dcm.train_mask(model, heads, _pair_data(model, train, position, heads),
                              _pair_data(model, eval, position, heads), config, seed=0)
     test_data = _pair_data(model, test, position, heads)
@@ -62,15 +51,14 @@ def code_dcm(model, heads, position: str, train, eval, test, lam: float) -> dict
 
 def code_evaluate(model, groups: dict, prompts, reference, n_random: int) -> dict[str, float]:
     """Table 1's row: full, circuit, random (mean over `n_random` draws) and faithfulness."""
-    ev = _circuit.evaluate(model, _circuit.Circuit(groups), to_batch(prompts), to_batch(reference), n_random, 0, 16)
+    ev = _et.evaluate_circuit(model, _et.Circuit(groups), prompts, reference, n_random, 0, _Q)
     return {"full": ev.full, "circuit": ev.circuit, "random": ev.random, "faithfulness": ev.faithfulness}
 
 
 def code_cmap_accuracy(base, source, prompts, groups: dict, patch: str) -> dict[str, float]:
     """CMAP as the stage runs it: accuracy of `base`, of `source`, and of `base` with `groups`
     (paper group name -> heads, each at the package's position for it) patched with `patch`."""
-    variant = _cmap.Variant("test", patch, groups)
-    result = _cmap.cmap_accuracy(base, source, to_batch(prompts), [variant], batch_size=16, progress=False)
+    result = _et.cmap(base, source, prompts, [_et.Variant("test", patch, _et.Circuit(groups))], _Q)
     return {"base": result.base, "source": result.source, "patched": result.variants[0][1]}
 
 
