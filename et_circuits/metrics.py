@@ -75,3 +75,22 @@ def accuracy(
     """Fraction of prompts whose argmax at the last position is the answer token."""
     logits = last_logits(model, prompts, hooks_for, settings, desc="accuracy")
     return (logits.argmax(-1) == prompts.answers.cpu()).float().mean().item()
+
+
+def metric_total(metric: Metric, logits: Tensor, prompts: PromptSet) -> float:
+    """The metric on one chunk, times its size (chunks add up to n x the set's metric)."""
+    value = metric(logits, prompts)
+    value = value.double().mean() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    return float(value) * len(prompts)
+
+
+def score_of(total: Tensor, total_clean: float, n: int, relative: bool) -> Tensor:
+    """Scores from `metric_total`s over n prompts: metric(patched) - metric(clean), divided by
+    metric(clean) when `relative` (float32)."""
+    clean_value = total_clean / n
+    scores = total / n - clean_value
+    if relative:
+        if clean_value == 0:
+            raise DataError("the metric is 0 on the clean prompts: a relative score is undefined")
+        scores = scores / clean_value
+    return scores.float()

@@ -56,11 +56,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .circuit import Circuit, head_mask
-from .errors import CircuitError, DataError
+from .errors import CircuitError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
-from .metrics import Metric, answer_prob
+from .metrics import Metric, answer_prob, metric_total, score_of
 from .prompts import LAST, PromptSet
-from .resume import CleanRun, check_supported, embed, run_from
+from .resume import CleanRun, check_supported, earliest, embed, run_from, same_start_chunks, tile
 from .settings import QUIET, RunSettings
 from .types import INPUT_KINDS, PAPER_GROUPS, Head, Receiver
 
@@ -103,13 +103,6 @@ class _Sites:
         return sorted({int(l) for m in self.masks.values() for l in m.any(1).nonzero()[:, 0].tolist()})
 
 
-def _chunk_metric(metric: Metric, logits: Tensor, prompts: PromptSet) -> float:
-    """The metric on one chunk, times its size (chunks add up to n x the set's metric)."""
-    value = metric(logits, prompts)
-    value = value.double().mean() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
-    return float(value) * len(prompts)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reference: two full forward passes per sender
 
@@ -132,7 +125,7 @@ def _reference_chunk(
     at = clean.position_set(sender_position)
     z_names = [hook_name("z", layer) for layer in range(n_layers)]
     logits, cache = model.run_with_cache(ids, names_filter=lambda n: n in z_names)
-    clean_total = _chunk_metric(metric, logits_at(logits, last), clean)
+    clean_total = metric_total(metric, logits_at(logits, last), clean)
     clean_z = {layer: cache[hook_name("z", layer)] for layer in range(n_layers)}
     del cache
     corrupt_z = gather(model, corrupt.input_ids, "z", at)  # layer -> batch k head d
@@ -154,7 +147,7 @@ def _reference_chunk(
                 recorded = gather(model, ids, kind, where, receiver_layers, fwd_hooks=frozen)
                 hooks += patch_hooks(kind, recorded, where, mask.to(ids.device))
             logits = model.run_with_hooks(ids, fwd_hooks=hooks)
-        out[layer, head] = _chunk_metric(metric, logits_at(logits, last), clean)
+        out[layer, head] = metric_total(metric, logits_at(logits, last), clean)
     return out, clean_total
 
 
@@ -245,7 +238,7 @@ def prepare(
         prepared = PreparedRuns(CleanRun.concat(runs), torch.cat(last_logits), clean_at, corrupt_z)
         del runs
         start = _first_change(clean, corrupt, positions)
-        parts = _same_start_chunks(start, settings.batch_size)
+        parts = same_start_chunks(start, settings.batch_size)
         for index in tqdm(parts, desc="path patching: corrupt runs", disable=not settings.progress, leave=False):
             s = int(start[index[0]])
             keys, values = ({l: run[l][index, :s].to(device) for l in layers} for run in (prepared.run.keys, prepared.run.values))
@@ -272,28 +265,8 @@ def _first_change(clean: PromptSet, corrupt: PromptSet, positions: Sequence[str]
     differs = clean.input_ids != corrupt.input_ids.to(clean.device)
     first = torch.where(differs.any(1), differs.int().argmax(1), differs.shape[1])
     for p in positions:
-        first = torch.minimum(first, _earliest(clean.position_set(p)))
+        first = torch.minimum(first, earliest(clean.position_set(p)))
     return first
-
-
-def _earliest(at: Int[Tensor, "batch k"]) -> Int[Tensor, " batch"]:
-    """Each prompt's first position of a set (a prompt without any: its length would do; 0)."""
-    big = torch.iinfo(at.dtype).max
-    first = torch.where(at >= 0, at, torch.full_like(at, big)).min(1).values
-    return torch.where(first == big, torch.zeros_like(first), first)
-
-
-def _same_start_chunks(start: Int[Tensor, " batch"], size: int) -> list[Int[Tensor, " n"]]:
-    """Prompt indices in chunks of at most `size` that share a start position, so a chunk's
-    suffix run (a receiver run, a corrupt run) starts right there."""
-    chunks = []
-    for value in torch.unique(start).tolist():
-        chunks += list((start == value).nonzero()[:, 0].split(size))
-    return chunks
-
-
-def _tile(t: Tensor, reps: int) -> Tensor:
-    return t.repeat(reps, *([1] * (t.ndim - 1)))
 
 
 def _match(at: Int[Tensor, "n k"], where: Int[Tensor, "n m"]) -> Int[Tensor, "n m"]:
@@ -326,7 +299,7 @@ def _fast_chunk(
     clean_z, corrupt_z = runs.clean_at["z"][sender_position], runs.corrupt_z[sender_position]
     receiver_layers = sites.layers
     out = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
-    clean_value = _chunk_metric(metric, runs.last_logits, clean)
+    clean_value = metric_total(metric, runs.last_logits, clean)
     todo = [tuple(h) for h in senders.nonzero().tolist()]  # sorted by layer, then head
     if sites.masks:  # a sender at or above every receiver cannot reach one
         for layer, head in [h for h in todo if h[0] >= receiver_layers[-1]]:
@@ -343,16 +316,16 @@ def _fast_chunk(
         stop = n_layers if not sites.masks else receiver_layers[-1] + 1
         # Frozen run at the sender positions only, from the senders' layer: every head clean,
         # except each row's sender, corrupt.
-        frozen = {m: _tile(clean_z[m], reps).view(reps, n, k, n_heads, -1) for m in range(first, stop)}
+        frozen = {m: tile(clean_z[m], reps).view(reps, n, k, n_heads, -1) for m in range(first, stop)}
         for r, (layer, head) in enumerate(group):
             frozen[layer][r, :, :, head] = corrupt_z[layer][:, :, head]
         frozen = {m: v.view(reps * n, k, n_heads, -1) for m, v in frozen.items()}
-        x = _tile(x_clean[first][rows, at.clamp(min=0)], reps)  # rows k d_model
+        x = tile(x_clean[first][rows, at.clamp(min=0)], reps)  # rows k d_model
         if not sites.masks:
             logits = model.run_with_hooks(x, start_at_layer=first, fwd_hooks=override_hooks("z", frozen))
             slot = _match(at, last[:, None])[:, 0]  # where the last position is a sender position
-            picked = logits[torch.arange(reps * n, device=device), _tile(slot.clamp(min=0), reps)]
-            logits = torch.where(_tile(slot >= 0, reps)[:, None], picked, _tile(runs.last_logits, reps).to(picked.dtype))
+            picked = logits[torch.arange(reps * n, device=device), tile(slot.clamp(min=0), reps)]
+            logits = torch.where(tile(slot >= 0, reps)[:, None], picked, tile(runs.last_logits, reps).to(picked.dtype))
         else:
             above = [m for m in receiver_layers if m > first]
             recorded: dict[str, dict[int, Tensor]] = {kind: {} for kind, _ in sites.masks}
@@ -362,13 +335,13 @@ def _fast_chunk(
                 x, start_at_layer=first, stop_at_layer=stop, fwd_hooks=[*override_hooks("z", frozen), *store]
             )
             # Receiver run: positions start..end, from the lowest receiver above the senders.
-            start, end = int(_earliest(at).min()), int(last.max()) + 1
+            start, end = int(earliest(at).min()), int(last.max()) + 1
             hooks = []
             for (kind, spec), mask in sites.masks.items():
                 # Each receiver slot takes the frozen run's input: recorded at the sender slot
                 # at the same position, and the clean input elsewhere.
                 where = clean.position_set(spec)  # n m
-                slot = _tile(_match(at, where), reps).view(reps, n, -1)
+                slot = tile(_match(at, where), reps).view(reps, n, -1)
                 index = slot.clamp(min=0)[..., None, None]
                 values = {}
                 for m, v in recorded[kind].items():
@@ -377,15 +350,15 @@ def _fast_chunk(
                     clean_in = runs.clean_at[kind][spec][m][None].to(v.dtype)
                     values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(reps * n, -1, n_heads, v.shape[-1])
                 shifted = torch.where(where >= 0, where - start, where)
-                hooks += patch_hooks(kind, values, _tile(shifted, reps), mask.to(device))
+                hooks += patch_hooks(kind, values, tile(shifted, reps), mask.to(device))
             prefix = {l: runs.run.keys[l][:, :start] for l in range(above[0], n_layers)}, {
                 l: runs.run.values[l][:, :start] for l in range(above[0], n_layers)
             }
-            logits = run_from(model, _tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks)
-            logits = logits_at(logits, _tile(last - start, reps))
+            logits = run_from(model, tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks)
+            logits = logits_at(logits, tile(last - start, reps))
         logits = logits.view(reps, n, -1)
         for r, (layer, head) in enumerate(group):
-            out[layer, head] = _chunk_metric(metric, logits[r], clean)
+            out[layer, head] = metric_total(metric, logits[r], clean)
     return out, clean_value
 
 
@@ -447,7 +420,7 @@ def path_patch(
                 raise CircuitError(f"the prepared runs do not cover these prompts at {', '.join(missing) or 'all'}")
             sender_batch = max(1, min(int(sender_mask.sum(1).max()), settings.max_rows))
             at = clean.position_set(sender_position)
-            chunks = _same_start_chunks(_earliest(at), max(1, settings.max_rows // sender_batch))
+            chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
                 change, clean_value = _fast_chunk(
                     model, runs.take(index, device), clean[index].to(device), sender_position, sites, sender_mask,
@@ -455,14 +428,7 @@ def path_patch(
                 )
                 total += change
                 total_clean += clean_value
-    n = len(clean)
-    clean_value = total_clean / n
-    scores = total / n - clean_value
-    if relative:
-        if clean_value == 0:
-            raise DataError("the metric is 0 on the clean prompts: a relative score is undefined")
-        scores = scores / clean_value
-    return scores.float()
+    return score_of(total, total_clean, len(clean), relative)
 
 
 def top_heads(scores: Float[Tensor, "layer head"], k: int) -> list[Head]:

@@ -5,7 +5,8 @@ A position is named, and its tensor holds one index per prompt (`Int[Tensor, "ba
 for a *position set* such as "every segment's label", several (`Int[Tensor, "batch k"]`, -1
 where a prompt has fewer). Methods take position *specs*: a name, or a name with an offset,
 `"labels+1"` (the token after each label). Whoever builds the prompts computes the positions
-once; no method derives them from token ids.
+once; no method derives them from token ids. A tuple of specs is their union, e.g.
+`("labels+1", "labels+2")`: the two tokens after every label.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .errors import DataError
 
+Spec = str | tuple[str, ...]  # a position spec, or a union of them
 LAST = "last"  # every prompt set has it: each prompt's last real token (the one metrics read)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(\d+))?\s*$")
@@ -150,13 +152,18 @@ class PromptSet:
         """One index per prompt for `spec` ("name" or "name+offset"); DataError for a position
         set or an unknown name."""
         at = self.position_set(spec)
-        if self.positions[parse_spec(spec)[0]].ndim != 1:
+        if at.shape[1] != 1 or self.positions[parse_spec(spec)[0]].ndim != 1:
             raise DataError(f"position {spec!r} is a set of positions per prompt, not one")
         return at[:, 0]
 
-    def position_set(self, spec: str) -> Int[Tensor, "batch k"]:
+    def position_set(self, spec: "Spec") -> Int[Tensor, "batch k"]:
         """The indices of `spec` as a (batch, k) tensor, -1 where a prompt has fewer; a
-        single-valued position gives k = 1. Offsets must stay inside each prompt."""
+        single-valued position gives k = 1, a tuple of specs their union (concatenated).
+        Offsets must stay inside each prompt."""
+        if not isinstance(spec, str):
+            if not spec:
+                raise DataError("an empty tuple of positions")
+            return torch.cat([self.position_set(s) for s in spec], dim=1)
         name, offset = parse_spec(spec)
         if name not in self.positions:
             raise DataError(f"unknown position {name!r}; these prompts have {', '.join(self.positions)}")

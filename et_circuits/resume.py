@@ -264,3 +264,28 @@ def restarts(
         for i, (layer, start) in enumerate(points):
             parts[i].append(run.restrict(layer, start))
     return [CleanRun.concat(p) for p in parts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching restarts: rows that repeat prompts, grouped by where their suffix starts
+
+
+def tile(t: Tensor, reps: int) -> Tensor:
+    """`reps` copies of `t` along the batch, repeat-major (the row layout of `run_from`)."""
+    return t.repeat(reps, *([1] * (t.ndim - 1)))
+
+
+def earliest(at: Int[Tensor, "batch k"]) -> Int[Tensor, " batch"]:
+    """Each prompt's first position of a set (a prompt without any: its length would do; 0)."""
+    big = torch.iinfo(at.dtype).max
+    first = torch.where(at >= 0, at, torch.full_like(at, big)).min(1).values
+    return torch.where(first == big, torch.zeros_like(first), first)
+
+
+def same_start_chunks(start: Int[Tensor, " batch"], size: int) -> list[Int[Tensor, " n"]]:
+    """Prompt indices in chunks of at most `size` that share a start position, so a chunk's
+    suffix run (a receiver run, a corrupt run) starts right there."""
+    chunks = []
+    for value in torch.unique(start).tolist():
+        chunks += list((start == value).nonzero()[:, 0].split(size))
+    return chunks

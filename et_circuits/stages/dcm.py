@@ -230,8 +230,8 @@ def cmd_dcm_figure(args: argparse.Namespace) -> None:
         todo.append(("dcm_extra", figures.extra_figure(frame)))
     figures.save_figures(todo, args.figures)
     main = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
-    for (model, letter), rows in main.groupby(["model", "letter"], sort=False):
-        print(f"figure 2 {model} {letter}: " + " ".join(
+    for (model, group), rows in main.groupby(["model", "letter"], sort=False):
+        print(f"figure 2 {model} {group}: " + " ".join(
             f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples()
         ))
 

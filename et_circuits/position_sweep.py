@@ -1,0 +1,165 @@
+"""Where does a mechanism live? A sweep over positions, for prompts whose positions line up.
+
+For each position spec p (an absolute token of a shared layout, or a position relative to a
+named anchor such as "labels+1"), and each layer l, the *layer sweep* patches every head's
+output (`hook_z`) at p in layer l from the corrupt prompt into the clean run and reads the
+metric: the total effect of what layer l writes at p. At the positions it marks (the largest
+effects), two head sweeps follow:
+
+- `heads`: the same patch, one head at a time (activation patching);
+- `paths`: path patching's freeze semantics (`path_patching.path_patch`) with the sender at p
+  and every later head's q, k and v at p as receivers: the effect of what a head writes at p
+  on the heads that read from p, with every other head frozen.
+
+Scores are metric(patched) - metric(clean), divided by metric(clean) when `relative` (the
+default metric, the mean answer probability, is relative as in path patching).
+
+Cost: patching layer l at p recomputes layers >= l at positions >= p, restarted from the clean
+run (`resume.run_from`); the heads of one layer share each pass (one row per head and prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from .errors import DataError
+from .metrics import Metric, answer_prob, metric_total, score_of
+from .path_patching import PreparedRuns, path_patch, per_head_values, prepare
+from .prompts import LAST, PromptSet, Spec
+from .resume import earliest, run_from, same_start_chunks, tile
+from .settings import QUIET, RunSettings
+from .types import Receiver
+
+
+@dataclass
+class Sweep:
+    """A sweep's scores: per position, per layer (`layers[i, l]` for `positions[i]`); and at the
+    `marked` positions, per head, by activation patching (`heads`) and by path patching through
+    every later head's inputs there (`paths`). `tokens`: a typical prompt's token at each
+    position (for figures)."""
+
+    positions: list[Spec]
+    layers: Float[Tensor, "position layer"]
+    marked: list[Spec] = field(default_factory=list)
+    heads: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
+    paths: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
+    tokens: list[str] = field(default_factory=list)
+
+
+def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
+    """The prompts with a position `t<i>` for every token index i, and those names; DataError
+    unless every prompt has the same length (a shared layout)."""
+    if not bool((prompts.attention_mask == 1).all()):
+        raise DataError("an absolute-position sweep needs prompts of one length; give anchored positions instead")
+    n, seq = prompts.input_ids.shape
+    names = [f"t{i}" for i in range(seq)]
+    return prompts.replace(positions={name: torch.full((n,), i) for i, name in enumerate(names)}), names
+
+
+@torch.no_grad()
+def _patched_metrics(
+    model: HookedTransformer,
+    runs: PreparedRuns,
+    clean: PromptSet,
+    spec: Spec,
+    layer: int,
+    heads: Sequence[int] | None,
+    metric: Metric,
+    settings: RunSettings,
+) -> tuple[Float[Tensor, " variants"], float]:
+    """n x metric with layer `layer`'s heads at `spec` taking their corrupt values: all of them
+    at once (`heads` None), or each of `heads` alone (one variant each); and n x the clean metric."""
+    variants = [None] if heads is None else list(heads)
+    n_heads, device = model.cfg.n_heads, model.cfg.device
+    total = torch.zeros(len(variants), dtype=torch.float64)
+    total_clean = 0.0
+    at_all = clean.position_set(spec)
+    rows = max(1, settings.max_rows // len(variants))
+    for index in same_start_chunks(earliest(at_all), rows):
+        chunk, taken = clean[index].to(device), runs.take(index, device)
+        at, n = chunk.position_set(spec), len(index)
+        start, last = int(earliest(at).min()), chunk.position(LAST)
+        clean_z, corrupt_z = taken.clean_at["z"][spec][layer], taken.corrupt_z[spec][layer]
+        values = tile(clean_z, len(variants)).view(len(variants), n, at.shape[1], n_heads, -1)
+        for r, head in enumerate(variants):
+            if head is None:
+                values[r] = corrupt_z
+            else:
+                values[r, :, :, head] = corrupt_z[:, :, head]
+        # the patch: z at the spec's slots (shifted to the suffix) becomes `values`
+        slots = tile(torch.where(at >= 0, at - start, at), len(variants))
+        hook = _slot_hook(slots, values.view(len(variants) * n, at.shape[1], n_heads, -1))
+        keys = {l: k[:, :start] for l, k in taken.run.keys.items() if l >= layer}
+        vals = {l: v[:, :start] for l, v in taken.run.values.items() if l >= layer}
+        x = tile(taken.run.resid[layer][:, start:], len(variants))
+        logits = run_from(model, x, layer, keys, vals, [(f"blocks.{layer}.attn.hook_z", hook)])
+        logits = logits[torch.arange(len(variants) * n, device=device), tile(last - start, len(variants))]
+        logits = logits.view(len(variants), n, -1)
+        for r in range(len(variants)):
+            total[r] += metric_total(metric, logits[r], chunk)
+        total_clean += metric_total(metric, taken.last_logits, chunk)
+    return total, total_clean
+
+
+def _slot_hook(slots: Tensor, values: Tensor):
+    """A hook_z hook writing `values` ([rows, k, head, d]) at each row's slot positions."""
+    def hook(act, hook):
+        rows = torch.arange(act.shape[0], device=act.device)[:, None].expand_as(slots)
+        valid = slots >= 0
+        act = act.clone()
+        act[rows[valid], slots[valid]] = values[valid].to(act.dtype)
+        return act
+    return hook
+
+
+def sweep(
+    model: HookedTransformer,
+    clean: PromptSet,
+    corrupt: PromptSet,
+    positions: Sequence[Spec] | None = None,
+    metric: Metric | None = None,
+    relative: bool | None = None,
+    mark: float = 0.1,
+    settings: RunSettings = QUIET,
+) -> Sweep:
+    """The layer sweep over `positions` (default: every token of prompts that share one
+    layout), then both head sweeps at the positions whose largest |layer score| is at least
+    `mark` times the largest of all. See the module docstring."""
+    if not 0 < mark <= 1:
+        raise DataError(f"mark must be in (0, 1], got {mark}")
+    relative = (metric is None) if relative is None else relative
+    metric = answer_prob if metric is None else metric
+    if positions is None:
+        clean, positions = absolute_positions(clean)
+        corrupt = corrupt.replace(positions={p: clean.positions[p] for p in positions})
+    positions = list(positions)
+    n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(clean)
+    runs = prepare(model, clean, corrupt, positions, settings)
+    layer_scores = torch.zeros(len(positions), n_layers)
+    with per_head_values(model):
+        work = [(i, layer) for i in range(len(positions)) for layer in range(n_layers)]
+        for i, layer in tqdm(work, desc="position sweep: layers", disable=not settings.progress, leave=False):
+            total, total_clean = _patched_metrics(model, runs, clean, positions[i], layer, None, metric, settings)
+            layer_scores[i, layer] = score_of(total, total_clean, n, relative)[0]
+        strength = layer_scores.abs().amax(1)
+        marked = [p for p, s in zip(positions, strength.tolist()) if s >= mark * float(strength.max()) and s > 0]
+        heads: dict[Spec, Tensor] = {}
+        paths: dict[Spec, Tensor] = {}
+        for spec in tqdm(marked, desc="position sweep: heads", disable=not settings.progress, leave=False):
+            heads[spec] = torch.stack([
+                score_of(*_patched_metrics(model, runs, clean, spec, layer, range(n_heads), metric, settings), n, relative)
+                for layer in range(n_layers)
+            ])
+            readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
+            paths[spec] = path_patch(model, clean, corrupt, spec, readers, metric, relative, settings=settings, runs=runs)
+    tok = model.tokenizer
+    ids = clean.input_ids[0].tolist()
+    tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(t) for t in ids]
+    return Sweep(positions, layer_scores, marked, heads, paths, tokens)
