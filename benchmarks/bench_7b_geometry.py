@@ -1,20 +1,28 @@
-"""Path patching at LLaMA-7B geometry: a randomly initialised 32-layer, 32-head, d_model 4096
-HookedTransformer (bf16 on a GPU), 300 prompts, the full four-step sweep with the fast method;
-the reference method is timed on a few senders per step and extrapolated to all 1024, and its
-scores on those senders are compared with the fast ones. Goal: the full fast sweep in at most
-5 minutes on one H200.
+"""Path patching at LLaMA-7B head geometry with paper-like receivers: a randomly initialised
+32-layer, 32-head HookedTransformer, the paper's four steps with the fast method, and the
+reference method timed on senders spread over the layers and extrapolated to all of them.
 
-    python benchmarks/bench_7b_geometry.py                 # GPU, 7B geometry, bf16
-    python benchmarks/bench_7b_geometry.py --small         # CPU, reduced geometry (tests run this)
+The receivers of steps B-D are placed as in the paper, not taken from what random weights
+rank first (with random weights the top heads of a step can sit in layer 0, leaving the next
+step nothing to reach): group A's 20 heads, B's 5 and C's 10 at layers drawn around the
+paper's exemplar heads (A L21, B L14, C L10; D L8 is a sender), scaled to the model's depth.
 
-Prompts use the organism's word-level tokenizer (its ids fit the 32000-token vocabulary); the
-weights are random, so only the timing and the agreement of the two methods mean anything.
+    python benchmarks/bench_7b_geometry.py                     # GPU: d_model 4096, bf16, 300 prompts
+    python benchmarks/bench_7b_geometry.py --cpu               # CPU: d_model 512, fp32, 8 prompts
+    python benchmarks/bench_7b_geometry.py --small             # 4 layers x 8 heads (the tests run this)
+
+Per step it prints both methods' time and their cost in plain forwards (one plain forward pass
+over all prompts), and the ratio's range over three disjoint reference sender samples; the
+last line is `7b_geometry speedup=<median> ...`. Prompts use the organism's word-level
+tokenizer (its ids fit LLaMA's 32000-token vocabulary too); only the timing and the agreement
+of the two methods mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,15 +31,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import models  # noqa: E402
+from et_circuits import metrics, models  # noqa: E402
 from et_circuits import path_patching as pp  # noqa: E402
 from et_circuits.entity_tracking import data, recipe  # noqa: E402
-from et_circuits.settings import RunSettings  # noqa: E402
 from et_circuits.organism.tokenizer import build_tokenizer  # noqa: E402
+from et_circuits.settings import RunSettings  # noqa: E402
 
-GEOMETRY_7B = dict(n_layers=32, n_heads=32, d_model=4096, d_mlp=11008, vocab=32000)
-GEOMETRY_SMALL = dict(n_layers=4, n_heads=8, d_model=128, d_mlp=256, vocab=32000)
+# The CPU geometries keep LLaMA-7B's heads (what path patching's cost depends on) with a
+# narrow residual stream and the organism's vocabulary, so that a plain forward takes well
+# under a second on 2 cores.
+GEOMETRIES = {
+    "7b": dict(n_layers=32, n_heads=32, d_model=4096, d_mlp=11008, vocab=32000),
+    "cpu": dict(n_layers=32, n_heads=32, d_model=512, d_mlp=1376, vocab=None),
+    "small": dict(n_layers=4, n_heads=8, d_model=128, d_mlp=256, vocab=None),
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PAPER_LAYERS = 32
+# Group sizes of the paper's Llama-7B circuit that steps B-D receive from, and the layer of the
+# paper's exemplar head of each group (Section 3).
+RECEIVER_GROUPS = {"pos_transmitter": ("value_fetcher", 20, 21), "pos_detector": ("pos_transmitter", 5, 14),
+                   "struct_reader": ("pos_detector", 10, 10)}
+SAMPLES = 3  # disjoint reference sender samples per step
 
 
 def random_llama(n_layers, n_heads, d_model, d_mlp, vocab, device, dtype):
@@ -41,13 +61,8 @@ def random_llama(n_layers, n_heads, d_model, d_mlp, vocab, device, dtype):
     from transformers import LlamaConfig
 
     hf_config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
     )
     cfg = models.hooked_config(hf_config, device, dtype)
     with torch.device(device):
@@ -55,87 +70,114 @@ def random_llama(n_layers, n_heads, d_model, d_mlp, vocab, device, dtype):
     return model.to(device).eval()
 
 
+def paper_like_receivers(n_layers: int, n_heads: int, rng: random.Random) -> dict[str, list[tuple[int, int]]]:
+    """Per step B-D, the previous group's heads: the paper's group size (capped to a quarter of
+    the model), at layers within +-2 (scaled) of the paper's exemplar layer."""
+    out = {}
+    for step, (_, size, layer) in RECEIVER_GROUPS.items():
+        centre = round(layer * n_layers / PAPER_LAYERS)
+        spread = max(1, round(2 * n_layers / PAPER_LAYERS))
+        layers = [l for l in range(centre - spread, centre + spread + 1) if 0 < l < n_layers]
+        pool = [(l, h) for l in layers for h in range(n_heads)]
+        out[step] = sorted(rng.sample(pool, min(size, len(pool), n_layers * n_heads // 4)))
+    return out
+
+
+def sender_samples(n_layers: int, n_heads: int, per_sample: int, rng: random.Random) -> list[list[tuple[int, int]]]:
+    """`SAMPLES` disjoint sets of senders, each with the same number from every layer (about
+    `per_sample` in all)."""
+    per_layer = max(1, min(per_sample // n_layers, n_heads // SAMPLES))
+    heads = [rng.sample(range(n_heads), n_heads) for _ in range(n_layers)]
+    return [
+        [(layer, h) for layer in range(n_layers) for h in heads[layer][s * per_layer : (s + 1) * per_layer]]
+        for s in range(SAMPLES)
+    ]
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+def timed(fn, device: str):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="reduced geometry on CPU (fp32) to test this script")
-    p.add_argument("--n", type=int, default=None, help="prompts (default 300; 16 with --small)")
+    p.add_argument("--cpu", action="store_true", help="7B head geometry at d_model 512 on CPU (fp32, 8 prompts)")
+    p.add_argument("--small", action="store_true", help="4 layers x 8 heads on CPU, to test this script")
+    p.add_argument("--n", type=int, default=None, help="prompts (default 300 on a GPU, 8 on CPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 (float32 with --small)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per plain forward")
     p.add_argument("--max-rows", type=int, default=4096, help="(sender, prompt) rows per fast pass")
-    p.add_argument("--reference-senders", type=int, default=4, help="senders per step the reference is timed on")
+    p.add_argument("--reference-senders", type=int, default=32, help="senders per sample the reference is timed on")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    geometry = GEOMETRY_SMALL if args.small else GEOMETRY_7B
-    device = args.device or ("cpu" if args.small or not torch.cuda.is_available() else "cuda")
-    dtype = DTYPES[args.dtype or ("float32" if args.small else "bfloat16")]
-    n = args.n or (16 if args.small else 300)
+    on_cpu = args.cpu or args.small
+    geometry = GEOMETRIES["small" if args.small else "cpu" if args.cpu else "7b"]
+    device = args.device or ("cpu" if on_cpu or not torch.cuda.is_available() else "cuda")
+    dtype = DTYPES[args.dtype or ("float32" if on_cpu else "bfloat16")]
+    n = args.n or (8 if on_cpu else 300)
 
     torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
     t0 = time.perf_counter()
-    model = random_llama(**geometry, device=device, dtype=dtype)
     tok = build_tokenizer()
-    vocab = data.vocabulary(tok, min_objects=7, min_labels=8)
-    clean, corrupt = recipe.path_patching_prompts(tok, vocab, n, 7, args.seed)
+    model = random_llama(**{**geometry, "vocab": geometry["vocab"] or len(tok)}, device=device, dtype=dtype)
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_objects=7, min_labels=8), n, 7, args.seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     print(
         f"geometry {n_layers} layers x {n_heads} heads, d_model {model.cfg.d_model}, {dtype}, {device}; "
-        f"{n} prompts of {clean.input_ids.shape[1]} tokens; model built in {time.perf_counter() - t0:.1f}s",
+        f"{n} prompts of {clean.seq_len} tokens; model built in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    top_k = pp.effective_top_k(recipe.PAPER_TOP_K, n_layers, n_heads)
-    fast_settings = RunSettings(args.batch_size, args.max_rows, progress=True)
+    fast_settings = RunSettings(args.batch_size, args.max_rows, progress=False)
     ref_settings = RunSettings(args.batch_size, progress=False)
-    rng = random.Random(args.seed)
-    all_heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    forward = min(timed(lambda: metrics.last_logits(model, clean, settings=ref_settings), device)[1] for _ in range(3))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    receivers_of = paper_like_receivers(n_layers, n_heads, rng)
+    samples = sender_samples(n_layers, n_heads, args.reference_senders, rng)
 
-    sync(device)
-    t0 = time.perf_counter()
-    runs = pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], fast_settings)
-    sync(device)
-    fast_total = time.perf_counter() - t0
-    print(f"  clean and corrupt runs: {fast_total:.1f}s", flush=True)
-    reference_total, worst, previous = 0.0, 0.0, []
-    for step, k in zip(pp.PAPER_STEPS, top_k):
-        receivers = pp.step_receivers(step, previous) or None
-        sync(device)
-        t0 = time.perf_counter()
-        fast = pp.path_patch(model, clean, corrupt, step.position, receivers, settings=fast_settings, runs=runs)
-        sync(device)
-        t_fast = time.perf_counter() - t0
+    runs, fast_total = timed(lambda: pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], fast_settings), device)
+    print(f"  one plain forward {forward:.2f}s; clean and corrupt runs {fast_total:.1f}s ({fast_total / forward:.1f} forwards)")
+    reference_totals, worst = [0.0] * SAMPLES, 0.0
+    largest = {}
+    for step in pp.PAPER_STEPS:
+        receivers = pp.step_receivers(step, receivers_of.get(step.group, [])) or None
+        fast, t_fast = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, settings=fast_settings, runs=runs), device)
         fast_total += t_fast
-
-        # reference: its per-chunk clean and corrupt runs once, plus two passes per sender
-        senders = rng.sample(all_heads, min(args.reference_senders, len(all_heads)))
-        timings = []
-        for subset in ([], senders):
-            t0 = time.perf_counter()
-            ref = pp.path_patch(
-                model, clean, corrupt, step.position, receivers, senders=subset, method="reference", settings=ref_settings
-            )
-            sync(device)
-            timings.append(time.perf_counter() - t0)
-        fixed, with_senders = timings
-        t_ref = fixed + (with_senders - fixed) * len(all_heads) / len(senders)
-        reference_total += t_ref
-        rows, cols = zip(*senders)
-        diff = (fast[list(rows), list(cols)] - ref[list(rows), list(cols)]).abs().max().item()
-        worst = max(worst, diff)
+        _, fixed = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, senders=[], method="reference", settings=ref_settings), device)
+        extrapolated = []
+        for i, senders in enumerate(samples):
+            ref, t = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, senders=senders, method="reference", settings=ref_settings), device)
+            full = fixed + (t - fixed) * n_layers * n_heads / len(senders)
+            extrapolated.append(full)
+            reference_totals[i] += full
+            rows, cols = zip(*senders)
+            worst = max(worst, (fast[list(rows), list(cols)] - ref[list(rows), list(cols)]).abs().max().item())
+        largest[step.group] = fast.abs().max().item()
         print(
-            f"  step {step.group:16s} fast {t_fast:8.1f}s | reference {t_ref:9.1f}s (extrapolated from "
-            f"{len(senders)} senders) | max |fast - reference| on those {diff:.2e}",
+            f"  step {step.group:16s} fast {t_fast:8.1f}s ({t_fast / forward:7.1f} fwd) | reference {statistics.median(extrapolated):9.1f}s "
+            f"({statistics.median(extrapolated) / forward:8.1f} fwd; extrapolated from {SAMPLES} x {len(samples[0])} senders, "
+            f"range {min(extrapolated):.1f}-{max(extrapolated):.1f}s) | max |score| {largest[step.group]:.2e}",
             flush=True,
         )
-        previous = pp.top_heads(fast, k)
-    result = {"fast_s": fast_total, "reference_s": reference_total, "max_diff": worst}
+    ratios = sorted(r / fast_total for r in reference_totals)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    result = {"fast_s": fast_total, "reference_s": statistics.median(reference_totals), "speedup": statistics.median(ratios),
+              "speedup_range": (ratios[0], ratios[-1]), "max_diff": worst, "largest": largest, "forward_s": forward,
+              "peak_gib": peak}
     print(
-        f"7b_geometry full_sweep_fast={fast_total:.1f}s reference_extrapolated={reference_total:.1f}s "
-        f"speedup={reference_total / fast_total:.1f} max_diff={worst:.2e}"
+        f"7b_geometry speedup={result['speedup']:.1f} (range {ratios[0]:.1f}-{ratios[-1]:.1f} over the reference samples) "
+        f"full_sweep_fast={fast_total:.1f}s ({fast_total / forward:.1f} forwards) reference_extrapolated={result['reference_s']:.1f}s "
+        f"max_diff={worst:.2e}" + (f" peak_gpu={peak:.1f}GiB" if device.startswith("cuda") else "")
     )
     return result
 

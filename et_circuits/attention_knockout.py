@@ -91,7 +91,7 @@ def knockout(
             first = int(queries.min())
             for layer in range(n_layers):
                 hooks = block_hooks(queries, keys, range(layer, n_layers), first)
-                logits = resume(model, run, layer, first, hooks)
-                hits[e.name][layer] += n_correct(logits[rows, last - first], chunk.answers)
+                logits = resume(model, run, layer, first, hooks, read_at=last - first)
+                hits[e.name][layer] += n_correct(logits, chunk.answers)
     n = len(prompts)
     return full / n, {name: [h / n for h in counts] for name, counts in hits.items()}

@@ -226,10 +226,8 @@ def masked_logits(
             model.cfg.n_layers, model.cfg.n_heads,
         )
     if data.run is None:
-        logits = model.run_with_hooks(data.input_ids.to(device), fwd_hooks=hooks)
-    else:
-        logits = resume(model, data.run, data.restart[0], offset, hooks, grad=True)
-    return logits_at(logits, (data.last - offset).to(device))
+        return logits_at(model.run_with_hooks(data.input_ids.to(device), fwd_hooks=hooks), data.last.to(device))
+    return resume(model, data.run, data.restart[0], offset, hooks, grad=True, read_at=data.last - offset)
 
 
 @torch.no_grad()

@@ -202,8 +202,8 @@ def cmap(
             if not m:
                 continue
             first = min(_earliest(chunk.position_set(spec)) for _, spec in m)  # first position the patch changes
-            logits = resume(base, run, first_layer(m), first, write_hooks(values, chunk, m, first))
-            hits[i] += n_correct(logits[torch.arange(len(chunk)), last - first], chunk.answers)
+            logits = resume(base, run, first_layer(m), first, write_hooks(values, chunk, m, first), read_at=last - first)
+            hits[i] += n_correct(logits, chunk.answers)
     n = len(prompts)
     return CmapResult(
         base=base_hits / n,

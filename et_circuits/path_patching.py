@@ -354,8 +354,9 @@ def _fast_chunk(
             prefix = {l: runs.run.keys[l][:, :start] for l in range(above[0], n_layers)}, {
                 l: runs.run.values[l][:, :start] for l in range(above[0], n_layers)
             }
-            logits = run_from(model, tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks)
-            logits = logits_at(logits, tile(last - start, reps))
+            logits = run_from(
+                model, tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks, read_at=tile(last - start, reps)
+            )
         logits = logits.view(reps, n, -1)
         for r, (layer, head) in enumerate(group):
             out[layer, head] = metric_total(metric, logits[r], clean)

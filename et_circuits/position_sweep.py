@@ -99,8 +99,8 @@ def _patched_metrics(
         keys = {l: k[:, :start] for l, k in taken.run.keys.items() if l >= layer}
         vals = {l: v[:, :start] for l, v in taken.run.values.items() if l >= layer}
         x = tile(taken.run.resid[layer][:, start:], len(variants))
-        logits = run_from(model, x, layer, keys, vals, [(f"blocks.{layer}.attn.hook_z", hook)])
-        logits = logits[torch.arange(len(variants) * n, device=device), tile(last - start, len(variants))]
+        hooks = [(f"blocks.{layer}.attn.hook_z", hook)]
+        logits = run_from(model, x, layer, keys, vals, hooks, read_at=tile(last - start, len(variants)))
         logits = logits.view(len(variants), n, -1)
         for r in range(len(variants)):
             total[r] += metric_total(metric, logits[r], chunk)

@@ -132,17 +132,19 @@ def resume(
     start: int,
     fwd_hooks: Sequence[Hook] = (),
     grad: bool = False,
-) -> Float[Tensor, "batch suffix vocab"]:
+    read_at: Int[Tensor, " batch"] | None = None,
+) -> Tensor:
     """Logits of positions `start`.. of an intervention (`fwd_hooks`) that touches only layers
     >= `layer` and positions >= `start`: the suffix restarts from its clean residual at `layer`,
-    attending to the clean keys / values of positions < `start`.
+    attending to the clean keys / values of positions < `start`. With `read_at` (one suffix
+    position per prompt) only the logits there ([batch, vocab]).
 
     Hooks see suffix coordinates on the query axis (position p is p - start); key axes of
     attention scores keep full positions. `grad`: keep the autograd graph (DCM's masks)."""
     keys = {l: k[:, :start] for l, k in run.keys.items() if l >= layer}
     values = {l: v[:, :start] for l, v in run.values.items() if l >= layer}
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return run_from(model, run.resid[layer][:, start:], layer, keys, values, fwd_hooks)
+        return run_from(model, run.resid[layer][:, start:], layer, keys, values, fwd_hooks, read_at=read_at)
 
 
 def run_from(
@@ -153,12 +155,15 @@ def run_from(
     values: Mapping[int, Float[Tensor, "prompts start kv_head d_head"]],
     fwd_hooks: Sequence[Hook] = (),
     stop_at_layer: int | None = None,
+    read_at: Int[Tensor, " rows"] | None = None,
 ) -> Tensor:
     """Run layers `layer`.. (up to `stop_at_layer`, exclusive: then the residual stream is
     returned) on `x`, the residual entering `layer` at positions start.. of some prompts, where
     `keys[l]` / `values[l]` are the clean keys and values of positions < start of each prompt.
     `x` may hold each prompt several times, rows repeat-major (row r * prompts + i is prompt i):
-    the prefix is shared by all of them. Returns logits at the suffix positions."""
+    the prefix is shared by all of them. Returns logits at the suffix positions, or with
+    `read_at` (one suffix position per row) only there ([rows, vocab]): the final norm and the
+    unembedding run on those positions alone."""
     check_supported(model)
     stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
     with model.hooks(fwd_hooks=list(fwd_hooks)):
@@ -166,6 +171,8 @@ def run_from(
             x = _block(model.blocks[i], x, keys[i], values[i])
         if stop_at_layer is not None:
             return x
+        if read_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), read_at.to(x.device)]
         if model.cfg.normalization_type is not None:
             x = model.ln_final(x)
         return apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
