@@ -132,10 +132,10 @@ def test_save_figure_writes_html_and_png(tmp_path):
         {"value_fetcher": [(2, 1)], "pos_transmitter": [(1, 3)], "pos_detector": [(0, 0)], "struct_reader": []}
     )
     written = save_figure(step_heatmaps(scores, circuit), "heat", tmp_path)
-    assert [p.name for p in written] == ["heat.html", "heat.png"]
+    assert [p.name for p in written] == ["heat.html", "heat.json", "heat.png"]
     html = written[0].read_text()
     assert "plotly" in html and "<script" in html and len(html) > 1_000_000  # plotly.js inlined
-    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     save_figure(circuit_diagram(circuit, 3), "diagram", tmp_path, png=False)
     assert (tmp_path / "diagram.html").exists() and not (tmp_path / "diagram.png").exists()
 
