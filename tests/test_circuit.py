@@ -195,7 +195,7 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     assert cli.main(args) == 0
     stems = {"base-model_path_patching", "tuned-model_path_patching", "base-model_completeness",
              "tuned-model_completeness", "base-model_circuit", "table1"}
-    assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "png")}
+    assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "json", "png")}
 
 
 def test_commands_fail_with_one_line(tmp_path, capsys, two_models):
