@@ -1,13 +1,17 @@
-# et_circuits pipeline. `make all` runs every stage on the model organism; `make test` runs the tests.
-# Variables: MODELS (space-separated registry names), RESULTS (output directory), PYTHON (for the venv).
+# et_circuits pipeline. `make all` runs every stage on the model organism and ends with one page,
+# $(FIGURES)/report.html; `make test` runs the tests.
+# Variables: MODELS (space-separated registry names; the first is the base), RESULTS (result
+# files), FIGURES (figures and the report page), PYTHON (for the venv), CLI (the stages' command).
 MODELS  ?= organism-llama organism-vicuna organism-goat organism-float
 RESULTS ?= results
+FIGURES ?= $(or $(ET_CIRCUITS_FIGURES),figures)
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 CLI     := $(PY) -m et_circuits
 BASE    := $(firstword $(MODELS))
+FINETUNED := $(filter-out $(BASE),$(MODELS))
 
 # The CLI's defaults are the paper's. For the organism: DCM uses fewer pairs so that `make all`
 # fits in 10 minutes on 2 CPU cores, and minimality does not prune (threshold 0): the organism's
@@ -18,13 +22,29 @@ ORGANISM := $(filter organism-%,$(BASE))
 CIRCUIT_ARGS ?= $(if $(ORGANISM),--minimality-threshold 0,)
 DCM_ARGS ?= $(if $(ORGANISM),--n-train 320 --n-eval 160 --n-test 320,)
 
-CIRCUITS := $(foreach m,$(MODELS),$(RESULTS)/$(m)/circuit.json)
-DCMS     := $(foreach m,$(MODELS),$(RESULTS)/$(m)/dcm.json)
+# Every stage's outputs are file targets, so make reruns a stage only when what it reads changed
+# (a finished `make all` followed by `make cmap` or `make all` runs nothing). A command that
+# writes several files is one grouped rule (&:). Figures that a stage writes only in some
+# settings (completeness, dcm_extra, cmap_input) are not targets, so that they never force a rerun.
+CIRCUITS := $(MODELS:%=$(RESULTS)/%/circuit.json)
+DCMS     := $(MODELS:%=$(RESULTS)/%/dcm.json)
+TABLE1   := $(RESULTS)/table1.csv $(RESULTS)/table1.md $(RESULTS)/overlap.csv
+CIRCUIT_FIGURES := $(MODELS:%=$(FIGURES)/%_path_patching.json) $(FIGURES)/$(BASE)_circuit.json $(FIGURES)/table1.json
+DCM_FIGURES := $(RESULTS)/dcm.csv $(FIGURES)/dcm.json
+CMAP     := $(RESULTS)/cmap.csv $(FIGURES)/cmap.json
+KNOCKOUT := $(RESULTS)/knockout.csv $(FIGURES)/knockout.json
+REPORT   := $(FIGURES)/report.html
 
-.PHONY: all install test circuit dcm cmap knockout figures bench organism clean
+.PHONY: all install test circuit dcm cmap knockout figures report bench organism clean
 .DELETE_ON_ERROR:
 
-all: circuit dcm cmap knockout
+all: circuit dcm cmap knockout report
+circuit: $(CIRCUITS) $(TABLE1) $(CIRCUIT_FIGURES)
+dcm: $(DCMS) $(DCM_FIGURES)
+cmap: $(CMAP)
+knockout: $(KNOCKOUT)
+figures: $(CIRCUIT_FIGURES)  # the circuit stage's figures; every stage draws its own
+report: $(REPORT)
 
 # Install once per change of pyproject.toml. The CPU build of torch is pinned first where the
 # local wheel exists, so the loose torch requirement never pulls CUDA packages. PNG export of
@@ -41,28 +61,34 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
-$(RESULTS)/%/circuit.json: $(STAMP)
+# The install is order-only (|): it must exist before a stage runs, but reinstalling after a
+# change of pyproject.toml does not make finished stages stale.
+$(RESULTS)/%/circuit.json: | $(STAMP)
 	$(CLI) circuit --model $* --results $(RESULTS) $(CIRCUIT_ARGS)
 
-circuit: $(CIRCUITS)
+$(TABLE1) &: $(CIRCUITS) | $(STAMP)
 	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS)
-	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS)
 
-$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/$(BASE)/circuit.json
+$(CIRCUIT_FIGURES) &: $(CIRCUITS) $(TABLE1) | $(STAMP)
+	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
+
+$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/$(BASE)/circuit.json | $(STAMP)
 	$(CLI) dcm --model $* --base $(BASE) --results $(RESULTS) $(DCM_ARGS)
 
-dcm: circuit $(DCMS)
-	$(CLI) dcm-figure --base $(BASE) --models $(MODELS) --results $(RESULTS)
+$(DCM_FIGURES) &: $(DCMS) | $(STAMP)
+	$(CLI) dcm-figure --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
-cmap: dcm
-	$(CLI) cmap --base $(BASE) --models $(filter-out $(BASE),$(MODELS)) --results $(RESULTS)
+# CMAP reads each fine-tuned model's circuit.json and dcm.json.
+$(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/dcm.json) | $(STAMP)
+	$(CLI) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES)
 
-knockout: $(STAMP)
-	$(CLI) knockout --model $(BASE) --results $(RESULTS)
+$(KNOCKOUT) &: | $(STAMP)
+	$(CLI) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES)
 
-figures: circuit  # the circuit stage draws its own figures, as dcm and cmap do
+$(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(STAMP)
+	$(CLI) report --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py

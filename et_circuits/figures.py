@@ -56,14 +56,17 @@ def png_export():
 def save_figure(
     fig: go.Figure, stem: str, directory: str | os.PathLike | None = None, png: bool = True
 ) -> list[Path]:
-    """Write `<directory>/<stem>.html` (plotly.js included, works offline) and, unless `png` is
-    false, `<directory>/<stem>.png`; both atomically. `directory` defaults to `figures_dir()`.
-    Returns the paths written."""
+    """Write `<directory>/<stem>.html` (plotly.js included, works offline), `<stem>.json` (the
+    figure as plotly JSON, which the report page embeds) and, unless `png` is false,
+    `<stem>.png`; each atomically. `directory` defaults to `figures_dir()`. Returns the paths
+    written."""
     directory = Path(directory) if directory is not None else figures_dir()
-    html = directory / f"{stem}.html"
+    html, spec = directory / f"{stem}.html", directory / f"{stem}.json"
     with atomic_path(html) as tmp:
         fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-    written = [html]
+    with atomic_path(spec) as tmp:
+        tmp.write_text(fig.to_json())
+    written = [html, spec]
     if png:
         path = directory / f"{stem}.png"
         try:

@@ -135,10 +135,10 @@ def test_save_figure_writes_html_and_png(tmp_path):
         {"value_fetcher": [(2, 1)], "pos_transmitter": [(1, 3)], "pos_detector": [(0, 0)], "struct_reader": []}
     )
     written = save_figure(step_heatmaps(scores, circuit), "heat", tmp_path)
-    assert [p.name for p in written] == ["heat.html", "heat.png"]
+    assert [p.name for p in written] == ["heat.html", "heat.json", "heat.png"]
     html = written[0].read_text()
     assert "plotly" in html and "<script" in html and len(html) > 1_000_000  # plotly.js inlined
-    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     save_figure(circuit_diagram(circuit, 3), "diagram", tmp_path, png=False)
     assert (tmp_path / "diagram.html").exists() and not (tmp_path / "diagram.png").exists()
 
@@ -198,7 +198,7 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     assert cli.main(args) == 0
     stems = {"base-model_path_patching", "tuned-model_path_patching", "base-model_completeness",
              "tuned-model_completeness", "base-model_circuit", "table1"}
-    assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "png")}
+    assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "json", "png")}
 
 
 def test_commands_fail_with_one_line(tmp_path, capsys, two_models):

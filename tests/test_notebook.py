@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from et_circuits import models
@@ -11,10 +10,8 @@ from et_circuits import models
 NOTEBOOK = Path(__file__).parents[1] / "experiments" / "explore.ipynb"
 
 
-@pytest.mark.skipif(
-    not (models.ORGANISM_DIR / "organism-llama" / "config.json").exists(), reason="organism weights missing"
-)
 def test_notebook_runs(tmp_path):
+    assert (models.ORGANISM_DIR / "organism-llama" / "config.json").exists(), "organism weights missing"
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

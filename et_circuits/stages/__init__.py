@@ -11,3 +11,6 @@ STAGES.append(_circuit)
 
 from . import dcm as _dcm  # noqa: E402  (dcm, dcm-figure)
 STAGES.append(_dcm)
+
+from . import report as _report  # noqa: E402  (report)
+STAGES.append(_report)

@@ -1,0 +1,32 @@
+"""Stage `report`: one self-contained HTML page of a run (default <figures>/report.html) with
+every figure under --figures, every table under --results beside the paper's published numbers,
+and the models and settings that produced them (built by `et_circuits.report`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import figures, report
+from ..cli import figures_arg, results_arg
+from ..io import atomic_path
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    figures_dir = args.figures or figures.figures_dir()
+    out = args.out or figures_dir / "report.html"
+    page = report.build(args.results, figures_dir, args.models)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    n = len(report.figure_stems(figures_dir))
+    print(f"report: {out} ({n} figures; open it in a browser, it needs no network)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="one HTML page of the run: every figure and table, beside the paper's numbers")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="the run's models, base first (default: those of RESULTS/table1.csv)")
+    results_arg(p)
+    figures_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="the page (default: <figures>/report.html)")
+    p.set_defaults(func=cmd_report)

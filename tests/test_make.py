@@ -1,0 +1,111 @@
+"""The Makefile reruns only what is stale: it runs in a temporary copy with its CLI replaced by a
+stub (this file, run as a script) that writes each command's output files and logs the call."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+MODELS = ["organism-llama", "organism-vicuna", "organism-goat", "organism-float"]  # the Makefile's default
+MAKE_ENV = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ET_CIRCUITS_FIGURES")  # not inherited
+
+
+def outputs(a: argparse.Namespace) -> list[str]:
+    """The files each command of the real CLI writes (and the Makefile names as its targets)."""
+    r, f = a.results, a.figures
+    return {
+        "circuit": lambda: [f"{r}/{a.model}/circuit.json"],
+        "table1": lambda: [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"],
+        "figures": lambda: [f"{f}/{m}_path_patching.json" for m in a.models] + [f"{f}/{a.base}_circuit.json", f"{f}/table1.json"],
+        "dcm": lambda: [f"{r}/{a.model}/dcm.json"],
+        "dcm-figure": lambda: [f"{r}/dcm.csv", f"{f}/dcm.json"],
+        "cmap": lambda: [f"{r}/cmap.csv", f"{f}/cmap.json"],
+        "knockout": lambda: [f"{r}/knockout.csv", f"{f}/knockout.json"],
+        "report": lambda: [f"{f}/report.html"],
+    }[a.command]()
+
+
+def stub(log: str, argv: list[str]) -> None:
+    """Stand-in for `python -m et_circuits`: log the call, write the command's outputs."""
+    p = argparse.ArgumentParser()
+    p.add_argument("command")
+    for name in ("--model", "--base", "--results", "--figures"):
+        p.add_argument(name)
+    p.add_argument("--models", nargs="+")
+    a, _ = p.parse_known_args(argv)
+    with open(log, "a") as f:
+        f.write(" ".join([a.command] + ([a.model] if a.model else [])) + "\n")
+    for path in outputs(a):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(a.command)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A directory holding the Makefile and a finished install (its stamp newer than pyproject.toml)."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    stamp = tmp_path / ".venv" / ".installed"
+    stamp.parent.mkdir()
+    stamp.write_text("")
+    os.utime(tmp_path / "pyproject.toml", (time.time() - 60,) * 2)
+    return tmp_path
+
+
+def make(project: Path, *args: str) -> tuple[int, list[str]]:
+    """Run make in `project` with the stub CLI; (exit status, the commands it called)."""
+    log = project / "calls.log"
+    log.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_ENV}
+    cli = f"{sys.executable} {Path(__file__).resolve()} {log}"
+    proc = subprocess.run(["make", "-C", str(project), f"CLI={cli}", *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: `make -q` saying "not up to date"
+    return proc.returncode, sorted(log.read_text().splitlines()) if log.exists() else []
+
+
+def touch(path: Path) -> None:
+    """Make `path` newer than anything make has written."""
+    future = time.time() + 10
+    os.utime(path, (future, future))
+
+
+EVERY_STAGE = sorted(
+    [f"circuit {m}" for m in MODELS] + [f"dcm {m}" for m in MODELS]
+    + ["table1", "figures", "dcm-figure", "cmap", f"knockout {MODELS[0]}", "report"]
+)
+
+
+def test_first_run_calls_every_stage_once_and_the_second_nothing(project):
+    assert make(project, "-j4", "all") == (0, EVERY_STAGE)
+    assert (project / "figures" / "report.html").exists()
+    assert make(project, "-q", "all") == (0, [])
+    for target in ("cmap", "dcm", "figures", "report", "all"):
+        assert make(project, target) == (0, []), target
+
+
+def test_a_new_circuit_reruns_what_reads_it(project):
+    make(project, "all")
+    touch(project / "results" / "organism-goat" / "circuit.json")
+    assert make(project, "-q", "all")[0] == 1
+    assert make(project, "all") == (0, ["cmap", "dcm organism-goat", "dcm-figure", "figures", "report", "table1"])
+    touch(project / "results" / "organism-llama" / "circuit.json")  # the base: every model's DCM reads it
+    assert make(project, "dcm") == (0, sorted([f"dcm {m}" for m in MODELS] + ["dcm-figure"]))
+
+
+def test_a_missing_figure_redraws_only_its_stage(project):
+    make(project, "all")
+    (project / "figures" / "cmap.json").unlink()
+    assert make(project, "all") == (0, ["cmap", "report"])
+
+
+if __name__ == "__main__":
+    stub(sys.argv[1], sys.argv[2:])
