@@ -14,7 +14,8 @@ from typing import Callable
 
 import pandas as pd
 
-from .circuit import GROUP_LETTERS, Circuit
+from .circuit import Circuit
+from .types import letter
 
 PAPER = (
     "Prakash, Rott Shaham, Haklay, Belinkov, Bau. Fine-Tuning Enhances Existing Mechanisms: "
@@ -119,7 +120,7 @@ def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
         path = results / name / "circuit.json"
         if path.exists():
             circuit = Circuit.load(path)
-            sizes = {GROUP_LETTERS.get(g, g): len(heads) for g, heads in circuit.groups.items()}
+            sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
             rows.append({"model": name, **sizes, "total": len(circuit)})
     return with_paper(pd.DataFrame(rows), "circuit_size") if rows else None
 

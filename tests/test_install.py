@@ -19,7 +19,12 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", "et_circuits")  # what the wheel 
 ACCURACY_LINE = re.compile(r"^organism-llama accuracy=0\.\d{3} n=50$")
 
 
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (without the caller's PYTHONPATH, which could make the checkout importable)."""
+    kwargs.setdefault("env", CLEAN_ENV)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, **kwargs)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -60,8 +65,7 @@ def test_wheel_runs_the_organism_outside_the_checkout(tmp_path):
     python = install_into_fresh_venv(build_wheel(tmp_path), tmp_path / "venv")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = CLEAN_ENV | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     where = run(python, "-c", "import et_circuits; print(et_circuits.__file__)", cwd=elsewhere, env=env)
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv"), where.stdout

@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 
 from .. import figures, report
-from ..cli import figures_arg, results_arg
 from ..io import atomic_path
+from .args import figures_arg, results_arg
 
 
 def cmd_report(args: argparse.Namespace) -> None:
