@@ -234,8 +234,7 @@ def _attention(attn, normed: Tensor, prefix_keys: Tensor, prefix_values: Tensor)
     if cfg.use_attn_result:
         result = attn.hook_result(torch.einsum("bphd,hdm->bphm", z, attn.W_O))
         return result.sum(-2) + attn.b_O
-    w = attn.W_O.reshape(n_heads * cfg.d_head, cfg.d_model).T.contiguous()
-    return torch.nn.functional.linear(z.reshape(rows, length, n_heads * cfg.d_head), w, attn.b_O)
+    return z.reshape(rows, length, n_heads * cfg.d_head) @ attn.W_O.reshape(n_heads * cfg.d_head, cfg.d_model) + attn.b_O
 
 
 def embed(model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], start: int) -> Float[Tensor, "batch suffix d_model"]:
