@@ -1,7 +1,8 @@
 # et_circuits pipeline. `make all` runs every stage on the model organism and ends with one page,
 # $(FIGURES)/report.html; `make test` runs the tests.
-# Variables: MODELS (space-separated registry names; the first is the base), RESULTS (result
-# files), FIGURES (figures and the report page), PYTHON (for the venv), CLI (the stages' command).
+# Variables: MODELS (space-separated registry names; the first is the base), REGISTRY (a TOML
+# file naming your own models), RESULTS (result files), FIGURES (figures and the report page),
+# PYTHON (for the venv), CLI (the stages' command).
 MODELS  ?= organism-llama organism-vicuna organism-goat organism-float
 RESULTS ?= results
 FIGURES ?= $(or $(ET_CIRCUITS_FIGURES),figures)
@@ -11,6 +12,9 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 CLI     := $(PY) -m et_circuits
 BASE    := $(firstword $(MODELS))
+ifdef REGISTRY
+export ET_CIRCUITS_REGISTRY := $(abspath $(REGISTRY))
+endif
 FINETUNED := $(filter-out $(BASE),$(MODELS))
 
 # The CLI's defaults are the paper's. For the organism: DCM uses fewer pairs so that `make all`

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import metrics
+from . import metrics, models
 from .entity_tracking import recipe
 from .entity_tracking.data import vocabulary
 from .errors import EtCircuitsError
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    own = getattr(args, "registry", None) is not None
     try:
+        if own:
+            models.use_registry(args.registry)
         args.func(args)
     except EtCircuitsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         knobs = "--batch-size" + (" or --max-rows" if "max_rows" in args else "")
         print(f"error: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
         return 2
+    finally:
+        if own:
+            models.use_registry(None)
     return 0
 
 

@@ -1,131 +1,104 @@
-"""Model registry and loading: every LLaMA variant, real or organism, becomes a HookedTransformer
-through the same path (HF directory -> optional PEFT merge -> HookedTransformer without any
-weight processing, so hook_z is comparable across models)."""
+"""Loading: a registered model, a registry-file entry or a model directory becomes a
+HookedTransformer through one path: HF checkpoint (llama, mistral or qwen2) -> optional PEFT
+merge -> HookedTransformer. The conversion does no weight processing (no fold_ln, no
+centering), so hook_z is comparable across models, and it copies nothing: TransformerLens'
+weights are re-shaped views of the HF tensors, which transformers memory-maps from the
+safetensors files, so a model loaded in its checkpoint's dtype is held once, in pages of the
+file. Which models exist and where they live: `registry` (re-exported here)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
+import einops
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+from transformer_lens.components import AbstractAttention
 
 from .errors import SetupError
-
-ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
-MODELS_DIR_VAR = "ET_CIRCUITS_MODELS"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where one model's weights live. `base` names another spec when this one is a PEFT
-    adapter (Goat): the adapter is then looked up here and merged into the base's weights."""
-
-    name: str
-    hf_repo: str | None = None
-    local_dir: Path | None = None
-    base: str | None = None
-
-    @property
-    def env_var(self) -> str:
-        return "ET_CIRCUITS_" + self.name.upper().replace("-", "_")
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.base is not None
+from .registry import (  # noqa: F401  (re-exported: callers find model identity here too)
+    MODELS_DIR_VAR,
+    ORGANISM,
+    ORGANISM_DIR,
+    REGISTRY,
+    REGISTRY_VAR,
+    ModelSpec,
+    candidate_dirs,
+    get_spec,
+    read_registry,
+    registered,
+    resolve_dir,
+    result_name,
+    use_registry,
+)
 
 
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec("llama-7b", hf_repo="huggyllama/llama-7b"),
-        ModelSpec("vicuna-7b", hf_repo="AlekseyKorshuk/vicuna-7b"),
-        ModelSpec("goat-7b", hf_repo="tiedong/goat-lora-7b", base="llama-7b"),
-        ModelSpec("float-7b", hf_repo="nikhil07prakash/float-7b"),
-        ModelSpec("organism-llama", local_dir=ORGANISM_DIR / "organism-llama"),
-        ModelSpec("organism-vicuna", local_dir=ORGANISM_DIR / "organism-vicuna"),
-        ModelSpec("organism-goat", local_dir=ORGANISM_DIR / "organism-goat", base="organism-llama"),
-        ModelSpec("organism-float", local_dir=ORGANISM_DIR / "organism-float"),
-    ]
+class Architecture(NamedTuple):
+    """What TransformerLens is told about an HF architecture; the weights of all convert alike
+    (biases where the checkpoint has them: Qwen2's q/k/v, LLaMA's with attention_bias)."""
+
+    hf_class: str  # cfg.original_architecture
+    prepend_bos: bool  # cfg.default_prepend_bos: Qwen2's tokenizer has no BOS token
+
+
+ARCHITECTURES = {
+    "llama": Architecture("LlamaForCausalLM", True),
+    "mistral": Architecture("MistralForCausalLM", True),
+    "qwen2": Architecture("Qwen2ForCausalLM", False),
 }
-ORGANISM = [n for n in REGISTRY if n.startswith("organism-")]
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# The most positions whose rotary tables are taken from the checkpoint: TransformerLens' own
+# up-front table size, so its buffers keep their shape.
+MAX_CONTEXT = AbstractAttention.ROTARY_INITIAL_CACHE_SIZE
 
 
-def get_spec(name: str) -> ModelSpec:
-    if name not in REGISTRY:
-        raise SetupError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+def _rope(hf_config) -> tuple[str, float, int]:
+    """(rope type, theta, positions over which HF's rotary tables do not depend on the prompt's
+    length). Dynamic NTK rescales beyond max_position_embeddings and longrope switches factors
+    beyond original_max_position_embeddings; the other types are fixed tables."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise SetupError(f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    fixed = params["original_max_position_embeddings"] if kind == "longrope" else hf_config.max_position_embeddings
+    return kind, theta, fixed
 
 
-def _hf_cache_dir(repo: str) -> Path | None:
-    """A snapshot of `repo` already in the HF cache, without touching the network."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo, local_files_only=True))
-    except Exception:
-        return None
-
-
-def candidate_dirs(spec: ModelSpec) -> list[tuple[str, Path | None]]:
-    """Where `spec`'s directory is looked for, in order, as (description, path) pairs."""
-    env = os.environ.get(spec.env_var)
-    models_dir = os.environ.get(MODELS_DIR_VAR)
-    found = [
-        (f"${spec.env_var}", Path(env) if env else None),
-        (f"${MODELS_DIR_VAR}/{spec.name}", Path(models_dir) / spec.name if models_dir else None),
-    ]
-    if spec.local_dir is not None:
-        found.append(("the organism directory", spec.local_dir))
-    if spec.hf_repo is not None:
-        found.append((f"HF cache for {spec.hf_repo}", _hf_cache_dir(spec.hf_repo)))
-    return found
-
-
-def _unset(where: str) -> str:
-    if where.startswith("HF cache"):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return f"not under {HF_HUB_CACHE}"
-    return "unset"
-
-
-def resolve_dir(spec: ModelSpec) -> Path:
-    """The first existing directory for `spec`, or a SetupError listing every place searched."""
-    searched = []
-    for where, path in candidate_dirs(spec):
-        if path is not None and any((path / f).exists() for f in ("config.json", "adapter_config.json")):
-            return path
-        searched.append(f"{where} ({path or _unset(where)})")
-    hint = " (or `make organism` to train the organism)" if spec.local_dir is not None else ""
-    raise SetupError(
-        f"weights for {spec.name} not found; searched: {'; '.join(searched)}. "
-        f"Set {spec.env_var}=/path/to/hf-dir or {MODELS_DIR_VAR}=/dir/containing/{spec.name}{hint}"
-    )
-
-
-def _check_llama(path: Path) -> dict:
-    config = path / "config.json"
-    if not config.exists():
+def _supported_config(path: Path):
+    """The HF config of a checkpoint directory, refused in one line unless the conversion
+    reproduces it exactly (architecture, rope scaling, MLP without biases)."""
+    file = path / "config.json"
+    if not file.exists():
         raise SetupError(f"{path} is not a HF checkpoint directory (no config.json)")
-    cfg = json.loads(config.read_text())
-    if cfg.get("model_type") != "llama":
+    model_type = json.loads(file.read_text()).get("model_type")
+    if model_type not in ARCHITECTURES:
         raise SetupError(
-            f"{path} is not a LLaMA checkpoint (model_type={cfg.get('model_type')!r}); "
-            "et_circuits handles LLaMA-architecture models"
+            f"{path} is not a LLaMA-family checkpoint (model_type={model_type!r}); "
+            f"supported model types: {', '.join(ARCHITECTURES)}"
         )
-    return cfg
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _rope(config)
+    if getattr(config, "mlp_bias", False):
+        raise SetupError(f"{path}: mlp_bias is not supported (TransformerLens' gated MLP has no gate or up bias)")
+    return config
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None = None):
-    """Load a LLaMA checkpoint with transformers; merge a PEFT adapter into it if given."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    """Load a supported checkpoint with transformers (safetensors weights stay memory-mapped
+    where `dtype` is theirs) and merge a PEFT adapter into it if given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_llama(path)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    config = _supported_config(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     if adapter is not None:
         from peft import PeftModel
 
@@ -138,28 +111,26 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None
     return model.eval(), tokenizer
 
 
-def _rope_theta(hf_config) -> float:
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    scaling = params.get("rope_type", "default") if isinstance(params, dict) else "default"
-    if scaling not in (None, "default"):
-        raise SetupError(f"rope scaling {scaling!r} is not supported")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(hf_config, "rope_theta", 10000.0))
-
-
 def hooked_config(hf_config, device: str, dtype: torch.dtype) -> HookedTransformerConfig:
-    """TransformerLens config from the checkpoint's own HF config (any LLaMA size, GQA too)."""
+    """TransformerLens config from the checkpoint's own HF config (any size, GQA too).
+
+    n_ctx is the number of positions the conversion is exact for (see `check_fits`); a sliding
+    window (Mistral, Qwen2 with use_sliding_window) is recorded as window_size while attention
+    stays global, which equals it for prompts within the window.
+    """
     c = hf_config
+    _, theta, fixed = _rope(c)
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    arch = ARCHITECTURES[c.model_type]
     return HookedTransformerConfig(
         d_model=c.hidden_size,
         d_head=d_head,
         n_heads=c.num_attention_heads,
         d_mlp=c.intermediate_size,
         n_layers=c.num_hidden_layers,
-        n_ctx=c.max_position_embeddings,
+        n_ctx=min(c.max_position_embeddings, fixed, MAX_CONTEXT),
         eps=c.rms_norm_eps,
         d_vocab=c.vocab_size,
         act_fn=c.hidden_act,
@@ -168,45 +139,115 @@ def hooked_config(hf_config, device: str, dtype: torch.dtype) -> HookedTransform
         positional_embedding_type="rotary",
         rotary_adjacent_pairs=False,
         rotary_dim=d_head,
-        rotary_base=_rope_theta(c),
+        rotary_base=theta,
         final_rms=True,
         gated_mlp=True,
-        original_architecture="LlamaForCausalLM",
+        window_size=window,
+        original_architecture=arch.hf_class,
         device=device,
         dtype=dtype,
-        default_prepend_bos=True,
+        default_prepend_bos=arch.prepend_bos,
     )
 
 
-def to_hooked(hf_model, tokenizer, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Convert an HF LlamaForCausalLM to a HookedTransformer with no activation-changing
-    processing (no fold_ln, no centering)."""
+def to_hooked(hf_model, tokenizer, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedTransformer:
+    """Convert an HF model to a HookedTransformer with no activation-changing processing.
+
+    The HookedTransformer is built on the meta device and takes the HF tensors themselves as
+    its weights, moved to `device` and cast to `dtype` only where they differ: on the same
+    device and dtype nothing is copied and the two models share memory (edit one in place and
+    the other changes); on a GPU it is built there, one tensor at a time.
+    """
     cfg = hooked_config(hf_model.config, device, dtype)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = convert_llama_weights(hf_model, cfg)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    _copy_rotary_tables(hf_model, model)
-    return model.to(device).eval()
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_state_dict(_state_dict(hf_model, cfg), strict=True, assign=True)
+    assert not any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+    return model.eval()
 
 
 @torch.no_grad()
-def _copy_rotary_tables(hf_model, model: HookedTransformer) -> None:
-    """Use the checkpoint's own cos/sin tables (HF computes them in float32 from its rope
-    config, scaling variants included), so the two agree to rounding. Only the positions
-    TransformerLens tabulates up front (2048 or n_ctx): longer prompts extend with its own."""
-    n = model.blocks[0].attn.rotary_cos.shape[0]
-    probe = torch.zeros(1, n, 1, dtype=model.cfg.dtype)
-    cos, sin = hf_model.model.rotary_emb(probe, torch.arange(n)[None])
-    for block in model.blocks:
-        block.attn.rotary_cos = cos[0].to(model.cfg.dtype).clone()
-        block.attn.rotary_sin = sin[0].to(model.cfg.dtype).clone()
+def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+    """TransformerLens' state dict as views of the HF weights. TransformerLens' forward turns
+    its shapes back into HF's layout, so views are also what it computes with fastest. Absent
+    biases are zeros; tied embeddings get an unembedding of their own, so that W_E and W_U stay
+    independent parameters as in any HookedTransformer."""
+
+    def take(t: Tensor) -> Tensor:
+        return t.detach().to(device=cfg.device, dtype=cfg.dtype)
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, device=cfg.device, dtype=cfg.dtype)
+
+    def bias(linear, *shape: int) -> Tensor:
+        return zeros(*shape) if linear.bias is None else take(linear.bias).reshape(shape)
+
+    n, n_kv, d_head = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
+    kv = "_" if cfg.n_key_value_heads else ""  # TransformerLens' names for grouped K/V weights
+    heads_in, heads_out = "(n h) m -> n m h", "m (n h) -> n h m"
+    inner = hf_model.model
+    buffers = _attention_buffers(hf_model, cfg)
+    state = {"embed.W_E": take(inner.embed_tokens.weight), "ln_final.w": take(inner.norm.weight)}
+    for i, layer in enumerate(inner.layers):
+        attn, mlp, p = layer.self_attn, layer.mlp, f"blocks.{i}."
+        state |= {
+            p + "ln1.w": take(layer.input_layernorm.weight),
+            p + "ln2.w": take(layer.post_attention_layernorm.weight),
+            p + "attn.W_Q": einops.rearrange(take(attn.q_proj.weight), heads_in, n=n),
+            p + f"attn.{kv}W_K": einops.rearrange(take(attn.k_proj.weight), heads_in, n=n_kv),
+            p + f"attn.{kv}W_V": einops.rearrange(take(attn.v_proj.weight), heads_in, n=n_kv),
+            p + "attn.W_O": einops.rearrange(take(attn.o_proj.weight), heads_out, n=n),
+            p + "attn.b_Q": bias(attn.q_proj, n, d_head),
+            p + f"attn.{kv}b_K": bias(attn.k_proj, n_kv, d_head),
+            p + f"attn.{kv}b_V": bias(attn.v_proj, n_kv, d_head),
+            p + "attn.b_O": bias(attn.o_proj, cfg.d_model),
+            p + "mlp.W_gate": take(mlp.gate_proj.weight).T,
+            p + "mlp.W_in": take(mlp.up_proj.weight).T,
+            p + "mlp.W_out": take(mlp.down_proj.weight).T,
+            p + "mlp.b_in": zeros(cfg.d_mlp),
+            p + "mlp.b_out": zeros(cfg.d_model),
+        }
+        state |= {p + "attn." + name: t for name, t in buffers.items()}
+    unembed = take(hf_model.lm_head.weight).T
+    tied = hf_model.lm_head.weight is inner.embed_tokens.weight
+    state |= {"unembed.W_U": unembed.clone() if tied else unembed, "unembed.b_U": zeros(cfg.d_vocab)}
+    return state
+
+
+@torch.no_grad()
+def _attention_buffers(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+    """The buffers of every attention layer: TransformerLens' empty causal-mask placeholder and
+    masking value, and the checkpoint's own rotary tables for positions 0..n_ctx-1 (HF computes
+    them in float32 from its rope config, scaling included, and casts them to the model's
+    dtype; one pair shared by all layers)."""
+    probe = torch.zeros(1, cfg.n_ctx, 1, dtype=cfg.dtype, device=hf_model.device)
+    positions = torch.arange(cfg.n_ctx, device=hf_model.device)[None]
+    tables: tuple[Float[Tensor, "1 n_ctx d_head"], ...] = hf_model.model.rotary_emb(probe, positions)
+    cos, sin = (t[0].to(cfg.device) for t in tables)
+    return {
+        "mask": torch.empty((0, 0), dtype=torch.bool, device=cfg.device),
+        "IGNORE": torch.tensor(-torch.inf, device=cfg.device),
+        "rotary_cos": cos,
+        "rotary_sin": sin,
+    }
+
+
+def check_fits(model: HookedTransformer, n_tokens: int) -> None:
+    """Refuse, in one line, prompts longer than the converted model reproduces its checkpoint
+    for: its sliding window (run as global attention, equal to it only within the window) and
+    n_ctx (the positions whose rotary tables come from the checkpoint)."""
+    cfg = model.cfg
+    if cfg.window_size is not None and n_tokens > cfg.window_size:
+        raise SetupError(
+            f"prompts of {n_tokens} tokens are longer than the sliding window of {cfg.model_name} "
+            f"({cfg.window_size} tokens), which is converted as global attention: use shorter prompts"
+        )
+    if n_tokens > cfg.n_ctx:
+        raise SetupError(
+            f"prompts of {n_tokens} tokens are longer than n_ctx of {cfg.model_name} ({cfg.n_ctx}), the positions "
+            f"whose rotary tables come from the checkpoint (at most {MAX_CONTEXT}, fewer where dynamic or "
+            "longrope scaling changes them with the prompt's length): use shorter prompts"
+        )
 
 
 def load(
@@ -215,28 +256,18 @@ def load(
     dtype: torch.dtype = torch.float32,
     path: str | os.PathLike | None = None,
 ):
-    """Load a registered model (or a LLaMA HF directory) as (HookedTransformer, tokenizer, spec).
+    """Load a registered model or an HF directory as (HookedTransformer, tokenizer, spec).
 
     `path` overrides where the weights are looked for (for an adapter spec: the adapter
     directory; its base is resolved through the registry).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = str(name_or_path)
-    if name in REGISTRY:
-        spec = REGISTRY[name]
-    elif Path(name).is_dir():
-        spec = ModelSpec(Path(name).name, local_dir=Path(name))
-        if (Path(name) / "adapter_config.json").exists():
-            raise SetupError(f"{name} is a PEFT adapter; register it with a base model to load it")
-        path = name
-    else:
-        raise SetupError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    spec = get_spec(name_or_path)
     own_dir = Path(path) if path is not None else resolve_dir(spec)
     if spec.is_adapter:
-        base_dir = resolve_dir(get_spec(spec.base))
-        hf_model, tokenizer = load_hf(base_dir, dtype, adapter=own_dir)
+        hf_model, tokenizer = load_hf(resolve_dir(get_spec(spec.base)), dtype, adapter=own_dir)
     else:
         hf_model, tokenizer = load_hf(own_dir, dtype)
     model = to_hooked(hf_model, tokenizer, device, dtype)
-    del hf_model
+    model.cfg.model_name = spec.name
     return model, tokenizer, spec

@@ -1,27 +1,188 @@
+"""The loader: every architecture and rope scaling converts exactly (logits, LoRA merge, path
+patching), the conversion copies no weights, the limits of exactness are refused in one line,
+and registry files, directories and result names behave as documented."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from et_circuits import models
-from et_circuits.entity_tracking import data
+from et_circuits import path_patching as pp
+from et_circuits.entity_tracking import data, recipe
+from et_circuits.organism.tokenizer import build_tokenizer
+from et_circuits.settings import RunSettings
+from tests import checkpoints
 from tests.conftest import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+THETA = {"rope_theta": 10000.0}
+ROPE = {
+    "linear": {"rope_type": "linear", "factor": 4.0, **THETA},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, **THETA},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, **THETA},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, **THETA},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 5.0],
+                 "original_max_position_embeddings": 32, **THETA},
+}
+CASES = {  # id: (architecture, checkpoints.make arguments)
+    "llama-mha": ("llama", {}),
+    "llama-gqa": ("llama", {"n_kv_heads": 2}),
+    "llama-attention-bias": ("llama", {"attention_bias": True}),
+    **{f"llama-{kind}": ("llama", {"n_kv_heads": 2, "rope_parameters": rope}) for kind, rope in ROPE.items()},
+    "mistral-gqa": ("mistral", {"n_kv_heads": 2}),
+    "mistral-mha-window": ("mistral", {"sliding_window": checkpoints.N_POSITIONS}),
+    "qwen2-gqa": ("qwen2", {"n_kv_heads": 2}),
+    "qwen2-mha-tied": ("qwen2", {"tie_word_embeddings": True}),
+}
+ARCHS = list(checkpoints.CLASSES)
+
+
+@pytest.fixture(autouse=True)
+def no_registry(monkeypatch):
+    """Every test starts without a registry file and leaves none chosen."""
+    monkeypatch.delenv(models.REGISTRY_VAR, raising=False)
+    models.use_registry(None)
+    yield
+    models.use_registry(None)
+
+
+def _tokens(tok, n_prompts: int, n_tokens: int) -> torch.Tensor:
+    """Random token ids (no special tokens), fixed by a seed."""
+    return torch.randint(3, len(tok), (n_prompts, n_tokens), generator=torch.Generator().manual_seed(0))
 
 
 def _prompts(tok, n=4, seed=0):
     return data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed))
 
 
-@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
-def test_hooked_logits_match_hf(tmp_path, n_kv_heads):
-    hf = make_checkpoint(tmp_path, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads)
+def _path_patching(model, clean, corrupt, group: str, receivers, method: str) -> torch.Tensor:
+    """One step's path-patching scores: this file's only call into the path-patching API."""
+    step = next(s for s in pp.PAPER_STEPS if s.group == group)
+    return pp.path_patch(model, clean, corrupt, step.position, pp.step_receivers(step, receivers) or None,
+                         method=method, settings=RunSettings(8, progress=False))
+
+
+def _one_line_error(call, *parts: str) -> str:
+    with pytest.raises(models.SetupError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message
+    return message
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf(tmp_path, case):
+    """fp32, every position the model is converted for (so every rotary table row)."""
+    arch, kwargs = CASES[case]
+    hf = checkpoints.make(tmp_path, arch, **kwargs)
     model, tok, _ = models.load(tmp_path, device="cpu")
-    if n_kv_heads:
-        assert model.cfg.n_key_value_heads == n_kv_heads
+    n_ctx = model.cfg.n_ctx
+    assert model.blocks[0].attn.rotary_cos.shape[0] == n_ctx
+    tokens = _tokens(tok, 2, n_ctx)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["default", *ROPE])
+def test_rope_tables_are_the_checkpoints(tmp_path, kind):
+    """Scaled tables differ from plain RoPE (so the logits test exercises the scaling); dynamic
+    NTK equals plain RoPE up to max_position_embeddings; n_ctx ends where tables would change."""
+    rope = ROPE.get(kind, {"rope_type": "default", **THETA})
+    checkpoints.make(tmp_path, rope_parameters=rope)
+    model, _, _ = models.load(tmp_path, device="cpu")
+    attn, n_ctx = model.blocks[0].attn, model.cfg.n_ctx
+    assert n_ctx == (32 if kind == "longrope" else checkpoints.N_POSITIONS)
+    _, plain_cos = attn.calculate_sin_cos_rotary(model.cfg.rotary_dim, n_ctx, base=10000.0)
+    assert torch.allclose(attn.rotary_cos, plain_cos, atol=1e-5) == (kind in ("default", "dynamic"))
+
+
+def test_dynamic_rope_is_refused_beyond_max_positions(tmp_path):
+    hf = checkpoints.make(tmp_path, rope_parameters=ROPE["dynamic"])
+    model, tok, _ = models.load(tmp_path, device="cpu")
+    n = checkpoints.N_POSITIONS
+    models.check_fits(model, n)
+    tokens = _tokens(tok, 1, n + 1)
+    with torch.no_grad():  # HF rescales every position's table once the prompt is longer
+        within = hf(tokens[:, :n]).logits  # first: HF keeps a grown table for a prompt of n
+        assert not torch.allclose(hf(tokens).logits[:, :n], within, atol=1e-3)
+    _one_line_error(lambda: models.check_fits(model, n + 1), f"{n + 1} tokens", f"n_ctx of {tmp_path.name} ({n})")
+
+
+def test_sliding_window_is_refused_beyond_it(tmp_path):
+    hf = checkpoints.make(tmp_path, "mistral", n_kv_heads=2, sliding_window=16)
+    model, tok, _ = models.load(tmp_path, device="cpu")
+    assert model.cfg.window_size == 16
+    models.check_fits(model, 16)
+    _one_line_error(lambda: models.check_fits(model, 17), "17 tokens", "sliding window", "(16 tokens)")
+    with torch.no_grad():
+        within, beyond = _tokens(tok, 2, 16), _tokens(tok, 2, 40)
+        torch.testing.assert_close(model(within), hf(within).logits, atol=1e-4, rtol=0)
+        assert (model(beyond) - hf(beyond).logits).abs().max() > 1e-2  # why prompts must fit
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_adapter_merged_at_load_equals_peft(tmp_path, arch):
+    """Through a registry file (base + adapter), against the unmerged PeftModel."""
+    from peft import PeftModel
+
+    hf = checkpoints.make(tmp_path / "base", arch, n_kv_heads=2)
+    checkpoints.make_adapter(hf, tmp_path / "lora")
+    registry = _write(tmp_path / "models.toml", '[models.base]\npath = "base"\n'
+                      '[models.ft]\nbase = "base"\nadapter = "lora"\n')
+    models.use_registry(registry)
+    merged, tok, spec = models.load("ft", device="cpu")
+    plain, _, _ = models.load("base", device="cpu")
+    assert spec.is_adapter and not any("lora" in n for n, _ in merged.named_parameters())
+    peft_model = PeftModel.from_pretrained(type(hf).from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    tokens = _tokens(tok, 2, 64)
+    with torch.no_grad():
+        ours, theirs = merged(tokens), peft_model(tokens).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        assert (ours - plain(tokens)).abs().max() > 1e-2, "the adapter must change the logits"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_patching_equals_reference(tmp_path, arch):
+    checkpoints.make(tmp_path, arch, n_kv_heads=2, seed=1)
+    model, _, _ = models.load(tmp_path, device="cpu")
+    tok = build_tokenizer()  # the checkpoint's own: transformers reads it as Qwen2's for qwen2
+    clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
+    fast = _path_patching(model, clean, corrupt, "struct_reader", [(1, 1)], "fast")
+    ref = _path_patching(model, clean, corrupt, "struct_reader", [(1, 1)], "reference")
+    assert ref.abs().max() > 1e-4  # not a comparison of zeros
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hooked_logits_match_hf_on_prompts(tmp_path):
+    hf = make_checkpoint(tmp_path, n_layers=2, n_heads=4, n_kv_heads=2)
+    model, tok, _ = models.load(tmp_path, device="cpu")
+    assert model.cfg.n_key_value_heads == 2
     batch = _prompts(tok)
     with torch.no_grad():
-        ours = model(batch.input_ids)
-        theirs = hf(batch.input_ids).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(batch.input_ids), hf(batch.input_ids).logits, atol=1e-4, rtol=0)
 
 
 def test_config_comes_from_checkpoint(tmp_path):
@@ -29,41 +190,93 @@ def test_config_comes_from_checkpoint(tmp_path):
     model, _, _ = models.load(tmp_path, device="cpu")
     assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.d_head) == (3, 2, 16, 8)
     assert model.cfg.d_mlp == 32 and model.cfg.rotary_base == 10000.0
+    assert model.cfg.original_architecture == "LlamaForCausalLM" and model.cfg.window_size is None
 
 
-def test_lora_merge_matches_peft(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gpt2"}, "(model_type='gpt2'); supported model types: llama, mistral, qwen2"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "proportional", **THETA}},
+     "rope scaling 'proportional' is not supported; supported: default, linear, dynamic, llama3, yarn, longrope"),
+    ({"model_type": "llama", "mlp_bias": True}, "mlp_bias is not supported"),
+], ids=["model-type", "rope-type", "mlp-bias"])
+def test_unsupported_checkpoint_is_one_line(tmp_path, config, message):
+    _write(tmp_path / "config.json", json.dumps(config))
+    _one_line_error(lambda: models.load(tmp_path, device="cpu"), message)
 
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    hf = make_checkpoint(base_dir)
-    lora = get_peft_model(
-        hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    )
-    torch.manual_seed(1)
-    with torch.no_grad():  # B is zero at init; make the adapter do something
-        for name, p in lora.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    lora.save_pretrained(adapter_dir)
 
-    hf_model, tok = models.load_hf(base_dir, adapter=adapter_dir)
-    merged = models.to_hooked(hf_model, tok)
-    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-    plain = models.to_hooked(*models.load_hf(base_dir))
-    batch = _prompts(tok)
+# ---------------------------------------------------------------------------------------------
+# lean loading
+
+
+def test_weights_are_views_of_the_hf_tensors(tmp_path):
+    """No copy: TransformerLens' weights are the HF tensors re-viewed, except a tied
+    unembedding, which gets its own storage so that W_E and W_U stay independent."""
+    checkpoints.make(tmp_path, "qwen2", n_kv_heads=2, tie_word_embeddings=True)
+    hf, tok = models.load_hf(tmp_path)
+    model = models.to_hooked(hf, tok)
+    attn, mlp, layer = model.blocks[0].attn, model.blocks[0].mlp, hf.model.layers[0]
+    assert attn.W_Q.data_ptr() == layer.self_attn.q_proj.weight.data_ptr()
+    assert attn._W_K.data_ptr() == layer.self_attn.k_proj.weight.data_ptr()
+    assert attn.b_Q.data_ptr() == layer.self_attn.q_proj.bias.data_ptr()
+    assert mlp.W_out.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
+    assert model.embed.W_E.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert model.unembed.W_U.data_ptr() != model.embed.W_E.data_ptr()
+
+
+def test_in_place_edits_leave_the_checkpoint_unchanged(tmp_path):
+    """The weights are memory-mapped copy-on-write: scaling them in place (as tests and
+    experiments do) changes neither the file nor a later load."""
+    hf = checkpoints.make(tmp_path)
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    model, tok, _ = models.load(tmp_path, device="cpu")
     with torch.no_grad():
-        ours = merged(batch.input_ids)
-        theirs = peft_model(batch.input_ids).logits
-        unadapted = plain(batch.input_ids)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert (ours - unadapted).abs().max() > 1e-2, "the adapter must change the logits"
+        for p in model.parameters():
+            p.mul_(10)
+    again, _, _ = models.load(tmp_path, device="cpu")
+    assert hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest() == digest
+    tokens = _tokens(tok, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_load_matches_hf_bfloat16(tmp_path):
+    checkpoints.make(tmp_path, "llama", n_kv_heads=2)
+    model, tok, _ = models.load(tmp_path, device="cpu", dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tokens = _tokens(tok, 2, 32)
+    with torch.no_grad():  # bf16 rounding only (a conversion error is of order 1)
+        torch.testing.assert_close(model(tokens).float(), hf(tokens).logits.float(), atol=0.125, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_built_on_the_gpu(tmp_path):
+    hf = checkpoints.make(tmp_path, "qwen2", n_kv_heads=2)
+    model, tok, _ = models.load(tmp_path, device="cuda")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    tokens = _tokens(tok, 2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens.cuda()).cpu(), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_loading_benchmark_runs_small():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_loading.py"), "--small"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^loading peak_rss_ratio=\d+\.\d+ after_forward_ratio=\d+\.\d+$", proc.stdout, re.M), proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in registry
 
 
 def test_registry_env_var_points_at_weights(tmp_path, monkeypatch):
     make_checkpoint(tmp_path)
     monkeypatch.setenv("ET_CIRCUITS_VICUNA_7B", str(tmp_path))
     model, _, spec = models.load("vicuna-7b", device="cpu")
-    assert spec.name == "vicuna-7b" and model.cfg.n_layers == 2
+    assert spec.name == "vicuna-7b" and model.cfg.n_layers == 2 and model.cfg.model_name == "vicuna-7b"
 
 
 def test_models_dir_var(tmp_path, monkeypatch):
@@ -76,14 +289,102 @@ def test_missing_weights_message_names_every_place(monkeypatch, tmp_path):
     monkeypatch.delenv("ET_CIRCUITS_LLAMA_7B", raising=False)
     monkeypatch.setenv("ET_CIRCUITS_MODELS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.SetupError) as e:
-        models.load("llama-7b", device="cpu")
-    msg = str(e.value)
-    for part in ("ET_CIRCUITS_LLAMA_7B", str(tmp_path / "llama-7b"), "huggyllama/llama-7b"):
-        assert part in msg
+    _one_line_error(lambda: models.load("llama-7b", device="cpu"),
+                    "ET_CIRCUITS_LLAMA_7B", str(tmp_path / "llama-7b"), "huggyllama/llama-7b")
 
 
-def test_not_llama_is_setup_error(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(models.SetupError, match="gpt2"):
-        models.load(tmp_path, device="cpu")
+# ---------------------------------------------------------------------------------------------
+# registry files, directories, result names
+
+
+def test_registry_maps_names_to_directories_relative_to_the_file(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "weights" / "base")
+    registry = _write(tmp_path / "conf" / "models.toml", '[models.my-base]\npath = "../weights/base"\n')
+    monkeypatch.chdir(tmp_path / "weights")  # relative to the file, not to the working directory
+    assert set(models.use_registry(registry)) == {"my-base"}
+    model, _, spec = models.load("my-base", device="cpu")
+    assert model.cfg.n_layers == 2 and spec.local_dir.resolve() == (tmp_path / "weights" / "base").resolve()
+    assert models.result_name("my-base") == "my-base" and "models.toml [models.my-base]" in spec.origin
+
+
+def test_registry_from_the_environment(tmp_path, monkeypatch):
+    first = _write(tmp_path / "a.toml", f'[models.mine]\npath = "{tmp_path / "a"}"\n')
+    second = _write(tmp_path / "b.toml", f'[models.mine]\npath = "{tmp_path / "b"}"\n'
+                                          f'[models.llama-7b]\npath = "{tmp_path / "c"}"\n')
+    monkeypatch.setenv(models.REGISTRY_VAR, str(first))
+    assert models.get_spec("mine").local_dir == tmp_path / "a"
+    models.use_registry(second)  # --registry wins over the variable, and over built-in names
+    assert models.get_spec("mine").local_dir == tmp_path / "b"
+    assert models.get_spec("llama-7b").local_dir == tmp_path / "c"
+    models.use_registry(None)
+    assert models.get_spec("mine").local_dir == tmp_path / "a"
+    assert models.get_spec("llama-7b").hf_repo == "huggyllama/llama-7b"
+
+
+GOOD = '[models.good]\npath = "g"\n'
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("[models.bad]\n", "missing path"),
+    ('[models.bad]\nbase = "nope"\nadapter = "a"\n', "unknown base 'nope'; known models: llama-7b"),
+    ('[models.bad]\nadapter = "a"\n', "an adapter needs a base"),
+    ('[models.bad]\nbase = "good"\n', "a base needs an adapter"),
+    ('[models.bad]\npath = "p"\nbase = "good"\nadapter = "a"\n', "not both"),
+    ('[models.bad]\npaht = "p"\n', "unknown key 'paht'"),
+    ('[models.bad]\npath = 3\n', "path must be a non-empty string"),
+    ('[models.bad]\nbase = "goat-7b"\nadapter = "a"\n', "base 'goat-7b' is itself an adapter"),
+    ('[models."bad/x"]\npath = "p"\n', "a model name is letters"),
+    ('[models]\nbad = "p"\n', "expected a table"),
+], ids=["missing-path", "unknown-base", "adapter-without-base", "base-without-adapter", "path-and-adapter",
+        "unknown-key", "not-a-string", "base-is-adapter", "unsafe-name", "not-a-table"])
+def test_malformed_registry_entry_is_one_line_naming_it(tmp_path, entry, message):
+    registry = _write(tmp_path / "models.toml", GOOD + entry)
+    _one_line_error(lambda: models.use_registry(registry), f"{registry} [models.bad", message)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[models.x\n", "is not valid TOML"),
+    ('name = "x"\n', "expected only [models.<name>] tables"),
+    (None, "cannot be read"),
+], ids=["toml", "layout", "missing"])
+def test_malformed_registry_file_is_one_line(tmp_path, text, message):
+    registry = tmp_path / "models.toml"
+    if text is not None:
+        registry.write_text(text)
+    _one_line_error(lambda: models.use_registry(registry), str(registry), message)
+
+
+def test_registry_entry_without_weights_names_it(tmp_path):
+    registry = _write(tmp_path / "models.toml", GOOD + '[models.ft]\nbase = "good"\nadapter = "lora"\n')
+    models.use_registry(registry)
+    _one_line_error(lambda: models.load("good", device="cpu"), "good", str(tmp_path / "g"), "[models.good]", "config.json")
+    make_checkpoint(tmp_path / "g")
+    _one_line_error(lambda: models.load("ft", device="cpu"), str(tmp_path / "lora"), "adapter_config.json")
+
+
+def test_unknown_model_lists_the_registry_files_names(tmp_path):
+    models.use_registry(_write(tmp_path / "models.toml", GOOD))
+    _one_line_error(lambda: models.get_spec("nope"), "unknown model 'nope'", "llama-7b", "good")
+
+
+def test_directory_given_directly(tmp_path):
+    path = tmp_path / "my model (v2)"
+    make_checkpoint(path)
+    model, _, spec = models.load(str(path) + "/", device="cpu")
+    assert spec.name == model.cfg.model_name == "my_model__v2_" and spec.local_dir == path
+
+
+def test_adapter_directory_alone_is_refused(tmp_path):
+    hf = checkpoints.make(tmp_path / "base")
+    checkpoints.make_adapter(hf, tmp_path / "lora")
+    _one_line_error(lambda: models.load(tmp_path / "lora", device="cpu"), "is a PEFT adapter", "base =")
+
+
+def test_result_names_are_safe(tmp_path, monkeypatch):
+    assert models.result_name("organism-goat") == "organism-goat"
+    assert models.result_name("/data/runs/ckpt 1:final/") == "ckpt_1_final"
+    assert models.result_name("/data/.hidden") == "hidden"
+    assert models.result_name("/") == "model"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert models.result_name(".") == "here"

@@ -48,6 +48,13 @@ def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
             help="rows per pass of the batched methods ((sender, prompt) rows in fast path patching): their memory knob",
         )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    registry_arg(p)
+
+
+def registry_arg(p: argparse.ArgumentParser) -> None:
+    """--registry FILE: your own models (a TOML registry file, as $ET_CIRCUITS_REGISTRY)."""
+    p.add_argument("--registry", type=Path, default=None,
+                   help=f"a TOML file naming your own models (default: ${models.REGISTRY_VAR})")
 
 
 def results_arg(p: argparse.ArgumentParser) -> None:

@@ -22,21 +22,17 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from .. import figures, models
+from .. import figures
 from ..circuit import Circuit, overlap
 from ..entity_tracking import recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json, write_tensors, write_text
+from ..models import result_name
 from ..path_patching import METHODS, PAPER_STEPS, TOP_K_CAP, Step
 from ..types import Receiver, letter
 from .args import (
-    boxes, count, figures_arg, fraction, load_model, model_args, positive, results_arg, settings,
+    boxes, count, figures_arg, fraction, load_model, model_args, positive, registry_arg, results_arg, settings,
 )
-
-
-def result_name(model: str) -> str:
-    """The directory name of a model's results: its registry name, or its checkpoint folder."""
-    return model if model in models.REGISTRY else Path(model).name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,4 +257,5 @@ def register(sub) -> None:
     p.add_argument("--models", nargs="+", required=True)
     results_arg(p)
     figures_arg(p)
+    registry_arg(p)
     p.set_defaults(func=cmd_figures)

@@ -5,7 +5,7 @@ knockout curves).
 writes RESULTS/cmap.csv (one row per pair x head set x patch kind, both baselines on each row)
 and, under --figures (default figures/), cmap.{html,png} (Figure 3, output patching) and
 cmap_input.{html,png} (input patching). `knockout` writes RESULTS/knockout.csv and
-knockout.{html,png}. Result directories and model columns use `stages.circuit.result_name`.
+knockout.{html,png}. Result directories and model columns use `models.result_name`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from ..circuit import Circuit
 from ..entity_tracking import data, recipe
 from ..errors import CircuitError
 from ..io import write_csv
+from ..models import result_name
 from .args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
-from .circuit import result_name
 from .dcm import check_dcm_matches, read_dcm, selected_heads
 
 

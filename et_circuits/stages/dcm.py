@@ -43,9 +43,12 @@ from ..circuit import Circuit
 from ..entity_tracking import desiderata, recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json
+from ..models import result_name
 from ..types import letter
-from .args import boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, results_arg, settings
-from .circuit import result_name
+from .args import (
+    boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, registry_arg, results_arg,
+    settings,
+)
 
 SECTIONS = ("base_circuit", "own_circuit")
 
@@ -267,4 +270,5 @@ def register(sub) -> None:
     p.add_argument("--models", nargs="+", required=True)
     results_arg(p)
     figures_arg(p)
+    registry_arg(p)
     p.set_defaults(func=cmd_dcm_figure)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import figures, report
 from ..io import atomic_path
-from .args import figures_arg, results_arg
+from .args import figures_arg, registry_arg, results_arg
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -29,4 +29,5 @@ def register(sub) -> None:
     results_arg(p)
     figures_arg(p)
     p.add_argument("--out", type=Path, default=None, help="the page (default: <figures>/report.html)")
+    registry_arg(p)
     p.set_defaults(func=cmd_report)

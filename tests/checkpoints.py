@@ -1,0 +1,73 @@
+"""Tiny random HF checkpoints of every architecture the loader supports, and PEFT LoRA adapters
+for them, saved on the fly with the organism tokenizer (2 layers, d_model 32 by default).
+
+Weights are drawn with std 0.2 (HF's default 0.02 leaves logits so flat that a conversion
+error could hide inside the tolerance) and biases, which HF initialises to zero, at random."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from et_circuits.organism.tokenizer import build_tokenizer
+
+CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+N_POSITIONS = 128  # max_position_embeddings of every checkpoint here
+
+
+def make(path, arch: str = "llama", n_heads: int = 4, n_kv_heads: int | None = None, d_model: int = 32,
+         n_layers: int = 2, seed: int = 0, **config):
+    """Save a random `arch` model (`config`: further HF config fields, e.g. rope_parameters)
+    and the organism tokenizer to `path`; return the HF model, fp32, in eval mode."""
+    tok = build_tokenizer()
+    config_class, model_class = CLASSES[arch]
+    cfg = config_class(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads or n_heads,
+        max_position_embeddings=N_POSITIONS,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **config,
+    )
+    torch.manual_seed(seed)
+    hf = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return hf
+
+
+def make_adapter(hf, path, seed: int = 1) -> None:
+    """Save a LoRA adapter (r 8, on q/k/v/o) for `hf` to `path`, with random A and B (B is zero
+    at init, which would make the adapter do nothing). `hf` itself is left unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    base = type(hf)(hf.config)
+    base.load_state_dict(hf.state_dict())
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    lora.save_pretrained(path)
