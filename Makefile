@@ -21,10 +21,13 @@ FINETUNED := $(filter-out $(BASE),$(MODELS))
 # fits in 10 minutes on 2 CPU cores, and minimality does not prune (threshold 0): the organism's
 # candidate circuit does not do the task under the paper's mean ablation (its objects are bound
 # at the token after the label, a position the paper's groups do not cover; README), so IOI
-# pruning would empty every group. Override CIRCUIT_ARGS / DCM_ARGS to change that.
+# pruning would empty every group. Override CIRCUIT_ARGS / DCM_ARGS (and CMAP_ARGS /
+# KNOCKOUT_ARGS, empty by default) to change a stage's settings.
 ORGANISM := $(filter organism-%,$(BASE))
 CIRCUIT_ARGS ?= $(if $(ORGANISM),--minimality-threshold 0,)
 DCM_ARGS ?= $(if $(ORGANISM),--n-train 320 --n-eval 160 --n-test 320,)
+CMAP_ARGS ?=
+KNOCKOUT_ARGS ?=
 
 # Every stage's outputs are file targets, so make reruns a stage only when what it reads changed
 # (a finished `make all` followed by `make cmap` or `make all` runs nothing). A command that
@@ -86,10 +89,10 @@ $(DCM_FIGURES) &: $(DCMS) | $(STAMP)
 
 # CMAP reads each fine-tuned model's circuit.json and dcm.json.
 $(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/dcm.json) | $(STAMP)
-	$(CLI) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES)
+	$(CLI) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES) $(CMAP_ARGS)
 
 $(KNOCKOUT) &: | $(STAMP)
-	$(CLI) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES)
+	$(CLI) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
 
 $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(STAMP)
 	$(CLI) report --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)

@@ -83,6 +83,19 @@ def check_patch(model: HookedTransformer, patch: str) -> None:
         )
 
 
+def input_patches_for(model: HookedTransformer) -> tuple[str, ...]:
+    """The input patch kinds `check_patch` allows on `model` (only "q" with grouped-query
+    attention, whose key/value heads are shared)."""
+    allowed = []
+    for patch in INPUT_PATCHES:
+        try:
+            check_patch(model, patch)
+            allowed.append(patch)
+        except SetupError:
+            pass
+    return tuple(allowed)
+
+
 def site_masks(heads: Circuit, patch: str, n_layers: int, n_heads: int) -> Masks:
     """(kind, position spec) -> heads to overwrite there: each group's heads at each of its
     positions, for every activation the patch kind overwrites; sites with no head are left out."""

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import figures
 from ..attention_knockout import knockout
-from ..cross_model import cmap
+from ..cross_model import INPUT_PATCHES, cmap, input_patches_for
 from ..circuit import Circuit
 from ..entity_tracking import data, recipe
 from ..errors import CircuitError
@@ -46,10 +46,13 @@ def cmd_cmap(args: argparse.Namespace) -> None:
     base, tokenizer, _ = load_model(args.base, args)
     base_name = result_name(args.base)
     prompts = _prompts(tokenizer, args, "cmap")
+    patches = input_patches_for(base)
+    if args.input_sets and patches != INPUT_PATCHES:
+        print(f"cmap: {base_name} shares key/value heads (grouped-query attention): input patching of q only")
     rows = []
     for name in sources:
         source, _, _ = load_model(name, args)
-        variant_list = recipe.variants(inputs[name], input_sets=args.input_sets)
+        variant_list = recipe.variants(inputs[name], input_sets=args.input_sets, input_patches=patches)
         result = cmap(base, source, prompts, variant_list, settings(args))
         rows += recipe.cmap_rows(result, result_name(name), base_name)
         print(f"cmap {result_name(name)} -> {base_name}: base={result.base:.2f} fine-tuned={result.source:.2f} "
