@@ -17,14 +17,11 @@ export ET_CIRCUITS_REGISTRY := $(abspath $(REGISTRY))
 endif
 FINETUNED := $(filter-out $(BASE),$(MODELS))
 
-# The CLI's defaults are the paper's. For the organism: DCM uses fewer pairs so that `make all`
-# fits in 10 minutes on 2 CPU cores, and minimality does not prune (threshold 0): the organism's
-# candidate circuit does not do the task under the paper's mean ablation (its objects are bound
-# at the token after the label, a position the paper's groups do not cover; README), so IOI
-# pruning would empty every group. Override CIRCUIT_ARGS / DCM_ARGS (and CMAP_ARGS /
-# KNOCKOUT_ARGS, empty by default) to change a stage's settings.
+# The CLI's defaults are the paper's. For the organism, DCM uses fewer pairs so that `make all`
+# fits in minutes on 2 CPU cores. Override CIRCUIT_ARGS / DCM_ARGS / CMAP_ARGS / KNOCKOUT_ARGS
+# to change a stage's settings.
 ORGANISM := $(filter organism-%,$(BASE))
-CIRCUIT_ARGS ?= $(if $(ORGANISM),--minimality-threshold 0,)
+CIRCUIT_ARGS ?=
 DCM_ARGS ?= $(if $(ORGANISM),--n-train 320 --n-eval 160 --n-test 320,)
 CMAP_ARGS ?=
 KNOCKOUT_ARGS ?=
@@ -33,12 +30,16 @@ KNOCKOUT_ARGS ?=
 # (a finished `make all` followed by `make cmap` or `make all` runs nothing). A command that
 # writes several files is one grouped rule (&:). Figures that a stage writes only in some
 # settings (completeness, dcm_extra, cmap_input) are not targets, so that they never force a rerun.
-CIRCUITS := $(MODELS:%=$(RESULTS)/%/circuit.json)
+# Each model's circuit at the paper's positions (RESULTS/<model>/) and at the positions a
+# sweep discovered (RESULTS/<model>/discovered/).
+CIRCUITS := $(MODELS:%=$(RESULTS)/%/circuit.json) $(MODELS:%=$(RESULTS)/%/discovered/circuit.json)
 DCMS     := $(MODELS:%=$(RESULTS)/%/dcm.json)
 TABLE1   := $(RESULTS)/table1.csv $(RESULTS)/table1.md $(RESULTS)/overlap.csv
-CIRCUIT_FIGURES := $(MODELS:%=$(FIGURES)/%_path_patching.json) $(FIGURES)/$(BASE)_circuit.json $(FIGURES)/table1.json
-DCM_FIGURES := $(RESULTS)/dcm.csv $(FIGURES)/dcm.json
-CMAP     := $(RESULTS)/cmap.csv $(FIGURES)/cmap.json
+CIRCUIT_FIGURES := $(MODELS:%=$(FIGURES)/%_path_patching.json) $(MODELS:%=$(FIGURES)/%_discovered_path_patching.json) \
+  $(MODELS:%=$(FIGURES)/%_sweep.json) $(FIGURES)/$(BASE)_circuit.json $(FIGURES)/$(BASE)_discovered_circuit.json \
+  $(FIGURES)/table1.json
+DCM_FIGURES := $(RESULTS)/dcm.csv $(FIGURES)/dcm.json $(FIGURES)/dcm_discovered.json
+CMAP     := $(RESULTS)/cmap.csv $(FIGURES)/cmap.json $(FIGURES)/cmap_discovered.json
 KNOCKOUT := $(RESULTS)/knockout.csv $(FIGURES)/knockout.json
 REPORT   := $(FIGURES)/report.html
 
@@ -72,7 +73,7 @@ test: $(STAMP)
 
 # The install is order-only (|): it must exist before a stage runs, but reinstalling after a
 # change of pyproject.toml does not make finished stages stale.
-$(RESULTS)/%/circuit.json: | $(STAMP)
+$(RESULTS)/%/circuit.json $(RESULTS)/%/discovered/circuit.json: | $(STAMP)
 	$(CLI) circuit --model $* --results $(RESULTS) $(CIRCUIT_ARGS)
 
 $(TABLE1) &: $(CIRCUITS) | $(STAMP)
@@ -81,17 +82,20 @@ $(TABLE1) &: $(CIRCUITS) | $(STAMP)
 $(CIRCUIT_FIGURES) &: $(CIRCUITS) $(TABLE1) | $(STAMP)
 	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
-$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/$(BASE)/circuit.json | $(STAMP)
+$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/%/discovered/circuit.json \
+  $(RESULTS)/$(BASE)/circuit.json $(RESULTS)/$(BASE)/discovered/circuit.json | $(STAMP)
 	$(CLI) dcm --model $* --base $(BASE) --results $(RESULTS) $(DCM_ARGS)
 
 $(DCM_FIGURES) &: $(DCMS) | $(STAMP)
 	$(CLI) dcm-figure --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
 # CMAP reads each fine-tuned model's circuit.json and dcm.json.
-$(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/dcm.json) | $(STAMP)
+$(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/discovered/circuit.json) \
+  $(FINETUNED:%=$(RESULTS)/%/dcm.json) | $(STAMP)
 	$(CLI) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES) $(CMAP_ARGS)
 
-$(KNOCKOUT) &: | $(STAMP)
+# Knockout also blocks the last token's reads at the base's discovered positions.
+$(KNOCKOUT) &: $(RESULTS)/$(BASE)/discovered/circuit.json | $(STAMP)
 	$(CLI) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
 
 $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(STAMP)

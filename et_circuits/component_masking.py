@@ -3,10 +3,11 @@ a set of counterfactual pairs tests.
 
 `Pairs` hold base prompts and source prompts, one source per base; each base prompt's answer is
 the pair's *target*: what the model should answer on the base when the patched heads carry the
-source's information. For heads acting at a named position, a mask m in [0, 1] per head,
-initialised to 1, mixes each head's output (`hook_z`) at that position as
+source's information. For heads acting at a named position, or a position set (e.g.
+("prev_query_label+1", "prev_query_label+2")), a mask m in [0, 1] per head, initialised to 1,
+mixes each head's output (`hook_z`) at every one of those positions as
 m * z_base + (1 - m) * z_source, where z_source is read from the source prompt at the source's
-own position and written into the base at the base's. The loss is
+own positions and written into the base at the base's (slot by slot). The loss is
 -(mean logit of the target at the last position) + lambda * sum(1 - m); Adam updates only the
 mask (the model is frozen) and the mask is clamped to [0, 1] after every step. After each step
 the rounded mask (heads with m < 0.5 are patched) is scored on the eval pairs (each distinct
@@ -41,8 +42,8 @@ from transformer_lens import HookedTransformer
 
 from .errors import DataError
 from .hooks import Hook, logits_at, patch_hooks, store_hooks
-from .prompts import LAST, PromptSet
-from .resume import CleanRun, restart_bytes, restarts, resume
+from .prompts import LAST, PromptSet, Spec
+from .resume import CleanRun, earliest, restart_bytes, restarts, resume
 from .settings import QUIET, RunSettings
 from .types import Head
 
@@ -96,38 +97,38 @@ class Pairs:
 def source_values(
     model: HookedTransformer,
     source: PromptSet,
-    heads_at: Mapping[str, Sequence[Head]],
+    heads_at: Mapping[Spec, Sequence[Head]],
     batch_size: int = 32,
-) -> dict[str, dict[Head, Float[Tensor, "n d_head"]]]:
-    """`hook_z` of the heads in `heads_at[position]` at each source prompt's own `position`,
-    for every position in one forward pass per chunk (on CPU)."""
-    out: dict[str, dict[Head, list[Tensor]]] = {p: defaultdict(list) for p in heads_at}
+) -> dict[Spec, dict[Head, Float[Tensor, "n slots d_head"]]]:
+    """`hook_z` of the heads in `heads_at[position]` at each source prompt's own `position`
+    (one slot per position of a set), for every position in one forward pass per chunk (on CPU)."""
+    out: dict[Spec, dict[Head, list[Tensor]]] = {p: defaultdict(list) for p in heads_at}
     wanted = {p: sorted({layer for layer, _ in hs}) for p, hs in heads_at.items() if hs}
     if not wanted:
         return {p: {} for p in heads_at}
     stop = max(max(layers) for layers in wanted.values()) + 1
     for chunk in source.chunks(batch_size):
-        stores: dict[str, dict[int, Tensor]] = {p: {} for p in wanted}
-        hooks = [h for p, layers in wanted.items() for h in store_hooks("z", chunk.position(p), layers, stores[p])]
+        stores: dict[Spec, dict[int, Tensor]] = {p: {} for p in wanted}
+        hooks = [h for p, layers in wanted.items() for h in store_hooks("z", chunk.position_set(p), layers, stores[p])]
         model.run_with_hooks(chunk.input_ids.to(model.cfg.device), fwd_hooks=hooks, stop_at_layer=stop)
         for p in wanted:
             for layer, head in heads_at[p]:
-                out[p][(layer, head)].append(stores[p][layer][:, head].float().cpu())
+                out[p][(layer, head)].append(stores[p][layer][:, :, head].float().cpu())
     return {p: {h: torch.cat(v) for h, v in out[p].items()} for p in heads_at}
 
 
 @dataclass
 class PairData:
-    """Pairs prepared for one head set at one position: base prompts, the position in each
-    base, the last position, the target id, the source values of the heads (in head order)
-    and, optionally, the base prompts' clean run restricted to where the patch can act
-    (`restart` = (layer, start))."""
+    """Pairs prepared for one head set at one position (set): base prompts, the positions in
+    each base (-1: a slot a prompt lacks), the last position, the target id, the source values
+    of the heads (in head order, per slot) and, optionally, the base prompts' clean run
+    restricted to where the patch can act (`restart` = (layer, start))."""
 
     input_ids: Int[Tensor, "n seq"]
-    position: Int[Tensor, " n"]
+    position: Int[Tensor, "n slots"]
     last: Int[Tensor, " n"]
     target: Int[Tensor, " n"]
-    values: Float[Tensor, "n k d_head"]
+    values: Float[Tensor, "n slots k d_head"]
     run: CleanRun | None = None
     restart: tuple[int, int] | None = None
 
@@ -145,15 +146,15 @@ class PairData:
             yield self.take(torch.arange(start, min(start + size, len(self))))
 
 
-def restart_point(heads: Sequence[Head], positions: Int[Tensor, " n"]) -> tuple[int, int]:
+def restart_point(heads: Sequence[Head], positions: Int[Tensor, "n slots"]) -> tuple[int, int]:
     """(first layer, first position) a patch of `heads` at `positions` can change."""
-    return min(layer for layer, _ in heads), int(positions.min())
+    return min(layer for layer, _ in heads), int(earliest(positions).min())
 
 
 def prepare(
     model: HookedTransformer,
     pairs: Pairs,
-    position: str,
+    position: Spec,
     heads: Sequence[Head],
     values: Mapping[Head, Tensor] | None = None,
     run: CleanRun | bool = True,
@@ -166,10 +167,13 @@ def prepare(
     heads = [tuple(map(int, h)) for h in heads]
     if values is None:
         values = source_values(model, pairs.source, {position: heads}, batch_size)[position]
-    n, d = len(pairs), model.cfg.d_head
-    stacked = torch.stack([values[h] for h in heads], dim=1) if heads else torch.zeros(n, 0, d)
     base = pairs.base
-    data = PairData(base.input_ids, base.position(position), base.position(LAST), pairs.target, stacked)
+    at = base.position_set(position)
+    if heads and pairs.source.position_set(position).shape[1] != at.shape[1]:
+        raise DataError(f"source and base prompts have different numbers of {position!r} positions")
+    n, d = len(pairs), model.cfg.d_head
+    stacked = torch.stack([values[h] for h in heads], dim=2) if heads else torch.zeros(n, at.shape[1], 0, d)
+    data = PairData(base.input_ids, at, base.position(LAST), pairs.target, stacked)
     if heads and run is not False:
         data.restart = restart_point(heads, data.position)
         if isinstance(run, CleanRun):
@@ -188,12 +192,12 @@ def prepare(
 def mask_hooks(
     heads: Sequence[Head],
     mask: Float[Tensor, " k"],
-    values: Float[Tensor, "batch k d_head"],
-    positions: Int[Tensor, " batch"],
+    values: Float[Tensor, "batch slots k d_head"],
+    positions: Int[Tensor, "batch slots"],
     n_layers: int,
     n_heads: int,
 ) -> list[Hook]:
-    """Hooks setting each head's z at `positions` to m * z + (1 - m) * value:
+    """Hooks setting each head's z at every slot of `positions` to m * z + (1 - m) * value:
     `hooks.patch_hooks` with weight 1 - m (differentiable in m)."""
     device = values.device
     layer_idx = torch.tensor([layer for layer, _ in heads], dtype=torch.long, device=device)
@@ -203,8 +207,8 @@ def mask_hooks(
     new: dict[int, Tensor] = {}
     for layer in sorted({layer for layer, _ in heads}):
         cols = [i for i, (l, _) in enumerate(heads) if l == layer]
-        full = values.new_zeros(values.shape[0], n_heads, values.shape[2])
-        full[:, [heads[i][1] for i in cols]] = values[:, cols]
+        full = values.new_zeros(values.shape[0], values.shape[1], n_heads, values.shape[3])
+        full[:, :, [heads[i][1] for i in cols]] = values[:, :, cols]
         new[layer] = full
     return patch_hooks("z", new, positions, weights)
 
@@ -222,7 +226,8 @@ def masked_logits(
     hooks = []
     if heads:
         hooks = mask_hooks(
-            heads, mask, data.values.to(device, model.cfg.dtype), (data.position - offset).to(device),
+            heads, mask, data.values.to(device, model.cfg.dtype),
+            torch.where(data.position >= 0, data.position - offset, -1).to(device),
             model.cfg.n_layers, model.cfg.n_heads,
         )
     if data.run is None:
@@ -351,7 +356,7 @@ class Question:
     are split by each seed into train and eval; `test` pairs give the reported accuracy."""
 
     heads: tuple[Head, ...]
-    position: str
+    position: Spec
     fit: Pairs
     test: Pairs
 
@@ -377,7 +382,7 @@ class DCMResult:
     patches, the accuracy on each resampling of its test pairs, and every seed's result."""
 
     heads: tuple[Head, ...]
-    position: str
+    position: Spec
     selected_seed: int
     seeds: dict[int, SeedResult]
     accuracy: list[float]
@@ -413,7 +418,7 @@ def select_seed(seeds: Mapping[int, SeedResult]) -> int:
 
 
 def summarize(
-    heads: Sequence[Head], position: str, seeds: Mapping[int, SeedResult], resamples: int, resample_seed: int
+    heads: Sequence[Head], position: Spec, seeds: Mapping[int, SeedResult], resamples: int, resample_seed: int
 ) -> DCMResult:
     """The protocol's result from every seed's training of one head set."""
     chosen = select_seed(seeds)
@@ -424,7 +429,7 @@ def summarize(
 def dcm(
     model: HookedTransformer,
     heads: Sequence[Head],
-    position: str,
+    position: Spec,
     fit: Pairs,
     test: Pairs,
     n_train: int,
@@ -435,7 +440,8 @@ def dcm(
     resample_seed: int = 0,
     settings: RunSettings = QUIET,
 ) -> DCMResult:
-    """DCM with the paper's protocol for one head set at one position (see `dcm_many`)."""
+    """DCM with the paper's protocol for one head set at one position or position set (see
+    `dcm_many`)."""
     question = Question(tuple(map(tuple, heads)), position, fit, test)
     return dcm_many(model, [question], n_train, n_eval, seeds, config, resamples, resample_seed, settings)[0]
 
@@ -510,7 +516,7 @@ def dcm_many(
 
 def _shared_runs(
     model: HookedTransformer, questions: Sequence[Question], batch_size: int, max_restart_bytes: int
-) -> dict[tuple[int, tuple, str], CleanRun]:
+) -> dict[tuple[int, tuple, Spec], CleanRun]:
     """Restricted clean runs of every question's fit and test base prompts, keyed by (id of the
     base token tensor, heads, position): one pass per distinct base tensor for all restart points
     (points that would not fit in `max_restart_bytes` together get none: full forwards)."""
@@ -521,8 +527,8 @@ def _shared_runs(
         for pairs in (q.fit, q.test):
             base = pairs.base
             points = by_base.setdefault(id(base.input_ids), (base, {}))[1]
-            points.setdefault(restart_point(q.heads, base.position(q.position)), []).append((q.heads, q.position))
-    out: dict[tuple[int, tuple, str], CleanRun] = {}
+            points.setdefault(restart_point(q.heads, base.position_set(q.position)), []).append((q.heads, q.position))
+    out: dict[tuple[int, tuple, Spec], CleanRun] = {}
     for key, (base, points) in by_base.items():
         n, seq = base.input_ids.shape
         budget, chosen = max_restart_bytes, []

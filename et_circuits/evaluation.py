@@ -83,14 +83,27 @@ def random_circuit(circuit: Circuit, n_layers: int, n_heads: int, rng: random.Ra
     return Circuit({g: rng.sample(all_heads, len(hs)) for g, hs in circuit.groups.items()}, dict(circuit.positions))
 
 
+def slot_share(circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int) -> float:
+    """The share of (head, position) slots the circuit keeps, over the positions it acts at
+    (every head at each position some group acts at), averaged over the prompts."""
+    keep = keep_mask(circuit, prompts, n_layers, n_heads)  # layer batch pos head
+    at = keep.any(-1).any(0)  # batch pos: positions the circuit acts at
+    slots = at.sum(1) * n_layers * n_heads
+    used = keep.sum((0, 3)).sum(1)
+    share = torch.where(slots > 0, used / slots.clamp(min=1), torch.zeros_like(used, dtype=torch.float))
+    return share.float().mean().item()
+
+
 @dataclass
 class Evaluation:
-    """Table 1's columns for one model and circuit."""
+    """Table 1's columns for one model and circuit; `slots`: the circuit's share of the
+    (head, position) slots at its positions (`slot_share`)."""
 
     full: float
     circuit: float
     random: float
     faithfulness: float
+    slots: float
 
     def as_row(self) -> dict:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
@@ -118,7 +131,8 @@ def evaluate_circuit(
         for _ in range(n_random)
     ]
     rand_mean = sum(rand) / len(rand) if rand else float("nan")
-    return Evaluation(full, circ, rand_mean, circ / full if full else float("nan"))
+    slots = slot_share(circuit, prompts, n_layers, n_heads)
+    return Evaluation(full, circ, rand_mean, circ / full if full else float("nan"), slots)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from .errors import SetupError
 from .io import atomic_path
 from .cross_model import INPUT_PATCHES
 from .entity_tracking import desiderata, recipe
-from .types import GROUPS, PAPER_GROUPS, POSITION_TITLES, group_title, letter
+from .path_patching import PAPER_STEPS, Step
+from .types import GROUPS, POSITION_TITLES, group_title, letter
 
 _PNG_NEEDS = "PNG export needs kaleido with Chrome/Chromium (`make install` sets it up on Debian)."
 FIGURES_ENV = "ET_CIRCUITS_FIGURES"  # overrides the default directory for every stage
@@ -157,13 +158,11 @@ def step_heatmaps(
 # ---------------------------------------------------------------------------------------------
 # Circuit diagram (the paper's Figure 1)
 
-# Columns of the diagram: the paper's groups left to right in the order information flows (D
-# first), and an arrow from each group to the one path patching found it through.
-_COLUMNS = {g.name: i for i, g in enumerate(reversed(PAPER_GROUPS))}
-_ARROWS = [  # (sender group, receiver group, composition)
-    (later.name, earlier.name, later.receiver_kind.upper())
-    for earlier, later in zip(PAPER_GROUPS, PAPER_GROUPS[1:])
-][::-1]
+OTHER_COLOUR = "#8c564b"  # groups outside the paper's table
+
+
+def _colour(group: str) -> str:
+    return GROUPS[group].colour if group in GROUPS else OTHER_COLOUR
 
 
 def _position_title(spec) -> str:
@@ -171,14 +170,24 @@ def _position_title(spec) -> str:
     return " / ".join(POSITION_TITLES.get(s, s) for s in specs)
 
 
-def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = "") -> go.Figure:
-    """Groups A-D as columns at their token positions, each head at its layer, with arrows for
-    the compositions path patching traced (D -V-> C -V-> B -Q-> A -> logits)."""
+def circuit_diagram(
+    circuit: Circuit, n_layers: int | None = None, title: str = "", steps: Sequence[Step] = PAPER_STEPS
+) -> go.Figure:
+    """The circuit's groups as columns at their token positions, left to right in the order
+    information flows (the last discovery step first), each head at its layer, with an arrow
+    from each step's group to the group it was found through, labelled with the inputs
+    (the paper's D -V-> C -V-> B -Q-> A -> logits)."""
+    steps = [s for s in steps if s.group in circuit.groups]
+    columns = {s.group: i for i, s in enumerate(reversed(steps))}
+    arrows = [
+        (s.group, s.receivers_from or steps[i - 1].group, s.receiver_kind.upper())
+        for i, s in enumerate(steps) if s.receiver_kind is not None
+    ]
     fig = go.Figure()
     all_layers = [l for heads in circuit.groups.values() for l, _ in heads]
     top = n_layers if n_layers is not None else (max(all_layers) + 1 if all_layers else 1)
     centres: dict[str, tuple[float, float]] = {}
-    for group, column in _COLUMNS.items():
+    for group, column in columns.items():
         heads = sorted(circuit.groups.get(group, []))
         x, y = [], []
         for layer in sorted({l for l, _ in heads}):  # spread a layer's heads across the column
@@ -197,7 +206,7 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
                 textfont=dict(size=9),
                 hovertext=[_head_label(l, h) for l, h in heads],
                 hoverinfo="text",
-                marker=dict(size=9, color=GROUPS[group].colour),
+                marker=dict(size=9, color=_colour(group)),
                 name=f"{group_title(group)} ({len(heads)})",
             )
         )
@@ -207,9 +216,9 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
             x1=column + 0.45,
             y0=(min(y) if y else 0) - 0.6,
             y1=(max(y) if y else 0) + 0.6,
-            line=dict(color=GROUPS[group].colour, width=1.5, dash="dot"),
+            line=dict(color=_colour(group), width=1.5, dash="dot"),
         )
-    for sender, receiver, kind in _ARROWS:
+    for sender, receiver, kind in arrows:
         (x0, y0), (x1, y1) = centres[sender], centres[receiver]
         fig.add_annotation(
             x=x1 - 0.45, y=y1, ax=x0 + 0.45, ay=y0, xref="x", yref="y", axref="x", ayref="y",
@@ -219,15 +228,16 @@ def circuit_diagram(circuit: Circuit, n_layers: int | None = None, title: str = 
             x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=f"<b>{kind}</b>", showarrow=False,
             bgcolor="white", font=dict(size=14),
         )
-    ax, ay = centres["value_fetcher"]
+    right = len(columns) - 0.1
+    ax, ay = centres[steps[0].group]
     fig.add_annotation(
-        x=3.9, y=top - 0.5, ax=ax + 0.45, ay=ay, xref="x", yref="y", axref="x", ayref="y",
+        x=right, y=top - 0.5, ax=ax + 0.45, ay=ay, xref="x", yref="y", axref="x", ayref="y",
         showarrow=True, arrowhead=3, arrowwidth=2, arrowcolor="#555",
     )
-    fig.add_annotation(x=3.9, y=top - 0.5, text="<b>logits</b>", showarrow=False, yshift=12)
-    positions = [_position_title(circuit.positions.get(g, GROUPS[g].position)) for g in _COLUMNS]
+    fig.add_annotation(x=right, y=top - 0.5, text="<b>logits</b>", showarrow=False, yshift=12)
+    positions = [_position_title(circuit.positions[g]) for g in columns]
     fig.update_xaxes(
-        tickvals=list(_COLUMNS.values()), ticktext=positions, range=[-0.6, 4.1], title="token position"
+        tickvals=list(columns.values()), ticktext=positions, range=[-0.6, right + 0.2], title="token position"
     )
     fig.update_yaxes(title="layer", range=[-1, top], dtick=1 if top <= 16 else 2)
     fig.update_layout(
@@ -291,10 +301,12 @@ def completeness_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
 DESIDERATUM_COLORS = {"positional": "#1f77b4", "object_value": "#d62728", "box_label_value": "#2ca02c"}
 
 
-def figure2(frame):
-    """Figure 2: per group of the base circuit, grouped bars (one per desideratum) over the
-    models, accuracy (% of the desideratum's target) with the resampling std as error bars."""
-    rows = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
+def figure2(frame, section: str = "base_circuit"):
+    """Figure 2: per group of the base circuit (dcm.json's `section`: the paper's positions, or
+    "base_discovered"), grouped bars (one per desideratum) over the models, accuracy (% of the
+    desideratum's target) with the resampling std as error bars."""
+    rows = frame[(frame.circuit == section) & frame.desideratum.isin(desiderata.MAIN)]
+    where = "at the paper's positions" if section == "base_circuit" else "at its discovered positions"
     groups = list(dict.fromkeys(rows.group))
     models = list(dict.fromkeys(rows.model))
     fig = make_subplots(
@@ -316,7 +328,7 @@ def figure2(frame):
             )
     base = rows.circuit_of.iloc[0] if len(rows) else ""
     fig.update_layout(
-        title=f"DCM on the {base} circuit: accuracy when the selected heads are patched (mean ± std over resamplings)",
+        title=f"DCM on the {base} circuit {where}: accuracy when the selected heads are patched (mean ± std over resamplings)",
         barmode="group", height=420, width=max(900, 330 * len(groups)), template="plotly_white",
     )
     fig.update_yaxes(range=[0, 100])
@@ -392,7 +404,7 @@ def cmap_figure(frame, patch: str = "z"):
     fig = _panels(pairs, f"CMAP: the fine-tuned model's head {PATCH_TITLES[patch]} patched into the base model")
     for col, (source, base, base_acc, source_acc) in enumerate(pairs, start=1):
         rows = frame[(frame["source"] == source) & (frame["base"] == base)].set_index("set")
-        rows = rows.reindex([s for s in recipe.SET_ORDER if s in rows.index])
+        rows = rows.reindex([s for s in rows.index if s not in recipe.SET_ORDER] + [s for s in recipe.SET_ORDER if s in rows.index])
         x = [f"{s} ({int(n)})" for s, n in zip(rows.index, rows["n_heads"])]
         fig.add_trace(
             go.Bar(
@@ -423,7 +435,7 @@ def input_patching_figure(frame):
             fig.add_trace(
                 go.Bar(
                     x=order, y=r["accuracy"], name=f"set {name} ({int(r['n_heads'].fillna(0).max())} heads)",
-                    marker_color=colors[name], legendgroup=name, showlegend=col == 1,
+                    marker_color=colors.get(name, OTHER_COLOUR), legendgroup=name, showlegend=col == 1,
                     text=["none" if math.isnan(a) else f"{a:.2f}" for a in r["accuracy"].astype(float)],
                     textposition="outside",
                 ),
@@ -453,5 +465,31 @@ def knockout_figure(frame):
         xaxis_title="first blocked layer L", yaxis_title="accuracy", yaxis_range=[0, 1.05],
         xaxis=dict(dtick=1 if frame["from_layer"].max() < 16 else None),
         template="plotly_white", height=480, width=700, legend=dict(orientation="h", y=-0.2),
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Position sweep (as the circuit stage writes sweep.json)
+
+
+def sweep_heatmap(sweep: dict, title: str = "") -> go.Figure:
+    """The layer sweep: one row per position (labelled with the position and a typical prompt's
+    token there), one column per layer; red = the patch lowers the metric. Marked positions are
+    starred."""
+    positions = [p if isinstance(p, str) else " / ".join(p) for p in sweep["positions"]]
+    tokens = sweep.get("tokens") or [""] * len(positions)
+    labels = [f"{'* ' if p in sweep['marked'] else ''}{p}" + (f" ({t})" if t else "") for p, t in zip(positions, tokens)]
+    scores = sweep["layers"]
+    bound = max((abs(x) for row in scores for x in row), default=1.0) or 1.0
+    fig = go.Figure(go.Heatmap(
+        z=scores, x=list(range(len(scores[0]) if scores else 0)), y=labels, zmin=-bound, zmax=bound,
+        colorscale="RdBu", hovertemplate="%{y}, layer %{x}: %{z:.4f}<extra></extra>",
+    ))
+    fig.update_xaxes(title="layer", dtick=1 if scores and len(scores[0]) <= 16 else 4)
+    fig.update_yaxes(title="position (a typical prompt's token)", autorange="reversed")
+    fig.update_layout(
+        title=title or "Position sweep: every head of a layer patched at a position (* marked)",
+        width=900, height=max(400, 28 * len(labels) + 150), template="plotly_white",
     )
     return fig

@@ -59,7 +59,7 @@ from .circuit import Circuit, head_mask
 from .errors import CircuitError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .metrics import Metric, answer_prob, metric_total, score_of
-from .prompts import LAST, PromptSet
+from .prompts import LAST, PromptSet, Spec
 from .resume import CleanRun, check_supported, earliest, embed, run_from, same_start_chunks, tile
 from .settings import QUIET, RunSettings
 from .types import INPUT_KINDS, PAPER_GROUPS, Head, Receiver
@@ -432,12 +432,25 @@ def path_patch(
     return score_of(total, total_clean, len(clean), relative)
 
 
-def top_heads(scores: Float[Tensor, "layer head"], k: int) -> list[Head]:
-    """The `k` heads with the most negative scores (ties: lower layer, then lower head)."""
-    flat = scores.flatten().nan_to_num(nan=float("inf"))
-    order = torch.sort(flat, stable=True).indices[:k].tolist()
+def top_heads(scores: Float[Tensor, "layer head"], k: int, among: Sequence[Head] | None = None) -> list[Head]:
+    """The `k` heads with the most negative scores (ties: lower layer, then lower head), only
+    from `among` if given; heads scored NaN (not senders) are never chosen, so there may be fewer."""
     n_heads = scores.shape[1]
+    flat = scores.flatten()
+    if among is not None:
+        allowed = torch.zeros_like(flat, dtype=torch.bool)
+        for layer, head in among:
+            allowed[layer * n_heads + head] = True
+        flat = torch.where(allowed, flat, torch.full_like(flat, float("nan")))
+    order = [i for i in torch.sort(flat, stable=True).indices.tolist() if not flat[i].isnan()][:k]
     return [(i // n_heads, i % n_heads) for i in order]
+
+
+def reachable(receivers: Sequence[Receiver], n_layers: int, n_heads: int) -> list[Head]:
+    """The senders that can reach a receiver at all: heads below its layer (a sender's output
+    enters the residual stream after its own layer's attention). Without receivers, every head."""
+    top = max((r.layer for r in receivers), default=n_layers)
+    return [(l, h) for l in range(min(top, n_layers)) for h in range(n_heads)]
 
 
 def effective_top_k(top_k: Sequence[int], n_layers: int, n_heads: int, cap: float = TOP_K_CAP) -> tuple[int, ...]:
@@ -457,12 +470,14 @@ def effective_top_k(top_k: Sequence[int], n_layers: int, n_heads: int, cap: floa
 
 @dataclass(frozen=True)
 class Step:
-    """One discovery step: the group it finds, the sender position, and the input kind through
-    which its senders are scored on the previous group's heads (None: on the metric)."""
+    """One discovery step: the group it finds, the sender position (a spec or a union of specs),
+    and the input kinds ("q", "k", "v", or several: "kv") through which its senders are scored
+    on the previous group's heads (None: on the metric)."""
 
     group: str
-    position: str
+    position: Spec
     receiver_kind: str | None
+    receivers_from: str | None = None  # the group whose heads receive (default: the step before's)
 
 
 PAPER_STEPS: tuple[Step, ...] = tuple(Step(g.name, g.position, g.receiver_kind) for g in PAPER_GROUPS)
@@ -471,10 +486,11 @@ StepDone = Callable[[Step, list[Receiver], Tensor, bool, float], None]
 
 
 def step_receivers(step: Step, previous: Sequence[Head]) -> list[Receiver]:
-    """The previous group's heads, receiving through `step.receiver_kind` at the step's position."""
+    """The previous group's heads, receiving through each input kind of `step.receiver_kind`
+    ("q", "v", or several, e.g. "kv") at the step's position."""
     if step.receiver_kind is None:
         return []
-    return [Receiver(layer, head, step.receiver_kind, step.position) for layer, head in previous]
+    return [Receiver(layer, head, kind, step.position) for kind in step.receiver_kind for layer, head in previous]
 
 
 def find_circuit(
@@ -490,38 +506,41 @@ def find_circuit(
     finished: StepLookup | None = None,
     on_step: StepDone | None = None,
 ) -> tuple[Circuit, dict[str, Float[Tensor, "layer head"]]]:
-    """Path patching step after step; each step's receivers are the previous step's `top_k`
-    heads (`step_receivers`). Returns the circuit (each group = its step's top-k heads, at the
-    step's position) and every step's scores.
+    """Path patching step after step; each step's receivers are the heads an earlier step found
+    (the step before's, unless `Step.receivers_from` names another), through the step's input
+    kinds at its position (`step_receivers`). A group is its step's `top_k` heads among those
+    that can reach a receiver (`reachable`), so it may hold fewer, or none; a step whose
+    receivers are none scores no sender. Returns the circuit (each group at its step's
+    position) and every step's scores.
 
     `finished(step, receivers)` may return a step's earlier scores (the step is then not
     recomputed); `on_step(step, receivers, scores, reused, seconds)` is called after each step.
     """
     if len(top_k) != len(steps):
         raise CircuitError(f"top-k needs {len(steps)} numbers (one per step), got {list(top_k)}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     scores: dict[str, Tensor] = {}
-    previous: list[Head] = []
+    groups: dict[str, list[Head]] = {}
     runs = None  # the fast method's clean and corrupt runs, shared by the steps computed
-    for step, k in zip(steps, top_k):
-        receivers = step_receivers(step, previous)
-        if step.receiver_kind is not None and not receivers:
-            raise CircuitError(f"step {step.group} needs receivers, but the step before it kept no head")
+    for i, (step, k) in enumerate(zip(steps, top_k)):
+        source = step.receivers_from or (steps[i - 1].group if i else None)
+        receivers = step_receivers(step, groups.get(source, []))
+        if step.receiver_kind is not None and source not in groups:
+            raise CircuitError(f"step {step.group} receives from {source!r}, which no earlier step found")
         t0 = time.perf_counter()
         found = finished(step, receivers) if finished is not None else None
         reused = found is not None
         if not reused:
             if method == "fast" and runs is None:
                 runs = prepare(model, clean, corrupt, [s.position for s in steps], settings)
+            senders = None if receivers or step.receiver_kind is None else []  # nothing to receive: no sender
             found = path_patch(
-                model, clean, corrupt, step.position, receivers, metric, relative, method=method,
-                settings=settings, runs=runs,
+                model, clean, corrupt, step.position, receivers or None, metric, relative, senders, method,
+                settings, runs,
             )
         scores[step.group] = found
         if on_step is not None:
             on_step(step, receivers, found, reused, time.perf_counter() - t0)
-        previous = top_heads(found, k)
-    circuit = Circuit(
-        {s.group: top_heads(scores[s.group], k) for s, k in zip(steps, top_k)},
-        {s.group: s.position for s in steps},
-    )
+        groups[step.group] = top_heads(found, k, reachable(receivers, n_layers, n_heads))
+    circuit = Circuit(groups, {s.group: s.position for s in steps})
     return circuit, scores

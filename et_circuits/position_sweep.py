@@ -42,7 +42,7 @@ from .types import Receiver
 class Sweep:
     """A sweep's scores: per position, per layer (`layers[i, l]` for `positions[i]`); and at the
     `marked` positions, per head, by activation patching (`heads`) and by path patching through
-    every later head's inputs there (`paths`). `tokens`: a typical prompt's token at each
+    every later head's inputs there (`paths`). `tokens`: the first prompt's token(s) at each
     position (for figures)."""
 
     positions: list[Spec]
@@ -159,7 +159,39 @@ def sweep(
             ])
             readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
             paths[spec] = path_patch(model, clean, corrupt, spec, readers, metric, relative, settings=settings, runs=runs)
+    return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))
+
+
+def _tokens_at(model: HookedTransformer, prompts: PromptSet, positions: Sequence[Spec]) -> list[str]:
+    """The first prompt's token(s) at each position (ids where the model has no tokenizer)."""
+    ids = prompts.input_ids[0].tolist()
     tok = model.tokenizer
-    ids = clean.input_ids[0].tolist()
-    tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(t) for t in ids]
-    return Sweep(positions, layer_scores, marked, heads, paths, tokens)
+    words = tok.convert_ids_to_tokens(ids) if tok is not None else [str(t) for t in ids]
+    return [" ".join(words[i] for i in prompts[:1].position_set(p)[0].tolist() if i >= 0) for p in positions]
+
+
+def smallest(sweep: Sweep, prompts: PromptSet, keep: float = 0.9) -> list[Spec]:
+    """The marked positions without redundant ones: a marked spec is dropped when another
+    marked spec covers a subset of its positions in every prompt and keeps at least `keep` of
+    its effect (e.g. "labels+1", every segment's, when "prev_query_label+1", the queried one's,
+    carries the same effect)."""
+    strength = dict(zip(map(_key, sweep.positions), sweep.layers.abs().amax(1).tolist()))
+    sets = {_key(s): _as_sets(prompts.position_set(s)) for s in sweep.marked}
+
+    def covered(big: Spec) -> bool:
+        return any(
+            other != big and all(a <= b for a, b in zip(sets[_key(other)], sets[_key(big)]))
+            and sets[_key(other)] != sets[_key(big)]
+            and strength[_key(other)] >= keep * strength[_key(big)]
+            for other in sweep.marked
+        )
+
+    return [s for s in sweep.marked if not covered(s)]
+
+
+def _key(spec: Spec):
+    return spec if isinstance(spec, str) else tuple(spec)
+
+
+def _as_sets(at: Tensor) -> list[frozenset[int]]:
+    return [frozenset(int(p) for p in row if p >= 0) for row in at.tolist()]

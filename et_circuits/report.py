@@ -109,54 +109,101 @@ def _wide(frame: pd.DataFrame, index: list[str], columns: str | pd.Series, value
     return first.merge(wide.reset_index(), on=index).rename_axis(columns=None)
 
 
+def paper_rows_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """Blank the paper's columns on rows of the discovered reading (`positions` != "paper"):
+    the paper published numbers at its own positions only."""
+    if "positions" not in frame:
+        return frame
+    out = frame.copy()
+    other = out.positions != "paper"
+    out.loc[other, [c for c in out.columns if c.startswith("paper")]] = ""
+    return out
+
+
 def table1_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     frame = _csv(results / "table1.csv")
-    return None if frame is None else with_paper(frame, "table1")
+    return None if frame is None else paper_rows_only(with_paper(frame, "table1"))
+
+
+READING_DIRS = {"paper": "", "discovered": "discovered"}  # RESULTS/<model>/<dir>/circuit.json
 
 
 def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     rows = []
-    for name in models:
-        path = results / name / "circuit.json"
-        if path.exists():
-            circuit = Circuit.load(path)
-            sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
-            rows.append({"model": name, **sizes, "total": len(circuit)})
-    return with_paper(pd.DataFrame(rows), "circuit_size") if rows else None
+    for reading, sub in READING_DIRS.items():
+        for name in models:
+            path = results / name / sub / "circuit.json"
+            if path.exists():
+                circuit = Circuit.load(path)
+                sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
+                where = "; ".join(f"{letter(g)}: {', '.join(circuit.positions_of(g))}" for g in circuit.groups)
+                rows.append({"model": name, "positions": reading, **sizes, "total": len(circuit), "acting at": where})
+    return paper_rows_only(with_paper(pd.DataFrame(rows), "circuit_size")) if rows else None
 
 
 def overlap_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     frame = _csv(results / "overlap.csv")
-    return None if frame is None else with_paper(_wide(frame, ["model"], "group", "overlap"), "overlap")
+    if frame is None:
+        return None
+    if "positions" not in frame:
+        frame = frame.assign(positions="paper")
+    return paper_rows_only(with_paper(_wide(frame, ["model", "positions"], "group", "overlap"), "overlap"))
 
 
-def figure2_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    """DCM on the base circuit: one row per group and desideratum, mean ± std (%) per model,
-    then the paper's value per paper model."""
+def sweep_table(results: Path, models: list[str]) -> pd.DataFrame | None:
+    """Per model: the positions the sweep marked as carrying an effect, and where the
+    discovered circuit's groups act."""
+    rows = []
+    for name in models:
+        sweep = _json(results / name / "discovered" / "sweep.json")
+        if not sweep:
+            continue
+        path = results / name / "discovered" / "circuit.json"
+        circuit = Circuit.load(path) if path.exists() else None
+        rows.append({
+            "model": name, "prompts": sweep.get("n", ""), "mark at (share of the largest)": sweep.get("mark", ""),
+            "marked positions": ", ".join(sweep.get("marked", [])),
+            "discovered groups": "" if circuit is None else "; ".join(
+                f"{letter(g)} ({len(hs)} h): {', '.join(circuit.positions_of(g))}" for g, hs in circuit.groups.items()),
+        })
+    return pd.DataFrame(rows) if rows else None
+
+
+def figure2_table(results: Path, models: list[str], section: str = "base_circuit") -> pd.DataFrame | None:
+    """DCM on the base circuit (of one reading: `section`): one row per group and desideratum,
+    mean ± std (%) per model, then the paper's value per paper model (paper reading only)."""
     frame = _csv(results / "dcm.csv")
     if frame is None:
         return None
-    rows = frame[frame.circuit == "base_circuit"]
+    rows = frame[frame.circuit == section]
+    if rows.empty:
+        return rows
     rows = rows.assign(
         cell=[f"{m:.1f} ± {s:.1f}" for m, s in zip(rows.accuracy_mean, rows.accuracy_std)],
         row=rows.letter + " " + rows.desideratum,
     )
     wide = _wide(rows, ["row"], "model", "cell")
-    for paper in PUBLISHED["figure2"]:
+    for paper in PUBLISHED["figure2"] if section == "base_circuit" else ():
         wide[f"paper: {paper}"] = [published("figure2", paper, r) for r in wide.row]
     return wide.rename(columns={"row": "group desideratum"})
 
 
+def figure2_discovered_table(results: Path, models: list[str]) -> pd.DataFrame | None:
+    return figure2_table(results, models, "base_discovered")
+
+
 def _cmap_wide(frame: pd.DataFrame, column: pd.Series, table: str) -> pd.DataFrame:
-    """One row per source model: both baselines, then per `column` "accuracy (heads)"."""
+    """One row per source model and reading: both baselines, then per `column` "accuracy (heads)"."""
     if frame.empty:
         return pd.DataFrame()
     cells = [f"{'–' if pd.isna(a) else f'{a:.3f}'} ({n} h)" for a, n in zip(frame.accuracy, frame.n_heads)]
     frame = frame.assign(cell=cells).rename(columns={"base": "base model"})
+    if "positions" not in frame:
+        frame = frame.assign(positions="paper")
     keep = ("base model", "base_accuracy", "source_accuracy", "n")
-    wide = _wide(frame, ["source"], column, "cell", keep)
+    wide = _wide(frame, ["source", "positions"], column, "cell", keep)
     wide = wide.rename(columns={"base_accuracy": "base accuracy", "source_accuracy": "source accuracy"})
-    return with_paper(wide, table, key="source")
+    return paper_rows_only(with_paper(wide, table, key="source"))
 
 
 def figure3_table(results: Path, models: list[str]) -> pd.DataFrame | None:
@@ -254,21 +301,28 @@ SECTIONS = (
               models_table, "<model>/path_patching, <model>/minimality.json", "circuit"),
         Table("DCM settings", dcm_settings_table, "<model>/dcm.json", "dcm"),
     ), ()),
-    Section("circuit", "Circuit discovery and Table 1", (
-        Table("Table 1: the base circuit on every model", table1_table, "table1.csv", "circuit"),
-        Table("Circuit size per group", sizes_table, "<model>/circuit.json", "circuit"),
+    Section("sweep", "Where the mechanism lives: the position sweep", (
+        Table("Positions whose heads carry an effect (the layer sweep's marks) and where the discovered "
+              "circuit's groups act", sweep_table, "<model>/discovered/sweep.json", "circuit"),
+    ), ("*_sweep",)),
+    Section("circuit", "Circuit discovery and Table 1 (at the paper's positions and at the discovered ones)", (
+        Table("Table 1: the base circuit on every model, at the paper's positions and at the discovered "
+              "ones; slots = share of the (head, position) slots at the circuit's positions that it keeps",
+              table1_table, "table1.csv", "circuit"),
+        Table("Circuit size per group", sizes_table, "<model>/circuit.json, <model>/discovered/circuit.json", "circuit"),
         Table("Overlap: heads of the base circuit in each model's circuit",
               overlap_table, "overlap.csv", "circuit"),
     ), ("*_circuit", "table1", "*_path_patching", "*_completeness")),
     Section("dcm", "Figure 2: what each group encodes (DCM)", (
         Table("Accuracy (% of the desideratum's target) with each group's DCM heads patched, on the "
-              "base circuit, mean ± std over resamplings", figure2_table, "dcm.csv", "dcm"),
-    ), ("dcm", "dcm_extra")),
+              "base circuit at the paper's positions, mean ± std over resamplings", figure2_table, "dcm.csv", "dcm"),
+        Table("The same on the base circuit at the discovered positions", figure2_discovered_table, "dcm.csv", "dcm"),
+    ), ("dcm", "dcm_discovered", "dcm_extra")),
     Section("cmap", "Figure 3: cross-model activation patching", (
         Table("Base-model accuracy with the fine-tuned model's head outputs patched in "
               "(accuracy, heads patched)", figure3_table, "cmap.csv", "cmap"),
         Table("Input patching (q, k, v of the head set)", input_patching_table, "cmap.csv", "cmap"),
-    ), ("cmap", "cmap_input")),
+    ), ("cmap", "cmap_discovered", "cmap_input", "cmap_input_discovered")),
     Section("knockout", "Attention knockout", (
         Table("Accuracy with the edge blocked from layer L on", knockout_table, "knockout.csv", "knockout"),
     ), ("knockout",)),

@@ -122,10 +122,10 @@ def test_completeness_rows(predicted):
 def test_overlap_frame():
     base = Circuit({"value_fetcher": [(1, 0), (1, 1), (2, 3)], "struct_reader": [(0, 0)]})
     other = Circuit({"value_fetcher": [(1, 1), (2, 3), (3, 3)], "pos_detector": [(0, 0)]})
-    frame = overlap_frame(base, {"ft": other})
+    frame = overlap_frame(base, {"ft": other}, "discovered")
     assert frame.to_dict("records") == [
-        {"model": "ft", "group": "A", "shared": 2, "base_size": 3, "overlap": "2/3"},
-        {"model": "ft", "group": "D", "shared": 0, "base_size": 1, "overlap": "0/1"},
+        {"model": "ft", "positions": "discovered", "group": "A", "shared": 2, "base_size": 3, "overlap": "2/3"},
+        {"model": "ft", "positions": "discovered", "group": "D", "shared": 0, "base_size": 1, "overlap": "0/1"},
     ]
 
 
@@ -175,29 +175,42 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
             f"{s.group}.safetensors" for s in pp.PAPER_STEPS
         )
         circuit = Circuit.load(d / "circuit.json")
-        assert [len(circuit.groups[s.group]) for s in pp.PAPER_STEPS] == [1, 1, 1, 1]  # 6 heads: cap 1
+        sizes = [len(circuit.groups[s.group]) for s in pp.PAPER_STEPS]
+        assert sizes[:2] == [1, 1] and max(sizes) == 1  # 6 heads: cap 1
+        for receiver, sender in zip(pp.PAPER_STEPS, pp.PAPER_STEPS[1:]):  # a group only below its receivers
+            top = max((l for l, _ in circuit.groups[receiver.group]), default=0)
+            assert all(l < top for l, _ in circuit.groups[sender.group])
         assert json.loads((d / "minimality.json").read_text())["top_k"] == [1, 1, 1, 1]
-        assert len(json.loads((d / "completeness.json").read_text())["rows"]) == 4 + 2
+        assert len(json.loads((d / "completeness.json").read_text())["rows"]) == len(circuit) + 2
+        found = Circuit.load(d / "discovered" / "circuit.json")  # the sweep's reading
+        sweep = json.loads((d / "discovered" / "sweep.json").read_text())
+        assert sweep["marked"] and len(sweep["layers"]) == len(sweep["positions"])
+        assert {p for g in found.groups for p in found.positions_of(g)} <= {*sweep["marked"], "last"}
+    discovered = {n: Circuit.load(results / n / "discovered" / "circuit.json") for n in ("base-model", "tuned-model")}
 
     before = (results / "base-model" / "path_patching" / "value_fetcher.safetensors").stat().st_mtime_ns
     args = ["circuit", "--model", base, "--results", str(results), *CIRCUIT_SMALL, "--minimality-threshold", "0"]
     assert cli.main(args) == 0
-    assert capsys.readouterr().out.count("reused") == 4
+    assert capsys.readouterr().out.count("reused") == 4 + len(discovered["base-model"].groups)
     assert (results / "base-model" / "path_patching" / "value_fetcher.safetensors").stat().st_mtime_ns == before
 
     table = ["table1", "--base", base, "--models", base, tuned, "--results", str(results)]
     assert cli.main([*table, *SMALL, "--reference-n", "12", "--random", "2"]) == 0
     frame = pd.read_csv(results / "table1.csv")
-    assert list(frame.columns) == ["model", "full", "circuit", "random", "faithfulness"]
-    assert list(frame.model) == ["base-model", "tuned-model"]
-    assert (results / "table1.md").read_text().count("\n| ") == 3  # header + 2 rows
+    assert list(frame.columns) == ["model", "positions", "full", "circuit", "random", "faithfulness", "slots"]
+    assert list(frame.model) == ["base-model"] * 2 + ["tuned-model"] * 2
+    assert list(frame.positions) == ["paper", "discovered"] * 2
+    assert frame.slots.between(0, 1).all() and (frame.full.diff()[1::2] == 0).all()  # one full model per model
+    assert (results / "table1.md").read_text().count("\n| ") == 5  # header + 4 rows
     ov = pd.read_csv(results / "overlap.csv")
-    assert list(ov.model.unique()) == ["tuned-model"] and len(ov) == 4
+    assert list(ov.model.unique()) == ["tuned-model"] and len(ov) == 4 + len(discovered["base-model"].groups)
 
     args = ["figures", "--base", base, "--models", base, tuned, "--results", str(results), "--figures", str(figs)]
     assert cli.main(args) == 0
-    stems = {"base-model_path_patching", "tuned-model_path_patching", "base-model_completeness",
-             "tuned-model_completeness", "base-model_circuit", "table1"}
+    stems = {"table1", "base-model_circuit", "base-model_discovered_circuit"}
+    for name in ("base-model", "tuned-model"):
+        stems |= {f"{name}_path_patching", f"{name}_completeness", f"{name}_discovered_path_patching",
+                  f"{name}_discovered_completeness", f"{name}_sweep"}
     assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "json", "png")}
 
 

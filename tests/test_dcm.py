@@ -16,10 +16,11 @@ from et_circuits.entity_tracking import data, desiderata, recipe
 from et_circuits.stages.dcm import selected_heads
 from tests.conftest import make_checkpoint
 
-GROUPS = {  # position -> heads of a 2-layer, 4-head model
+GROUPS = {  # position (or position set) -> heads of a 2-layer, 4-head model
     "last": [(1, 0), (1, 3), (0, 2)],
     "query_label": [(0, 1), (1, 2)],
     "prev_query_label": [(0, 3)],
+    ("prev_query_label+1", "prev_query_label+2"): [(0, 1), (1, 3)],
 }
 
 
@@ -32,17 +33,19 @@ def pairs(tiny, vocab):
 
 
 def _reference_patch(model, pairs, position, heads):
-    """Last-token logits of the base with `heads` overwritten at the base's `position` by their
-    z in the source at the source's `position`: written with plain TransformerLens calls."""
+    """Last-token logits of the base with `heads` overwritten at each of the base's `position`s
+    by their z in the source at the source's same-numbered position: plain TransformerLens calls."""
     _, cache = model.run_with_cache(pairs.source.input_ids)
     rows = torch.arange(len(pairs))
-    src_pos, base_pos = pairs.source.position(position), pairs.base.position(position)
+    specs = (position,) if isinstance(position, str) else position
 
     def overwrite(act, hook, layer):
         act = act.clone()
-        for l, h in heads:
-            if l == layer:
-                act[rows, base_pos, h] = cache[hook.name][rows, src_pos, h]
+        for spec in specs:
+            src_pos, base_pos = pairs.source.position(spec), pairs.base.position(spec)
+            for l, h in heads:
+                if l == layer:
+                    act[rows, base_pos, h] = cache[hook.name][rows, src_pos, h]
         return act
 
     hooks = [(f"blocks.{l}.attn.hook_z", lambda act, hook, l=l: overwrite(act, hook, l)) for l in {l for l, _ in heads}]
@@ -51,7 +54,7 @@ def _reference_patch(model, pairs, position, heads):
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["full", "resume"])
-@pytest.mark.parametrize("position", list(GROUPS))
+@pytest.mark.parametrize("position", list(GROUPS), ids=str)
 def test_mask_ones_is_base_and_zeros_is_patched(tiny, pairs, position, resume):
     model = tiny[0]
     train = pairs[0]
@@ -205,6 +208,10 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
               "pos_detector": [(0, 1)], "struct_reader": [(0, 3)]}).save(results / base / "circuit.json")
     _circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_transmitter": [(1, 3)],
               "pos_detector": [(0, 1)], "struct_reader": []}).save(results / ft / "circuit.json")
+    binder = ("prev_query_label+1", "prev_query_label+2")  # a discovered group acting at two positions
+    for name, fetchers in ((base, [(1, 1)]), (ft, [(1, 2)])):
+        Circuit({"value_fetcher": fetchers, "binder": [(0, 0), (0, 2)]}, {"binder": binder}).save(
+            results / name / "discovered" / "circuit.json")
     common = ["--base", str(tiny_dir), "--results", str(results), "--n-train", "32", "--n-eval", "16",
               "--n-test", "16", "--seeds", "2", "--batch-size", "16", "--resamples", "5", "--device", "cpu", "--quiet"]
     assert main(["dcm", "--model", str(tiny_dir), *common]) == 0
@@ -230,6 +237,14 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
     }
     assert all(h in {(1, 0), (1, 2)} for h in selected_heads(ft_result)["value_fetcher"]["object_value"])
 
+    # the discovered reading: every group on the main desiderata at its own positions (the binder
+    # at both of its), and on the fine-tuned model's own circuit what CMAP patches
+    discovered = own["base_discovered"]
+    assert discovered["positions"]["binder"] == list(binder) and set(discovered["groups"]) == {"value_fetcher", "binder"}
+    assert set(discovered["groups"]["binder"]) == set(desiderata.MAIN)
+    assert all(h in [[0, 0], [0, 2]] for e in discovered["groups"]["binder"].values() for h in e["heads"])
+    assert {g: set(d) for g, d in ft_result["own_discovered"]["groups"].items()} == {"value_fetcher": {"object_value"}}
+
     # a rerun trains nothing and writes the same file
     monkeypatch.setattr(dcm, "train_mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert main(["dcm", "--model", str(tiny_dir), *common]) == 0
@@ -241,9 +256,11 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
     import pandas as pd
 
     frame = pd.read_csv(results / "dcm.csv")
-    assert len(frame) == 2 * (4 * 3 + 11) + 4 * 3 + 3  # base: both sections with extras; ft: main + CMAP's
+    paper = 2 * (4 * 3 + 11) + 4 * 3 + 3  # base: both sections with extras; ft: main + CMAP's
+    assert len(frame) == paper + 2 * 2 * 3 + 2 * 3 + 1  # discovered: base both sections; ft main + CMAP's
     assert frame.accuracy_mean.between(0, 100).all()
-    for stem in ("dcm", "dcm_extra"):
+    assert set(frame[frame.group == "binder"].position) == {", ".join(binder)}
+    for stem in ("dcm", "dcm_extra", "dcm_discovered"):
         assert (figures / f"{stem}.html").stat().st_size > 0 and (figures / f"{stem}.png").stat().st_size > 0
 
     capsys.readouterr()

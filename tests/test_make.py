@@ -22,12 +22,13 @@ def outputs(a: argparse.Namespace) -> list[str]:
     """The files each command of the real CLI writes (and the Makefile names as its targets)."""
     r, f = a.results, a.figures
     return {
-        "circuit": lambda: [f"{r}/{a.model}/circuit.json"],
+        "circuit": lambda: [f"{r}/{a.model}/circuit.json", f"{r}/{a.model}/discovered/circuit.json"],
         "table1": lambda: [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"],
-        "figures": lambda: [f"{f}/{m}_path_patching.json" for m in a.models] + [f"{f}/{a.base}_circuit.json", f"{f}/table1.json"],
+        "figures": lambda: [f"{f}/{m}_{what}.json" for m in a.models for what in ("path_patching", "discovered_path_patching", "sweep")]
+        + [f"{f}/{a.base}_circuit.json", f"{f}/{a.base}_discovered_circuit.json", f"{f}/table1.json"],
         "dcm": lambda: [f"{r}/{a.model}/dcm.json"],
-        "dcm-figure": lambda: [f"{r}/dcm.csv", f"{f}/dcm.json"],
-        "cmap": lambda: [f"{r}/cmap.csv", f"{f}/cmap.json"],
+        "dcm-figure": lambda: [f"{r}/dcm.csv", f"{f}/dcm.json", f"{f}/dcm_discovered.json"],
+        "cmap": lambda: [f"{r}/cmap.csv", f"{f}/cmap.json", f"{f}/cmap_discovered.json"],
         "knockout": lambda: [f"{r}/knockout.csv", f"{f}/knockout.json"],
         "report": lambda: [f"{f}/report.html"],
     }[a.command]()

@@ -280,7 +280,7 @@ def test_bad_input_is_refused(scaled):
 def test_top_heads_and_cap():
     scores = torch.tensor([[0.5, -0.2, float("nan")], [-0.9, -0.2, 0.0]])
     assert pp.top_heads(scores, 3) == [(1, 0), (0, 1), (1, 1)]  # tie: lower layer first
-    assert pp.top_heads(scores, 6)[-1] == (0, 2)  # NaN (not a sender) comes last
+    assert (0, 2) not in pp.top_heads(scores, 6) and len(pp.top_heads(scores, 6)) == 5  # NaN: not a sender
     assert pp.effective_top_k(recipe.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
     assert pp.effective_top_k(recipe.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
     assert pp.effective_top_k((20, 1, 10, 5), 2, 2) == (1, 1, 1, 1)
@@ -302,7 +302,7 @@ def test_prompts_are_seeded_and_aligned(tiny, vocab):
 
 def test_find_circuit_saves_and_resumes(scaled, tmp_path, monkeypatch):
     """Through the circuit stage's step files: every step written with its receivers; a rerun
-    reuses every step; another top-k for C recomputes only D; another seed everything."""
+    reuses every step; another top-k for B recomputes only C; another seed everything."""
     model, _, clean, corrupt = scaled
     meta = {"model": "tiny", "seed": "3", "n": str(len(clean))}
 
@@ -324,11 +324,14 @@ def test_find_circuit_saves_and_resumes(scaled, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "path_patch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     again, rescored = run((3, 2, 2, 2), meta)
     assert calls == []  # every step reused
-    assert again.groups == first.groups and all(torch.equal(scores[g], rescored[g]) for g in scores)
-    run((3, 2, 1, 2), meta)  # another top-k for C changes D's receivers only
-    assert calls == ["prev_query_label"]
-    run((3, 2, 1, 2), {**meta, "seed": "4"})  # another seed in the metadata: everything recomputed
-    assert calls == ["prev_query_label", *[s.position for s in pp.PAPER_STEPS]]
+    assert again.groups == first.groups
+    assert all(torch.allclose(scores[g], rescored[g], atol=0, rtol=0, equal_nan=True) for g in scores)
+    fewer, _ = run((3, 1, 2, 2), meta)  # another top-k for B: C recomputed, D only if C's heads changed
+    changed = fewer.groups["pos_detector"] != first.groups["pos_detector"]
+    assert calls == ["query_label", *(["prev_query_label"] if changed else [])]
+    calls.clear()
+    run((3, 1, 2, 2), {**meta, "seed": "4"})  # another seed in the metadata: everything recomputed
+    assert calls == [s.position for s in pp.PAPER_STEPS]
 
 
 def test_corrupt_score_file_is_an_error(tmp_path):
@@ -349,17 +352,24 @@ def organism():
 @pytest.mark.slow
 def test_organism_recipe_reproduces_the_scores_of_the_replaced_code(organism):
     """The paper's four steps on organism-llama (300 prompts, seed 0, top-k 4 per step) give the
-    scores and candidate circuit that the code before the task-neutral refactor computed
-    (committed under tests/fixtures), and A and B are the heads README reports."""
+    step A and B scores that the code before the task-neutral refactor computed (committed under
+    tests/fixtures), and A and B are the heads README reports. Since then a group is chosen only
+    among the senders that can reach its receivers: B's among layer 0 (below A's top layer), so
+    C's senders reach nothing (all scores 0, no head chosen) and D has no receivers (no score)."""
     model, tok = organism
     clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 300, 7, seed=0)
     circuit, scores = pp.find_circuit(model, clean, corrupt, (4, 4, 4, 4), settings=RunSettings(progress=False))
-    expected = json.loads((FIXTURES / "minimality.json").read_text())["candidates"]
-    assert circuit.to_dict() == expected
-    for group, found in scores.items():
-        torch.testing.assert_close(found, load_scores(FIXTURES / f"{group}.safetensors")[0], atol=1e-6, rtol=0)
+    old = {g: load_scores(FIXTURES / f"{g}.safetensors")[0] for g in ("value_fetcher", "pos_transmitter")}
+    for group, expected in old.items():
+        torch.testing.assert_close(scores[group], expected, atol=1e-6, rtol=0)
+    candidates = json.loads((FIXTURES / "minimality.json").read_text())["candidates"]["groups"]
+    assert circuit.groups["value_fetcher"] == [tuple(h) for h in candidates["value_fetcher"]]
     assert circuit.groups["value_fetcher"][:3] == [(1, 2), (1, 3), (1, 1)]
+    top_a = max(layer for layer, _ in circuit.groups["value_fetcher"])
+    assert circuit.groups["pos_transmitter"] == pp.top_heads(old["pos_transmitter"], 4, [(l, h) for l in range(top_a) for h in range(4)])
     assert circuit.groups["pos_transmitter"][:2] == [(0, 1), (0, 0)]
+    assert (scores["pos_detector"] == 0).all() and circuit.groups["pos_detector"] == []
+    assert scores["struct_reader"].isnan().all() and circuit.groups["struct_reader"] == []
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def test_absolute_positions_need_one_layout(case):
     model, clean, corrupt, _, _ = case
     every = ps.sweep(model, clean[:4], corrupt[:4], settings=QUIET)
     assert every.positions == [f"t{i}" for i in range(clean.seq_len)] and len(every.tokens) == clean.seq_len
+    assert every.tokens[0] == "<s>" and case[4].tokens[case[3].index("last")] == "the"
     ragged = clean[:2].replace(attention_mask=torch.tensor([[1] * clean.seq_len, [1] * (clean.seq_len - 1) + [0]]))
     with pytest.raises(et.DataError, match="one length"):
         ps.absolute_positions(ragged)

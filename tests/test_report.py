@@ -21,7 +21,8 @@ from et_circuits.io import write_csv, write_json, write_tensors
 
 MODELS = ["organism-llama", "organism-goat"]
 FIGURES = ["organism-llama_circuit", "organism-llama_path_patching", "organism-goat_path_patching",
-           "table1", "dcm", "cmap", "knockout", "something_else"]
+           "organism-llama_sweep", "table1", "dcm", "dcm_discovered", "cmap", "cmap_discovered", "knockout",
+           "something_else"]
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -39,16 +40,24 @@ def write_run(results: Path, figures: Path) -> None:
                       {"model": name, "n": "30", "seed": "0", "boxes": "7", "dtype": "float32", "method": "fast"})
         write_json(results / name / "minimality.json", {"threshold": 0.0, "n": 20, "top_k": [1, 1, 1, 1]})
         write_json(results / name / "dcm.json", {"model": name, "base": MODELS[0], "settings": {"n_train": 8, "lam": 0.01}})
+        Circuit({"value_fetcher": [(1, 2)], "binder": [(0, 1), (0, 3)]}, {"binder": ("labels+1", "labels+2")}).save(
+            results / name / "discovered" / "circuit.json")
+    write_json(results / MODELS[0] / "discovered" / "sweep.json", {"n": 30, "mark": 0.2, "marked": ["labels+1", "last"]})
     write_csv(results / "table1.csv", pd.DataFrame(
-        {"model": MODELS, "full": [0.5, 0.7], "circuit": [0.1, 0.2], "random": [0.0, 0.01], "faithfulness": [0.2, 0.29]}))
+        {"model": MODELS * 2, "positions": ["paper"] * 2 + ["discovered"] * 2, "full": [0.5, 0.7] * 2,
+         "circuit": [0.1, 0.2, 0.5, 0.66], "random": [0.0, 0.01] * 2, "faithfulness": [0.2, 0.29, 1.0, 0.94],
+         "slots": 0.25}))
     write_csv(results / "overlap.csv", pd.DataFrame(
-        {"model": ["organism-goat"] * 2, "group": ["A", "B"], "shared": [1, 0], "base_size": [1, 1], "overlap": ["1/1", "0/1"]}))
+        {"model": ["organism-goat"] * 3, "positions": ["paper", "paper", "discovered"], "group": ["A", "B", "A"],
+         "shared": [1, 0, 1], "base_size": [1, 1, 1], "overlap": ["1/1", "0/1", "1/1"]}))
     write_csv(results / "dcm.csv", pd.DataFrame({
-        "model": MODELS, "circuit": "base_circuit", "group": "value_fetcher", "letter": "A",
-        "desideratum": "object_value", "accuracy_mean": [50.0, 60.0], "accuracy_std": [1.0, 2.0]}))
+        "model": MODELS * 2, "circuit": ["base_circuit"] * 2 + ["base_discovered"] * 2, "group": "value_fetcher",
+        "letter": "A", "desideratum": "object_value", "accuracy_mean": [50.0, 60.0, 70.0, 80.0],
+        "accuracy_std": [1.0, 2.0, 3.0, 4.0]}))
     write_csv(results / "cmap.csv", pd.DataFrame({
-        "source": "organism-goat", "base": "organism-llama", "set": ["A", "C", "A"], "patch": ["z", "z", "q"],
-        "n_heads": [1, 0, 1], "accuracy": [0.66, None, 0.6], "base_accuracy": 0.5, "source_accuracy": 0.7, "n": 40}))
+        "source": "organism-goat", "base": "organism-llama", "positions": ["paper"] * 3 + ["discovered"],
+        "set": ["A", "C", "A", "A"], "patch": ["z", "z", "q", "z"], "n_heads": [1, 0, 1, 1],
+        "accuracy": [0.66, None, 0.6, 0.68], "base_accuracy": 0.5, "source_accuracy": 0.7, "n": 40}))
     write_csv(results / "knockout.csv", pd.DataFrame({
         "model": "organism-llama", "edge": ["last->object", "last->object"], "from_layer": [0, 1],
         "accuracy": [0.3, 0.5], "full_accuracy": 0.5, "n": 40}))
@@ -70,16 +79,27 @@ def test_paper_model_by_name():
 
 def test_tables_put_the_paper_beside_the_run(run):
     results, _ = run
-    table1 = report.table1_table(results, MODELS)
-    assert list(table1["paper: full"]) == ["0.66", "0.82"] and list(table1["paper: faithfulness"]) == ["1.00", "0.89"]
-    sizes = report.sizes_table(results, MODELS).set_index("model")
-    assert sizes.loc["organism-llama", "A"] == 1 and sizes.loc["organism-llama", "paper: A"] == "40"
-    assert report.overlap_table(results, MODELS).loc[0, "paper: A"] == "27/40"
+    table1 = report.table1_table(results, MODELS)  # the paper's numbers beside the paper's reading only
+    assert list(table1["paper: full"]) == ["0.66", "0.82", "", ""]
+    assert list(table1["paper: faithfulness"]) == ["1.00", "0.89", "", ""]
+    assert list(table1.positions) == ["paper", "paper", "discovered", "discovered"]
+    sizes = report.sizes_table(results, MODELS).set_index(["model", "positions"])
+    assert sizes.loc[("organism-llama", "paper"), "A"] == 1 and sizes.loc[("organism-llama", "paper"), "paper: A"] == "40"
+    assert sizes.loc[("organism-llama", "discovered"), "binder"] == 2
+    assert "binder: labels+1, labels+2" in sizes.loc[("organism-llama", "discovered"), "acting at"]
+    overlap = report.overlap_table(results, MODELS)
+    assert list(overlap["paper: A"]) == ["27/40", ""] and list(overlap.positions) == ["paper", "discovered"]
     fig2 = report.figure2_table(results, MODELS).set_index("group desideratum")
     assert fig2.loc["A object_value", "organism-goat"] == "60.0 ± 2.0"
     assert fig2.loc["A object_value", "paper: Goat-7B"] == "65.9"
-    fig3 = report.figure3_table(results, MODELS).iloc[0]
-    assert fig3["A"] == "0.660 (1 h)" and fig3["C"] == "– (0 h)" and fig3["paper: A"] == "0.82"
+    fig2d = report.figure2_discovered_table(results, MODELS).set_index("group desideratum")
+    assert fig2d.loc["A object_value", "organism-goat"] == "80.0 ± 4.0" and "paper: Goat-7B" not in fig2d
+    fig3 = report.figure3_table(results, MODELS)
+    assert list(fig3.positions) == ["paper", "discovered"]
+    assert fig3.iloc[0]["A"] == "0.660 (1 h)" and fig3.iloc[0]["C"] == "– (0 h)" and fig3.iloc[0]["paper: A"] == "0.82"
+    assert fig3.iloc[1]["A"] == "0.680 (1 h)" and fig3.iloc[1]["paper: A"] == ""
+    sweep = report.sweep_table(results, MODELS).iloc[0]
+    assert sweep["marked positions"] == "labels+1, last" and "binder (2 h): labels+1, labels+2" in sweep["discovered groups"]
     assert report.input_patching_table(results, MODELS).iloc[0]["paper: A q"] == "0.77"
     assert list(report.knockout_table(results, MODELS).columns[-2:]) == ["from L0", "from L1"]
 

@@ -24,10 +24,11 @@ from ..cross_model import INPUT_PATCHES, CmapResult, Variant
 from ..errors import CircuitError, DataError
 from ..evaluation import Evaluation, ablated_accuracy, completeness, evaluate_circuit, minimal, position_means
 from ..attention_knockout import Edge
-from ..path_patching import PAPER_STEPS, StepDone, StepLookup, effective_top_k, find_circuit
-from ..prompts import PromptSet
+from ..path_patching import PAPER_STEPS, Step, StepDone, StepLookup, effective_top_k, find_circuit
+from ..position_sweep import Sweep, smallest, sweep
+from ..prompts import PromptSet, Spec
 from ..settings import QUIET, RunSettings
-from ..types import GROUPS, Head
+from ..types import GROUPS, Head, letter
 from . import data, desiderata
 
 # Each purpose draws its prompts with seed + offset, apart from the others.
@@ -62,10 +63,30 @@ def path_patching_prompts(
 # Circuit discovery
 
 
+# Where the sweep looks for the task's mechanism: tokens relative to the task's anchors.
+SWEEP_POSITIONS: tuple[str, ...] = (
+    "objects", "objects+1", "labels", "labels+1", "labels+2", "answer_object", "prev_query_label",
+    "prev_query_label+1", "prev_query_label+2", "query_label", "query_label+1", "last",
+)
+READINGS = ("paper", "discovered")  # the circuit at the paper's positions, and at discovered ones
+
+
+def own_steps(positions: Sequence[str]) -> tuple[Step, ...]:
+    """Discovery at the positions a sweep found: A and B at the last token as in the paper (A on
+    the logits, B through A's queries), and, when the sweep marked earlier positions, one group
+    there whose outputs the value fetchers read through their keys and values ("binder")."""
+    earlier = tuple(p for p in positions if p != "last")
+    steps = PAPER_STEPS[:2]
+    if earlier:
+        steps += (Step("binder", earlier if len(earlier) > 1 else earlier[0], "kv", PAPER_STEPS[0].group),)
+    return steps
+
+
 @dataclass
 class Discovery:
     """What `discover` finds: the top-k candidates, the circuit after minimality, every step's
-    scores, the minimality tests and the completeness rows."""
+    scores, the minimality tests, the completeness rows, and (for the discovered reading) the
+    position sweep that chose the positions."""
 
     candidates: Circuit
     circuit: Circuit
@@ -73,11 +94,13 @@ class Discovery:
     top_k: tuple[int, ...]
     minimality: list[dict]
     completeness: list[dict]
+    sweep: Sweep | None = None
 
 
 def discover(
     model: HookedTransformer,
     tokenizer,
+    reading: str = "paper",
     n: int = 300,
     n_boxes: int = 7,
     seed: int = 0,
@@ -88,17 +111,30 @@ def discover(
     minimality_threshold: float = 0.03,
     reference_n: int = 500,
     completeness_random: int = 10,
+    sweep_n: int = 100,
+    mark: float = 0.2,
     settings: RunSettings = QUIET,
     finished: StepLookup | None = None,
     on_step: StepDone | None = None,
 ) -> Discovery:
-    """The paper's circuit: four path-patching steps (`PAPER_STEPS`, top-k capped for small
-    models), minimality pruning and completeness, each on its own seeded prompts."""
+    """A circuit with minimality pruning and completeness, each on its own seeded prompts.
+    `reading` "paper": the paper's four path-patching steps at its positions (`PAPER_STEPS`);
+    "discovered": a position sweep over `SWEEP_POSITIONS` on the first `sweep_n` path-patching
+    prompts marks where the effect is (its smallest marked positions), then `own_steps` there.
+    Top-k is capped for small models; the discovered reading's steps take the first top-k
+    numbers in order."""
+    if reading not in READINGS:
+        raise CircuitError(f"unknown reading {reading!r}; expected one of {', '.join(READINGS)}")
     top_k = effective_top_k(top_k, model.cfg.n_layers, model.cfg.n_heads, top_k_cap)
     vocab = data.vocabulary(tokenizer, min_objects=n_boxes, min_labels=n_boxes + 1)
     clean, corrupt = path_patching_prompts(tokenizer, vocab, n, n_boxes, seed + SEED_OFFSETS["path_patching"])
+    found_sweep, steps = None, PAPER_STEPS
+    if reading == "discovered":
+        found_sweep = sweep(model, clean[:sweep_n], corrupt[:sweep_n], SWEEP_POSITIONS, mark=mark, settings=settings)
+        steps = own_steps(smallest(found_sweep, clean[:sweep_n]))
+        top_k = top_k[: len(steps)]
     candidates, scores = find_circuit(
-        model, clean, corrupt, top_k, PAPER_STEPS, method=method, settings=settings, finished=finished, on_step=on_step
+        model, clean, corrupt, top_k, steps, method=method, settings=settings, finished=finished, on_step=on_step
     )
     reference = prompts(tokenizer, vocab, reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
     means = position_means(model, reference, settings)
@@ -106,7 +142,7 @@ def discover(
     score = partial(_ablated, model=model, prompts=batch, means=means, settings=settings)
     circuit, log = minimal(candidates, score, minimality_threshold, settings.progress)
     rows = completeness(model, circuit, batch, means, completeness_random, seed, settings)
-    return Discovery(candidates, circuit, scores, top_k, log, rows)
+    return Discovery(candidates, circuit, scores, top_k, log, rows, found_sweep)
 
 
 def _ablated(circuit: Circuit, model, prompts, means, settings) -> float:
@@ -165,23 +201,22 @@ class DCMPlan:
 
 @dataclass(frozen=True)
 class Ask:
-    """One DCM question of the paper: a group's heads at its position, on one desideratum."""
+    """One DCM question of the paper: a group's heads at its position (or position set), on one
+    desideratum."""
 
     heads: tuple[Head, ...]
-    position: str
+    position: Spec
     desideratum: str
 
 
 def asks_for(circuit: Circuit, desiderata_of: Mapping[str, Sequence[str]]) -> list[tuple[str, Ask]]:
-    """(group, ask) for every group of `circuit` in `desiderata_of` and each of its desiderata."""
-    out = []
-    for group, heads in circuit.groups.items():
-        positions = circuit.positions_of(group)
-        if len(positions) != 1:
-            raise CircuitError(f"DCM masks heads at one position; group {group!r} acts at {', '.join(positions)}")
-        for name in desiderata_of.get(group, ()):
-            out.append((group, Ask(tuple(sorted(heads)), positions[0], name)))
-    return out
+    """(group, ask) for every group of `circuit` in `desiderata_of` and each of its desiderata,
+    at the group's own positions."""
+    return [
+        (group, Ask(tuple(sorted(heads)), circuit.positions[group], name))
+        for group, heads in circuit.groups.items()
+        for name in desiderata_of.get(group, ())
+    ]
 
 
 def seed_to_json(result: dcm_method.SeedResult) -> dict:
@@ -293,12 +328,15 @@ def cmap_head_sets(
     object-value heads of the value fetchers, B / C = DCM positional heads of the position
     transmitters / detectors, D = the whole structure-reader group, and the full circuit.
     `selected[group][desideratum]` are DCM's heads; a group DCM selected nothing for gets an
-    empty set (reported as such, not patched); so do A-C without DCM results (None)."""
+    empty set (reported as such, not patched); so do A-C without DCM results (None). Only the
+    circuit's groups get a set: a group outside the paper's table (a discovered one) is patched
+    whole, under its own name."""
     sets: dict[str, Circuit] = {}
-    for group, desideratum in SET_DESIDERATA.items():
+    for group in [*(g for g in SET_DESIDERATA if g in circuit.groups), *(g for g in circuit.groups if g not in SET_DESIDERATA)]:
+        desideratum = SET_DESIDERATA.get(group)
         if desideratum is None:
-            heads = list(circuit.groups.get(group, []))
-        elif selected is None or group not in circuit.groups:
+            heads = list(circuit.groups[group])
+        elif selected is None:
             heads = []
         else:
             try:
@@ -306,7 +344,7 @@ def cmap_head_sets(
             except KeyError:
                 raise CircuitError(f"no DCM {desideratum} heads for group {group!r}") from None
         positions = {group: circuit.positions[group]} if group in circuit.positions else {}
-        sets[GROUPS[group].letter] = Circuit({group: heads}, positions)
+        sets[letter(group)] = Circuit({group: heads}, positions)
     sets[FULL] = circuit
     return sets
 
@@ -328,12 +366,13 @@ def variants(
     return out
 
 
-def cmap_rows(result: CmapResult, source_name: str, base_name: str) -> list[dict]:
+def cmap_rows(result: CmapResult, source_name: str, base_name: str, reading: str = "paper") -> list[dict]:
     """CSV rows: one per variant, with both baselines on every row; an empty set says so."""
     return [
         {
             "source": source_name,
             "base": base_name,
+            "positions": reading,
             "set": v.name,
             "patch": v.patch,
             "n_heads": v.n_heads,
@@ -362,6 +401,13 @@ EDGE_TITLES = {
     "query_label->prev_query_label": "query label → previous query label",
     "last->random": "last token → random context token (control)",
 }
+
+
+def edges_to(circuit: Circuit) -> list[Edge]:
+    """Knockout edges from the last token to each single position a circuit's groups act at
+    before it (a discovered circuit's positions: where the last token's heads read)."""
+    specs = dict.fromkeys(p for g in circuit.groups for p in circuit.positions_of(g) if p != "last")
+    return [Edge(f"last->{spec}", "last", spec) for spec in specs]
 
 
 def with_random_context(prompts: PromptSet, seed: int) -> PromptSet:

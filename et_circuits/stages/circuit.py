@@ -28,7 +28,7 @@ from ..entity_tracking import recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json, write_tensors, write_text
 from ..models import result_name
-from ..path_patching import METHODS, PAPER_STEPS, TOP_K_CAP, Step
+from ..path_patching import METHODS, TOP_K_CAP, Step
 from ..types import Receiver, letter
 from .args import (
     boxes, count, figures_arg, fraction, load_model, model_args, positive, registry_arg, results_arg, settings,
@@ -60,8 +60,9 @@ def load_scores(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 def _step_meta(base: dict[str, str], step: Step, receivers: list[Receiver], method: str) -> dict[str, str]:
     """Everything a step's scores depend on, as the file's metadata (the reuse key)."""
-    heads = [(r.layer, r.head) for r in receivers]
-    return {**base, "group": step.group, "method": method, "receivers": str(heads)}
+    heads = [(r.layer, r.head) for r in receivers if r.kind == (step.receiver_kind or "")[:1]]
+    return {**base, "group": step.group, "position": str(step.position), "inputs": str(step.receiver_kind),
+            "method": method, "receivers": str(heads)}
 
 
 def step_files(directory: Path, base_meta: dict[str, str], method: str):
@@ -87,34 +88,58 @@ def step_files(directory: Path, base_meta: dict[str, str], method: str):
 # circuit
 
 
+def reading_dir(results: Path, name: str, reading: str) -> Path:
+    """Where a model's circuit of one reading lives: RESULTS/<model>/ for the paper's positions,
+    RESULTS/<model>/discovered/ for the discovered ones."""
+    return results / name if reading == "paper" else results / name / reading
+
+
+def sweep_json(found) -> dict:
+    """A position sweep as JSON (scores rounded to 6 decimals)."""
+    def table(t):
+        return [[round(x, 6) for x in row] for row in t.tolist()]
+
+    return {
+        "positions": [p if isinstance(p, str) else list(p) for p in found.positions],
+        "tokens": found.tokens,
+        "layers": table(found.layers),
+        "marked": found.marked,
+        "heads": {p: table(t) for p, t in found.heads.items()},
+        "paths": {p: table(t) for p, t in found.paths.items()},
+    }
+
+
 def cmd_circuit(args: argparse.Namespace) -> None:
     name = result_name(args.model)
-    out = args.results / name
     model, tokenizer, _ = load_model(args.model, args)
     meta = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
-    finished, on_step = step_files(out / "path_patching", meta, args.method)
-    t0 = time.perf_counter()
-    found = recipe.discover(
-        model, tokenizer, args.n, args.boxes, args.seed, args.top_k, args.top_k_cap, args.method,
-        args.minimality_n, args.minimality_threshold, args.reference_n, args.completeness_random,
-        settings(args), finished, on_step,
-    )
-    write_json(
-        out / "minimality.json",
-        {
-            "threshold": args.minimality_threshold,
-            "n": args.minimality_n,
-            "top_k": list(found.top_k),
-            "candidates": found.candidates.to_dict(),
-            "tests": found.minimality,
-        },
-    )
-    write_json(out / "completeness.json", {"n": args.minimality_n, "rows": found.completeness})
-    found.circuit.save(out / "circuit.json")
-    sizes = " ".join(
-        f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}" for g in found.circuit.groups
-    )
-    print(f"{name}: circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s ({args.method}) -> {out / 'circuit.json'}")
+    for reading in recipe.READINGS:
+        out = reading_dir(args.results, name, reading)
+        finished, on_step = step_files(out / "path_patching", meta, args.method)
+        t0 = time.perf_counter()
+        found = recipe.discover(
+            model, tokenizer, reading, args.n, args.boxes, args.seed, args.top_k, args.top_k_cap, args.method,
+            args.minimality_n, args.minimality_threshold, args.reference_n, args.completeness_random,
+            args.sweep_n, args.mark, settings(args), finished, on_step,
+        )
+        if found.sweep is not None:
+            write_json(out / "sweep.json", {**sweep_json(found.sweep), "n": args.sweep_n, "mark": args.mark})
+        write_json(
+            out / "minimality.json",
+            {
+                "threshold": args.minimality_threshold,
+                "n": args.minimality_n,
+                "top_k": list(found.top_k),
+                "candidates": found.candidates.to_dict(),
+                "tests": found.minimality,
+            },
+        )
+        write_json(out / "completeness.json", {"n": args.minimality_n, "rows": found.completeness})
+        found.circuit.save(out / "circuit.json")
+        sizes = " ".join(
+            f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}" for g in found.circuit.groups
+        )
+        print(f"{name} ({reading} positions): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s -> {out / 'circuit.json'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,91 +154,108 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def overlap_frame(base: Circuit, others: dict[str, Circuit]) -> pd.DataFrame:
+def overlap_frame(base: Circuit, others: dict[str, Circuit], reading: str = "paper") -> pd.DataFrame:
     """Per model and group: how many of the base circuit's heads the model's circuit contains."""
     rows = []
     for name, circuit in others.items():
         for group, (shared, size) in overlap(base, circuit).items():
-            rows.append(
-                {"model": name, "group": letter(group), "shared": shared, "base_size": size, "overlap": f"{shared}/{size}"}
-            )
-    return pd.DataFrame(rows, columns=["model", "group", "shared", "base_size", "overlap"])
+            rows.append({"model": name, "positions": reading, "group": letter(group), "shared": shared,
+                         "base_size": size, "overlap": f"{shared}/{size}"})
+    return pd.DataFrame(rows, columns=["model", "positions", "group", "shared", "base_size", "overlap"])
+
+
+TABLE1_COLUMNS = ["model", "positions", "full", "circuit", "random", "faithfulness", "slots"]
 
 
 def cmd_table1(args: argparse.Namespace) -> None:
     base_name = result_name(args.base)
-    base = Circuit.load(args.results / base_name / "circuit.json")
-    others = {  # read every circuit before loading any model
-        result_name(m): Circuit.load(args.results / result_name(m) / "circuit.json")
-        for m in args.models
-        if result_name(m) != base_name
+    names = [result_name(m) for m in args.models]
+    circuits = {  # read every circuit before loading any model
+        (name, reading): Circuit.load(reading_dir(args.results, name, reading) / "circuit.json")
+        for name in names for reading in recipe.READINGS
     }
     rows = []
-    for model_arg in args.models:
+    for model_arg, name in zip(args.models, names):
         model, tokenizer, _ = load_model(model_arg, args)
-        ev = recipe.table1_row(
-            model, tokenizer, base, args.n, args.reference_n, args.random, args.boxes, args.seed, settings(args)
-        )
-        rows.append({"model": result_name(model_arg), **ev.as_row()})
-        print(
-            f"table1 {result_name(model_arg)}: full={ev.full:.2f} circuit={ev.circuit:.2f} "
-            f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f}",
-            flush=True,
-        )
+        for reading in recipe.READINGS:
+            ev = recipe.table1_row(
+                model, tokenizer, circuits[(base_name, reading)], args.n, args.reference_n, args.random, args.boxes,
+                args.seed, settings(args),
+            )
+            rows.append({"model": name, "positions": reading, **ev.as_row()})
+            print(
+                f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
+                f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
+                flush=True,
+            )
         del model
         gc.collect()
-    frame = pd.DataFrame(rows, columns=["model", "full", "circuit", "random", "faithfulness"])
+    frame = pd.DataFrame(rows, columns=TABLE1_COLUMNS)
     write_csv(args.results / "table1.csv", frame)
-    title = f"Table 1: the {base_name} circuit ({len(base)} heads) on each model\n\n"
-    write_text(args.results / "table1.md", title + _markdown(frame))
-    ov = overlap_frame(base, others)
+    sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
+    write_text(args.results / "table1.md", f"Table 1: the {base_name} circuit ({sizes}) on each model\n\n" + _markdown(frame))
+    ov = pd.concat([
+        overlap_frame(circuits[(base_name, r)], {n: circuits[(n, r)] for n in names if n != base_name}, r)
+        for r in recipe.READINGS
+    ])
     write_csv(args.results / "overlap.csv", ov)
-    for name in others:
-        print(f"overlap {name}: " + ", ".join(f"{r.group} {r.overlap}" for r in ov[ov.model == name].itertuples()))
+    for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
+        print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
 
 
 # ---------------------------------------------------------------------------------------------
 # figures
 
 
-def _scores(directory: Path) -> dict:
-    found = {}
-    for step in PAPER_STEPS:
-        path = directory / f"{step.group}.safetensors"
-        if path.exists():
-            found[step.group] = load_scores(path)[0]
+def _scores(directory: Path, circuit: Circuit) -> dict:
+    """Each step's saved scores, in the circuit's group order."""
+    found = {g: load_scores(directory / f"{g}.safetensors")[0] for g in circuit.groups if (directory / f"{g}.safetensors").exists()}
     if not found:
         raise CircuitError(f"no path-patching scores under {directory}; run `make circuit` first")
     return found
 
 
+def figure_stem(name: str, reading: str, what: str) -> str:
+    """`<model>_<what>` for the paper's positions, `<model>_discovered_<what>` for the others."""
+    return f"{name}_{what}" if reading == "paper" else f"{name}_{reading}_{what}"
+
+
 def cmd_figures(args: argparse.Namespace) -> None:
     base_name = result_name(args.base)
-    base = Circuit.load(args.results / base_name / "circuit.json")
     table_path = args.results / "table1.csv"
-    if not table_path.exists():
-        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
-    table = pd.read_csv(table_path)
     todo = []
     for model_arg in args.models:
         name = result_name(model_arg)
-        circuit = Circuit.load(args.results / name / "circuit.json")
-        scores = _scores(args.results / name / "path_patching")
-        todo.append((f"{name}_path_patching", figures.step_heatmaps(scores, circuit, f"{name}: path patching")))
-        comp = args.results / name / "completeness.json"
-        if comp.exists():
-            rows = read_json(comp)["rows"]
-            todo.append((f"{name}_completeness", figures.completeness_figure(rows, f"{name}: completeness")))
-        if name == base_name:
-            n_layers = next(iter(scores.values())).shape[0]
-            diagram = figures.circuit_diagram(base, n_layers, f"{name} circuit ({len(base)} heads)")
-            todo.append((f"{name}_circuit", diagram))
+        for reading in recipe.READINGS:
+            where = reading_dir(args.results, name, reading)
+            circuit = Circuit.load(where / "circuit.json")
+            scores = _scores(where / "path_patching", circuit)
+            label = f"{name} ({reading} positions)"
+            todo.append((figure_stem(name, reading, "path_patching"), figures.step_heatmaps(scores, circuit, f"{label}: path patching")))
+            if (where / "completeness.json").exists():
+                rows = read_json(where / "completeness.json")["rows"]
+                todo.append((figure_stem(name, reading, "completeness"), figures.completeness_figure(rows, f"{label}: completeness")))
+            if (where / "sweep.json").exists():
+                todo.append((f"{name}_sweep", figures.sweep_heatmap(read_json(where / "sweep.json"), f"{name}: position sweep")))
+            if name == base_name:
+                n_layers = next(iter(scores.values())).shape[0]
+                steps = recipe.PAPER_STEPS if reading == "paper" else recipe.own_steps(_earlier(circuit))
+                diagram = figures.circuit_diagram(circuit, n_layers, f"{label} circuit ({len(circuit)} heads)", steps)
+                todo.append((figure_stem(name, reading, "circuit"), diagram))
+    if not table_path.exists():
+        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
+    table = pd.read_csv(table_path)
     header = list(table.columns)
     cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
-    todo.append(("table1", figures.table_figure(header, cells, f"Table 1: {base_name} circuit on each model")))
+    todo.append(("table1", figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")))
     figures.save_figures(todo, args.figures)
     where = args.figures or figures.figures_dir()
     print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+def _earlier(circuit: Circuit) -> list[str]:
+    """The discovered circuit's positions other than the last token (what `own_steps` took)."""
+    return [p for g in circuit.groups for p in circuit.positions_of(g) if p != "last"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +281,9 @@ def register(sub) -> None:
     p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
     p.add_argument("--completeness-random", type=count, default=10, help="random K sets for completeness")
+    p.add_argument("--sweep-n", type=positive, default=100, help="prompts of the position sweep (the first path-patching ones)")
+    p.add_argument("--mark", type=fraction, default=0.2,
+                   help="the sweep marks positions whose effect is at least this share of the largest")
     p.set_defaults(func=cmd_circuit)
 
     p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")

@@ -24,7 +24,8 @@ from ..errors import CircuitError
 from ..io import write_csv
 from ..models import result_name
 from .args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
-from .dcm import check_dcm_matches, read_dcm, selected_heads
+from .circuit import reading_dir
+from .dcm import SECTIONS_OF, check_dcm_matches, read_dcm, readings_in, selected_heads
 
 
 def _prompts(tokenizer, args: argparse.Namespace, purpose: str):
@@ -38,11 +39,12 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         raise CircuitError("cmap needs at least one fine-tuned model besides the base")
     inputs = {}
     for name in sources:  # read every input before loading any model
-        out = args.results / result_name(name)
-        circuit = Circuit.load(out / "circuit.json")
-        result = read_dcm(out / "dcm.json")
-        check_dcm_matches(circuit, result)
-        inputs[name] = recipe.cmap_head_sets(circuit, selected_heads(result))
+        result = read_dcm(args.results / result_name(name) / "dcm.json")
+        for reading in readings_in(result):
+            section = SECTIONS_OF[reading][1]
+            circuit = Circuit.load(reading_dir(args.results, result_name(name), reading) / "circuit.json")
+            check_dcm_matches(circuit, result, section)
+            inputs[(name, reading)] = recipe.cmap_head_sets(circuit, selected_heads(result, section))
     base, tokenizer, _ = load_model(args.base, args)
     base_name = result_name(args.base)
     prompts = _prompts(tokenizer, args, "cmap")
@@ -52,18 +54,24 @@ def cmd_cmap(args: argparse.Namespace) -> None:
     rows = []
     for name in sources:
         source, _, _ = load_model(name, args)
-        variant_list = recipe.variants(inputs[name], input_sets=args.input_sets, input_patches=patches)
-        result = cmap(base, source, prompts, variant_list, settings(args))
-        rows += recipe.cmap_rows(result, result_name(name), base_name)
-        print(f"cmap {result_name(name)} -> {base_name}: base={result.base:.2f} fine-tuned={result.source:.2f} "
-              + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
+        for reading in (r for r in SECTIONS_OF if (name, r) in inputs):
+            sets = inputs[(name, reading)]  # input patching of the asked sets this circuit has
+            variant_list = recipe.variants(sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches)
+            result = cmap(base, source, prompts, variant_list, settings(args))
+            rows += recipe.cmap_rows(result, result_name(name), base_name, reading)
+            print(f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
+                  f"fine-tuned={result.source:.2f} " + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
         del source
         gc.collect()
     frame = pd.DataFrame(rows)
     write_csv(args.results / "cmap.csv", frame)
-    todo = [("cmap", figures.cmap_figure(frame))]
-    if args.input_sets:
-        todo.append(("cmap_input", figures.input_patching_figure(frame)))
+    todo = []
+    for reading in frame["positions"].unique():
+        part = frame[frame["positions"] == reading]
+        suffix = "" if reading == "paper" else f"_{reading}"
+        todo.append((f"cmap{suffix}", figures.cmap_figure(part)))
+        if args.input_sets:
+            todo.append((f"cmap_input{suffix}", figures.input_patching_figure(part)))
     figures.save_figures(todo, args.figures)
 
 
@@ -71,7 +79,11 @@ def cmd_knockout(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_model(args.model, args)
     name = result_name(args.model)
     prompts = recipe.with_random_context(_prompts(tokenizer, args, "knockout"), args.seed)
-    full, curves = knockout(model, prompts, recipe.EDGES, settings(args))
+    edges = list(recipe.EDGES)
+    discovered = reading_dir(args.results, name, "discovered") / "circuit.json"
+    if discovered.exists():  # also the edges to where the discovered circuit's groups act
+        edges += [e for e in recipe.edges_to(Circuit.load(discovered)) if e.name not in {x.name for x in edges}]
+    full, curves = knockout(model, prompts, edges, settings(args))
     frame = pd.DataFrame(recipe.knockout_rows(name, full, curves, len(prompts)))
     write_csv(args.results / "knockout.csv", frame)
     figures.save_figures([("knockout", figures.knockout_figure(frame))], args.figures)

@@ -44,13 +44,13 @@ from ..entity_tracking import desiderata, recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json
 from ..models import result_name
+from .circuit import reading_dir
 from ..types import letter
 from .args import (
     boxes, figures_arg, load_model, model_args, non_negative_float, positive, positive_float, registry_arg, results_arg,
     settings,
 )
 
-SECTIONS = ("base_circuit", "own_circuit")
 
 
 def _read_runs(path: Path) -> dict:
@@ -64,13 +64,18 @@ def _read_runs(path: Path) -> dict:
     return runs if isinstance(runs, dict) else {}
 
 
+# dcm.json's sections: per reading of the circuit, the base model's circuit and the model's own.
+SECTIONS_OF = {"paper": ("base_circuit", "own_circuit"), "discovered": ("base_discovered", "own_discovered")}
+SECTIONS = tuple(s for pair in SECTIONS_OF.values() for s in pair)
+
+
 def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool) -> dict[str, tuple[str, ...]]:
-    """Which desiderata each group of a section's circuit is asked: on the base circuit the
-    three main ones (plus the extra ones on group B, per --extra); on the model's own circuit
-    what CMAP patches (per --own)."""
-    if section == "base_circuit":
+    """Which desiderata each group of a section's circuit is asked: on a base circuit the three
+    main ones (plus, on the paper's circuit, the extra ones on group B, per --extra); on the
+    model's own circuit what CMAP patches (per --own)."""
+    if section.startswith("base"):
         asked = {group: desiderata.MAIN for group in circuit.groups}
-        if args.extra == "all" or (args.extra == "base" and is_base):
+        if section == "base_circuit" and (args.extra == "all" or (args.extra == "base" and is_base)):
             asked[recipe.EXTRA_GROUP] = desiderata.MAIN + tuple(desiderata.EXTRA)
         return asked
     if args.own == "all":
@@ -81,9 +86,13 @@ def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_b
 def cmd_dcm(args: argparse.Namespace) -> None:
     name, base_name = result_name(args.model), result_name(args.base)
     out = args.results / name
-    circuits = {"base_circuit": (base_name, Circuit.load(args.results / base_name / "circuit.json"))}
-    if name != base_name:  # for the base model both sections are one and the same
-        circuits["own_circuit"] = (name, Circuit.load(out / "circuit.json"))
+    circuits = {}
+    readings = [r for r in SECTIONS_OF if r == "paper" or (reading_dir(args.results, base_name, r) / "circuit.json").exists()]
+    for reading in readings:  # the paper's reading always; the discovered one where the circuit stage wrote it
+        base_section, own_section = SECTIONS_OF[reading]
+        circuits[base_section] = (base_name, Circuit.load(reading_dir(args.results, base_name, reading) / "circuit.json"))
+        if name != base_name:  # for the base model both sections are one and the same
+            circuits[own_section] = (name, Circuit.load(reading_dir(args.results, name, reading) / "circuit.json"))
     config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     seeds = tuple(args.seed + i for i in range(args.seeds))
     plan = recipe.DCMPlan(
@@ -124,20 +133,24 @@ def cmd_dcm(args: argparse.Namespace) -> None:
             groups.setdefault(group, {})[ask.desideratum] = recipe.dcm_entry(results[ask])
         summary[section] = {
             "circuit": owner,
-            "positions": dict(circuit.positions),
+            "positions": circuit.to_dict()["positions"],
             "group_heads": {g: [list(h) for h in hs] for g, hs in circuit.groups.items()},
             "groups": groups,
         }
-    summary.setdefault("own_circuit", summary["base_circuit"])
-    write_json(out / "dcm.json", summary)
-    for group, by_desideratum in summary["base_circuit"]["groups"].items():
-        print(
-            f"dcm {name} ({base_name} circuit) {letter(group)}: "
-            + " ".join(
-                f"{d}={e['accuracy_mean']:.2f}({len(e['heads'])}h)"
-                for d, e in by_desideratum.items() if d in desiderata.MAIN
+    for reading in readings:
+        base_section, own_section = SECTIONS_OF[reading]
+        summary.setdefault(own_section, summary[base_section])
+    write_json(out / "dcm.json", {k: summary[k] for k in ("model", "base", "settings", *SECTIONS) if k in summary})
+    for reading in readings:
+        base_section = SECTIONS_OF[reading][0]
+        for group, by_desideratum in summary[base_section]["groups"].items():
+            print(
+                f"dcm {name} ({base_name} circuit, {reading} positions) {letter(group)}: "
+                + " ".join(
+                    f"{d}={e['accuracy_mean']:.2f}({len(e['heads'])}h)"
+                    for d, e in by_desideratum.items() if d in desiderata.MAIN
+                )
             )
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,34 +158,43 @@ def cmd_dcm(args: argparse.Namespace) -> None:
 
 
 def read_dcm(path: Path) -> dict:
-    """A dcm.json, checked for its two sections (CircuitError naming the problem)."""
+    """A dcm.json, checked for its sections: the paper reading's two, and both or neither of
+    the discovered reading's (CircuitError naming the problem)."""
     if not path.exists():
         raise CircuitError(f"no DCM result at {path}; run `make dcm` (python -m et_circuits dcm) first")
     try:
         result = read_json(path)
     except ValueError as e:
         raise CircuitError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(result, dict) or not all(isinstance(result.get(s), dict) for s in SECTIONS):
-        raise CircuitError(f"{path} is not a dcm.json (needs {' and '.join(SECTIONS)})")
+    paper, discovered = SECTIONS_OF["paper"], SECTIONS_OF["discovered"]
+    if not isinstance(result, dict) or not all(isinstance(result.get(s), dict) for s in paper):
+        raise CircuitError(f"{path} is not a dcm.json (needs {' and '.join(paper)})")
+    if sum(isinstance(result.get(s), dict) for s in discovered) == 1:
+        raise CircuitError(f"{path} has only one of {' and '.join(discovered)}")
     return result
 
 
-def selected_heads(result: dict) -> dict[str, dict[str, list[tuple[int, int]]]]:
-    """group -> desideratum -> the heads DCM selected on the model's own circuit: the one place
-    that reads head selections from dcm.json (what CMAP patches)."""
+def readings_in(result: dict) -> list[str]:
+    """The readings of the circuit (paper, discovered) a dcm.json has results for."""
+    return [r for r, (base_section, _) in SECTIONS_OF.items() if base_section in result]
+
+
+def selected_heads(result: dict, section: str = "own_circuit") -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """group -> desideratum -> the heads DCM selected on the model's own circuit (of a reading:
+    `section`): the one place that reads head selections from dcm.json (what CMAP patches)."""
     try:
-        groups = result["own_circuit"]["groups"]
+        groups = result[section]["groups"]
         return {
             g: {d: [(int(l), int(h)) for l, h in e["heads"]] for d, e in by_desideratum.items()}
             for g, by_desideratum in groups.items()
         }
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise CircuitError("dcm.json has no valid 'own_circuit' head selections") from None
+        raise CircuitError(f"dcm.json has no valid {section!r} head selections") from None
 
 
-def check_dcm_matches(circuit: Circuit, result: dict) -> None:
+def check_dcm_matches(circuit: Circuit, result: dict, section: str = "own_circuit") -> None:
     """CircuitError when dcm.json was computed on another version of the circuit (stale)."""
-    recorded = result.get("own_circuit", {}).get("group_heads")
+    recorded = result.get(section, {}).get("group_heads")
     if recorded is None:
         return
     try:
@@ -183,10 +205,14 @@ def check_dcm_matches(circuit: Circuit, result: dict) -> None:
         raise CircuitError("dcm.json was computed on a different circuit than circuit.json; rerun the dcm stage")
 
 
+def _spec_text(spec: str | list[str]) -> str:
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
 def dcm_rows(name: str, result: dict) -> list[dict]:
     """CSV rows of one model's dcm.json (accuracies in %)."""
     rows = []
-    for section in SECTIONS:
+    for section in (s for s in SECTIONS if s in result):
         part = result[section]
         try:
             for group, by_desideratum in part["groups"].items():
@@ -197,7 +223,7 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
                         "circuit_of": part["circuit"],
                         "group": group,
                         "letter": letter(group),
-                        "position": part["positions"][group],
+                        "position": _spec_text(part["positions"][group]),
                         "desideratum": desideratum,
                         "group_size": len(part["group_heads"][group]),
                         "n_selected": len(e["heads"]),
@@ -229,12 +255,14 @@ def cmd_dcm_figure(args: argparse.Namespace) -> None:
         raise CircuitError("the dcm.json files hold no results")
     write_csv(args.results / "dcm.csv", frame)
     todo = [("dcm", figures.figure2(frame))]
+    if (frame.circuit == "base_discovered").any():
+        todo.append(("dcm_discovered", figures.figure2(frame, "base_discovered")))
     if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
         todo.append(("dcm_extra", figures.extra_figure(frame)))
     figures.save_figures(todo, args.figures)
-    main = frame[(frame.circuit == "base_circuit") & frame.desideratum.isin(desiderata.MAIN)]
-    for (model, group), rows in main.groupby(["model", "letter"], sort=False):
-        print(f"figure 2 {model} {group}: " + " ".join(
+    main = frame[frame.circuit.isin(["base_circuit", "base_discovered"]) & frame.desideratum.isin(desiderata.MAIN)]
+    for (circuit, model, group), rows in main.groupby(["circuit", "model", "letter"], sort=False):
+        print(f"figure 2 ({circuit}) {model} {group}: " + " ".join(
             f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples()
         ))
 
