@@ -2,7 +2,8 @@
 # $(FIGURES)/report.html; `make test` runs the tests.
 # Variables: MODELS (space-separated registry names; the first is the base), REGISTRY (a TOML
 # file naming your own models), RESULTS (result files), FIGURES (figures and the report page),
-# PYTHON (for the venv), CLI (the stages' command).
+# PYTHON (for the venv), CLI (the stages' command), LAUNCH (what starts the stages that shard
+# their work: circuit, dcm, cmap, knockout; e.g. LAUNCH=".venv/bin/torchrun --nproc_per_node 8").
 MODELS  ?= organism-llama organism-vicuna organism-goat organism-float
 RESULTS ?= results
 FIGURES ?= $(or $(ET_CIRCUITS_FIGURES),figures)
@@ -11,6 +12,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 CLI     := $(PY) -m et_circuits
+SHARDED  = $(if $(LAUNCH),$(LAUNCH) -m -- et_circuits,$(CLI))
 BASE    := $(firstword $(MODELS))
 ifdef REGISTRY
 export ET_CIRCUITS_REGISTRY := $(abspath $(REGISTRY))
@@ -73,8 +75,10 @@ test: $(STAMP)
 
 # The install is order-only (|): it must exist before a stage runs, but reinstalling after a
 # change of pyproject.toml does not make finished stages stale.
-$(RESULTS)/%/circuit.json $(RESULTS)/%/discovered/circuit.json: | $(STAMP)
-	$(CLI) circuit --model $* --results $(RESULTS) $(CIRCUIT_ARGS)
+# One process per stage for all models (each loaded once): starting Python with torch and
+# TransformerLens costs seconds, which would be most of an organism stage.
+$(CIRCUITS) &: | $(STAMP)
+	$(SHARDED) circuit --model $(MODELS) --results $(RESULTS) $(CIRCUIT_ARGS)
 
 $(TABLE1) &: $(CIRCUITS) | $(STAMP)
 	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS)
@@ -82,9 +86,10 @@ $(TABLE1) &: $(CIRCUITS) | $(STAMP)
 $(CIRCUIT_FIGURES) &: $(CIRCUITS) $(TABLE1) | $(STAMP)
 	$(CLI) figures --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
-$(RESULTS)/%/dcm.json: $(RESULTS)/%/circuit.json $(RESULTS)/%/discovered/circuit.json \
-  $(RESULTS)/$(BASE)/circuit.json $(RESULTS)/$(BASE)/discovered/circuit.json | $(STAMP)
-	$(CLI) dcm --model $* --base $(BASE) --results $(RESULTS) $(DCM_ARGS)
+# A rerun of DCM reuses every finished mask training (dcm_runs.json), so a changed circuit
+# retrains only the masks that depend on it.
+$(DCMS) &: $(CIRCUITS) | $(STAMP)
+	$(SHARDED) dcm --model $(MODELS) --base $(BASE) --results $(RESULTS) $(DCM_ARGS)
 
 $(DCM_FIGURES) &: $(DCMS) | $(STAMP)
 	$(CLI) dcm-figure --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
@@ -92,17 +97,23 @@ $(DCM_FIGURES) &: $(DCMS) | $(STAMP)
 # CMAP reads each fine-tuned model's circuit.json and dcm.json.
 $(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/discovered/circuit.json) \
   $(FINETUNED:%=$(RESULTS)/%/dcm.json) | $(STAMP)
-	$(CLI) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES) $(CMAP_ARGS)
+	$(SHARDED) cmap --base $(BASE) --models $(FINETUNED) --results $(RESULTS) --figures $(FIGURES) $(CMAP_ARGS)
 
 # Knockout also blocks the last token's reads at the base's discovered positions.
 $(KNOCKOUT) &: $(RESULTS)/$(BASE)/discovered/circuit.json | $(STAMP)
-	$(CLI) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
+	$(SHARDED) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
 
 $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(STAMP)
 	$(CLI) report --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
+# Speed on this machine: path patching fast vs reference and the position sweep on the organism,
+# the same at LLaMA-7B head geometry on CPU (median of three runs), DCM batching, the stages of
+# `make all`. Each prints its ratio on its last line. A GPU runs bench_7b_geometry.py at full width.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
+	$(PY) benchmarks/bench_7b_geometry.py --cpu --runs 3
+	$(PY) benchmarks/bench_dcm.py --results $(RESULTS)
+	$(PY) benchmarks/bench_make_all.py
 
 organism: $(STAMP)
 	$(PY) -m et_circuits.organism.train

@@ -20,6 +20,7 @@ from et_circuits import metrics, models  # noqa: E402
 from et_circuits import path_patching as pp  # noqa: E402
 from et_circuits.entity_tracking import data, recipe  # noqa: E402
 from et_circuits.errors import SetupError  # noqa: E402
+from et_circuits.position_sweep import sweep  # noqa: E402
 from et_circuits.settings import RunSettings  # noqa: E402
 
 
@@ -91,6 +92,13 @@ def main(argv: list[str] | None = None) -> float:
     print(
         f"in plain forwards: reference {total['reference'] / forward:.1f}, fast {total['fast'] / forward:.1f} "
         f"(clean and corrupt runs {prepared / forward:.1f})"
+    )
+    # The position sweep of the discovered reading (recipe.SWEEP_POSITIONS), on the same prompts.
+    found, seconds = timed(lambda: sweep(model, clean, corrupt, recipe.SWEEP_POSITIONS, settings=quiet))
+    print(
+        f"position sweep: {len(found.positions)} positions x {model.cfg.n_layers} layers, heads at "
+        f"{len(found.marked)} marked positions: {seconds:.2f}s ({seconds / forward:.1f} plain forwards; "
+        f"{seconds / total['fast']:.2f} of the fast four-step sweep)"
     )
     print(f"path_patching speedup={speedup:.1f}")
     return speedup

@@ -1,6 +1,7 @@
-"""Command line: `python -m et_circuits <command>`. Setup problems (unknown model, missing
-weights, unavailable device, malformed files, impossible parameters) and running out of GPU
-memory end in one line on stderr and exit 2."""
+"""Command line: `python -m et_circuits <command>` (or `torchrun --nproc_per_node N -m --
+et_circuits <command>` to shard a stage over N processes, see `distributed`). Setup problems
+(unknown model, missing weights, unavailable device, malformed files, impossible parameters)
+and running out of GPU memory end in one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import torch
 
-from . import metrics, models
+from . import distributed, metrics, models
 from .entity_tracking import recipe
 from .entity_tracking.data import vocabulary
 from .errors import EtCircuitsError
@@ -41,19 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _where() -> str:
+    """" (rank r)" under torchrun, so that a failing rank's one line says which it is."""
+    return f" (rank {distributed.rank()})" if distributed.world() > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     own = getattr(args, "registry", None) is not None
     try:
+        distributed.init()  # under torchrun: join the ranks (nothing otherwise)
         if own:
             models.use_registry(args.registry)
         args.func(args)
     except EtCircuitsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{_where()}: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         knobs = "--batch-size" + (" or --max-rows" if "max_rows" in args else "")
-        print(f"error: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
+        print(f"error{_where()}: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
         return 2
     finally:
         if own:

@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from . import distributed
 from .errors import DataError
 from .hooks import Hook, logits_at, patch_hooks, store_hooks
 from .prompts import LAST, PromptSet, Spec
@@ -60,9 +61,12 @@ class DCMConfig:
     epochs: int = 2
     batch_size: int = 32
     inference_batch_size: int = 128  # chunks of the gradient-free passes (results do not depend on it)
+    # At most this many (mask, pair) rows in one training forward: masks of one head set train
+    # together up to it (the memory knob; results do not depend on it).
+    max_stacked_rows: int = 1024
 
     def __post_init__(self) -> None:
-        if min(self.lr, self.epochs, self.batch_size, self.inference_batch_size) <= 0 or self.lam < 0:
+        if min(self.lr, self.epochs, self.batch_size, self.inference_batch_size, self.max_stacked_rows) <= 0 or self.lam < 0:
             raise DataError(f"impossible DCM settings: {self}")
 
 
@@ -145,6 +149,15 @@ class PairData:
         for start in range(0, len(self), size):
             yield self.take(torch.arange(start, min(start + size, len(self))))
 
+    @staticmethod
+    def concat(parts: Sequence["PairData"]) -> "PairData":
+        """Pairs of the same base prompts' layout (and restart point) as one batch."""
+        if len({p.restart for p in parts}) > 1 or len({p.run is None for p in parts}) > 1:
+            raise DataError("pairs joined into one batch need the same restart point")
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        run = None if parts[0].run is None else CleanRun.concat([p.run for p in parts])
+        return PairData(cat("input_ids"), cat("position"), cat("last"), cat("target"), cat("values"), run, parts[0].restart)
+
 
 def restart_point(heads: Sequence[Head], positions: Int[Tensor, "n slots"]) -> tuple[int, int]:
     """(first layer, first position) a patch of `heads` at `positions` can change."""
@@ -191,19 +204,26 @@ def prepare(
 
 def mask_hooks(
     heads: Sequence[Head],
-    mask: Float[Tensor, " k"],
+    mask: Float[Tensor, " k"] | Float[Tensor, "batch k"],
     values: Float[Tensor, "batch slots k d_head"],
     positions: Int[Tensor, "batch slots"],
     n_layers: int,
     n_heads: int,
 ) -> list[Hook]:
     """Hooks setting each head's z at every slot of `positions` to m * z + (1 - m) * value:
-    `hooks.patch_hooks` with weight 1 - m (differentiable in m)."""
+    `hooks.patch_hooks` with weight 1 - m (differentiable in m). A mask per example (one row
+    of `mask` each) lets several masks train in one batch."""
     device = values.device
     layer_idx = torch.tensor([layer for layer, _ in heads], dtype=torch.long, device=device)
     head_idx = torch.tensor([head for _, head in heads], dtype=torch.long, device=device)
-    weights = torch.zeros(n_layers, n_heads, device=device, dtype=mask.dtype)
-    weights = weights.index_put((layer_idx, head_idx), 1 - mask.to(device))
+    mask = mask.to(device)
+    if mask.ndim == 1:
+        weights = torch.zeros(n_layers, n_heads, device=device, dtype=mask.dtype)
+        weights = weights.index_put((layer_idx, head_idx), 1 - mask)
+    else:  # [layer, batch, head]
+        row_idx = torch.arange(mask.shape[0], device=device)[:, None]
+        weights = torch.zeros(mask.shape[0], n_layers, n_heads, device=device, dtype=mask.dtype)
+        weights = weights.index_put((row_idx, layer_idx[None], head_idx[None]), 1 - mask).transpose(0, 1)
     new: dict[int, Tensor] = {}
     for layer in sorted({layer for layer, _ in heads}):
         cols = [i for i, (l, _) in enumerate(heads) if l == layer]
@@ -216,11 +236,12 @@ def mask_hooks(
 def masked_logits(
     model: HookedTransformer,
     heads: Sequence[Head],
-    mask: Float[Tensor, " k"],
+    mask: Float[Tensor, " k"] | Float[Tensor, "batch k"],
     data: PairData,
 ) -> Float[Tensor, "batch vocab"]:
-    """Last-position logits of the base prompts with the heads mixed by `mask`; restarts from
-    `data.run` when present (same result, far fewer tokens and layers)."""
+    """Last-position logits of the base prompts with the heads mixed by `mask` (one for all
+    pairs, or one per pair); restarts from `data.run` when present (same result, far fewer
+    tokens and layers)."""
     device = model.cfg.device
     offset = data.restart[1] if data.run is not None else 0
     hooks = []
@@ -239,16 +260,20 @@ def masked_logits(
 def patched_correct(
     model: HookedTransformer,
     heads: Sequence[Head],
-    selected: Bool[Tensor, " k"],
+    selected: Bool[Tensor, " k"] | Bool[Tensor, "n k"],
     data: PairData,
     batch_size: int = 32,
 ) -> Bool[Tensor, " n"]:
-    """Per pair: is the argmax the target when the selected heads are patched from the source
-    into the base (the other heads untouched)?"""
+    """Per pair: is the argmax the target when the selected heads (one selection for all pairs,
+    or one per pair) are patched from the source into the base (the other heads untouched)?"""
     mask = (~selected).float()
-    return torch.cat(
-        [masked_logits(model, heads, mask, chunk).argmax(-1).cpu() == chunk.target for chunk in data.chunks(batch_size)]
-    )
+    out = []
+    for start in range(0, len(data), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(data)))
+        chunk = data.take(rows)
+        logits = masked_logits(model, heads, mask if mask.ndim == 1 else mask[rows], chunk)
+        out.append(logits.argmax(-1).cpu() == chunk.target)
+    return torch.cat(out)
 
 
 @contextmanager
@@ -265,7 +290,7 @@ def frozen(model: HookedTransformer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training one mask
+# Training masks
 
 
 @dataclass
@@ -285,6 +310,21 @@ class MaskResult:
         return torch.tensor([h in chosen for h in self.heads], dtype=torch.bool)
 
 
+@dataclass(frozen=True)
+class MaskJob:
+    """One mask to train: its train and eval pairs and the seed that orders its batches."""
+
+    train: PairData
+    eval: PairData
+    seed: int
+
+
+def _stacked(parts: Sequence[PairData]) -> tuple[PairData, Int[Tensor, " rows"]]:
+    """The pairs of several jobs as one batch, and the job of every row."""
+    job = torch.cat([torch.full((len(p),), j, dtype=torch.long) for j, p in enumerate(parts)])
+    return PairData.concat(parts), job
+
+
 def train_mask(
     model: HookedTransformer,
     heads: Sequence[Head],
@@ -295,44 +335,75 @@ def train_mask(
     progress: bool = False,
 ) -> MaskResult:
     """Train one DCM mask over `heads` (see the module docstring); deterministic per seed."""
+    return train_masks(model, heads, [MaskJob(train, eval, seed)], config, progress)[0]
+
+
+def train_masks(
+    model: HookedTransformer,
+    heads: Sequence[Head],
+    jobs: Sequence[MaskJob],
+    config: DCMConfig = DCMConfig(),
+    progress: bool = False,
+) -> list[MaskResult]:
+    """Train one mask over `heads` per job, all in the same forward passes: each step stacks
+    every job's batch, each row mixed by its own job's mask, and the loss is the sum of the
+    jobs' losses, so each mask gets the gradient it would get alone (and Adam, elementwise,
+    takes the same step). Each job's rounded masks are scored on its own eval pairs, the jobs'
+    new ones in shared passes. The jobs need the same number of train pairs."""
     heads = [tuple(map(int, h)) for h in heads]
-    scores: dict[tuple[bool, ...], float] = {}
+    n_jobs, k = len(jobs), len(heads)
+    if len({len(j.train) for j in jobs}) > 1:
+        raise DataError("masks trained together need the same number of train pairs")
+    scores: list[dict[tuple[bool, ...], float]] = [{} for _ in jobs]
 
-    def score(selected: Bool[Tensor, " k"]) -> float:
-        key = tuple(selected.tolist())
-        if key not in scores:
-            correct = patched_correct(model, heads, selected, eval, config.inference_batch_size)
-            scores[key] = correct.float().mean().item()
-        return scores[key]
+    def score(selected: Bool[Tensor, "jobs k"]) -> list[float]:
+        """Each job's eval accuracy with its rounded mask (each distinct one computed once)."""
+        todo = [j for j in range(n_jobs) if tuple(selected[j].tolist()) not in scores[j]]
+        if todo:
+            data, job = _stacked([jobs[j].eval for j in todo])
+            rows = selected[torch.tensor(todo)][job]
+            correct = patched_correct(model, heads, rows, data, config.inference_batch_size).float()
+            for i, j in enumerate(todo):
+                scores[j][tuple(selected[j].tolist())] = correct[job == i].mean().item()
+        return [scores[j][tuple(selected[j].tolist())] for j in range(n_jobs)]
 
-    best = (score(torch.zeros(len(heads), dtype=torch.bool)), 0, torch.zeros(len(heads), dtype=torch.bool))
+    none = torch.zeros(n_jobs, k, dtype=torch.bool)
+    best = [(acc, 0, none[j]) for j, acc in enumerate(score(none))]
     if not heads:
-        return MaskResult([], [], [], best[0], 0, 0)
-    mask = torch.ones(len(heads), requires_grad=True)
+        return [MaskResult([], [], [], b[0], 0, 0) for b in best]
+    mask = torch.ones(n_jobs, k, requires_grad=True)
     opt = torch.optim.Adam([mask], lr=config.lr)
-    generator = torch.Generator().manual_seed(seed)
-    steps = config.epochs * math.ceil(len(train) / config.batch_size)
-    losses: list[float] = []
+    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    n_train = len(jobs[0].train)
+    steps = config.epochs * math.ceil(n_train / config.batch_size)
+    losses: list[list[float]] = [[] for _ in jobs]
     with frozen(model), tqdm(total=steps, desc="mask", disable=not progress, leave=False) as bar:
         for _ in range(config.epochs):
-            for idx in torch.randperm(len(train), generator=generator).split(config.batch_size):
-                chunk = train.take(idx)
-                logits = masked_logits(model, heads, mask, chunk)
-                target = logits.gather(1, chunk.target.to(logits.device)[:, None]).mean()
-                loss = -target + config.lam * (1 - mask).sum()
+            orders = [torch.randperm(n_train, generator=g).split(config.batch_size) for g in generators]
+            for idx in zip(*orders):
+                chunk, job = _stacked([j.train.take(i) for j, i in zip(jobs, idx)])
+                logits = masked_logits(model, heads, mask[job], chunk)
+                target = logits.gather(1, chunk.target.to(logits.device)[:, None])[:, 0].float().cpu()
+                mean_target = torch.zeros(n_jobs).index_add(0, job, target) / torch.bincount(job, minlength=n_jobs)
+                loss = -mean_target + config.lam * (1 - mask).sum(1)
                 opt.zero_grad()
-                loss.backward()
+                loss.sum().backward()
                 opt.step()
                 with torch.no_grad():
                     mask.clamp_(0, 1)
-                losses.append(loss.item())
                 selected = mask.detach() < THRESHOLD
-                acc = score(selected)
-                if acc > best[0]:
-                    best = (acc, len(losses), selected)
+                for j, (acc, value) in enumerate(zip(score(selected), loss.tolist())):
+                    losses[j].append(value)
+                    if acc > best[j][0]:
+                        best[j] = (acc, len(losses[j]), selected[j])
                 bar.update()
-    chosen = [h for h, s in zip(heads, best[2].tolist()) if s]
-    return MaskResult(heads, mask.detach().tolist(), chosen, best[0], best[1], len(losses), losses)
+    return [
+        MaskResult(
+            heads, mask[j].detach().tolist(), [h for h, s in zip(heads, best[j][2].tolist()) if s],
+            best[j][0], best[j][1], len(losses[j]), losses[j],
+        )
+        for j in range(n_jobs)
+    ]
 
 
 def bootstrap(correct: Bool[Tensor, " n"], n_resamples: int, seed: int = 0) -> list[float]:
@@ -468,7 +539,10 @@ def dcm_many(
     seed) and takes the first `n_train` as train and the next `n_eval` as eval pairs.
 
     Questions asked on the same base prompts (the same `base.input_ids` tensor, as
-    `PromptSet.replace` keeps it) share one clean run of them; source values are read once per question's pairs. `finished(i,
+    `PromptSet.replace` keeps it) share one clean run of them; source values are read once per
+    question. The masks of one head set on the same prompts (every seed, every desideratum)
+    train together (`train_masks`), `config.max_stacked_rows` rows at a time; under torchrun
+    the stacks are shared out over the ranks (`distributed`). `finished(i,
     seed)` may return a seed's earlier result (it is then not retrained); `on_seed(i, seed,
     result)` is called after each training (to save progress)."""
     if not seeds:
@@ -486,32 +560,83 @@ def dcm_many(
             else:
                 todo.append((i, seed))
     runs = _shared_runs(model, [questions[i] for i in dict.fromkeys(i for i, _ in todo)], batch, max_restart_bytes)
-    bar = tqdm(total=len(todo), desc="dcm masks", disable=not settings.progress)
     prepared: dict[int, tuple[PairData, PairData]] = {}
-    for i, seed in todo:
-        q = questions[i]
-        if i not in prepared:
-            prepared = {i: tuple(
-                prepare(model, pairs, q.position, q.heads, run=runs.get((id(pairs.base.input_ids), q.heads, q.position), False),
-                        batch_size=batch)
+
+    def pairs_of(i: int) -> tuple[PairData, PairData]:
+        if i not in prepared:  # once per question (its source values and restart point)
+            q = questions[i]
+            prepared[i] = tuple(
+                prepare(model, pairs, q.position, q.heads, batch_size=batch,
+                        run=runs.get((id(pairs.base.input_ids), q.heads, q.position), False))
                 for pairs in (q.fit, q.test)
-            )}
-        fit, test = prepared[i]
+            )
+        return prepared[i]
+
+    plain: dict[int, Tensor] = {}
+
+    def unpatched(data: PairData) -> Int[Tensor, " n"]:
+        """The unpatched model's argmax on the base prompts (once per prompt set: every
+        question without heads asks the same)."""
+        if id(data.input_ids) not in plain:
+            plain[id(data.input_ids)] = torch.cat(
+                [masked_logits(model, [], torch.zeros(0), c).argmax(-1).cpu() for c in data.chunks(batch)]
+            )
+        return plain[id(data.input_ids)]
+
+    def train_stack(stack: list[tuple[int, int]]) -> list[SeedResult]:
         start = time.perf_counter()
-        order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
-        train, eval = fit.take(order[:n_train]), fit.take(order[n_train : n_train + n_eval])
-        mask = train_mask(model, q.heads, train, eval, config, seed)
-        correct = patched_correct(model, q.heads, mask.selected_mask(), test, batch)
-        result = SeedResult(
-            mask.selected, [round(m, 4) for m in mask.mask], mask.eval_accuracy, correct.float().mean().item(),
-            correct, mask.best_step, mask.steps, round(time.perf_counter() - start, 2),
-        )
-        results[i][seed] = result
-        if on_seed is not None:
-            on_seed(i, seed, result)
-        bar.update()
+        heads = questions[stack[0][0]].heads
+        orders = [torch.randperm(len(pairs_of(i)[0]), generator=torch.Generator().manual_seed(seed)) for i, seed in stack]
+        if not heads:  # nothing to mask: every seed's accuracy is the unpatched model's
+            out = []
+            for (i, _), order in zip(stack, orders):
+                fit, test = pairs_of(i)
+                held = order[n_train : n_train + n_eval]
+                correct = unpatched(test) == test.target
+                eval_accuracy = (unpatched(fit)[held] == fit.target[held]).float().mean().item()
+                out.append(SeedResult([], [], eval_accuracy, correct.float().mean().item(), correct, 0, 0))
+            return out
+        jobs = [
+            MaskJob(pairs_of(i)[0].take(order[:n_train]), pairs_of(i)[0].take(order[n_train : n_train + n_eval]), seed)
+            for (i, seed), order in zip(stack, orders)
+        ]
+        masks = train_masks(model, heads, jobs, config)
+        test, job = _stacked([pairs_of(i)[1] for i, _ in stack])
+        correct = patched_correct(model, heads, torch.stack([m.selected_mask() for m in masks])[job], test, batch)
+        seconds = round((time.perf_counter() - start) / len(stack), 2)
+        return [
+            SeedResult(
+                m.selected, [round(x, 4) for x in m.mask], m.eval_accuracy, correct[job == n].float().mean().item(),
+                correct[job == n], m.best_step, m.steps, seconds,
+            )
+            for n, m in enumerate(masks)
+        ]
+
+    stacks = _stacks(questions, todo, max(1, config.max_stacked_rows // config.batch_size))
+    bar = tqdm(total=len(todo), desc="dcm masks", disable=not settings.progress)
+
+    def done(s: int, found: list[SeedResult]) -> None:
+        for (i, seed), result in zip(stacks[s], found):
+            results[i][seed] = result
+            if on_seed is not None:
+                on_seed(i, seed, result)
+        bar.update(len(found))
+
+    distributed.sharded_map(train_stack, stacks, done)  # each stack on one rank (all of them in one process)
     bar.close()
     return [summarize(q.heads, q.position, r, resamples, resample_seed) for q, r in zip(questions, results)]
+
+
+def _stacks(questions: Sequence[Question], todo: Sequence[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """The (question, seed) jobs in stacks of at most `size` that train together: jobs whose
+    questions share heads, positions and base prompts (the seeds of a question, and the
+    questions of one group asked on the same prompts), in order of first appearance."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, seed in todo:
+        q = questions[i]
+        key = (q.heads, q.position, id(q.fit.base.input_ids), id(q.test.base.input_ids))
+        groups.setdefault(key, []).append((i, seed))
+    return [jobs[s : s + size] for jobs in groups.values() for s in range(0, len(jobs), size)]
 
 
 def _shared_runs(

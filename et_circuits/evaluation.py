@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -23,9 +23,9 @@ from transformer_lens import HookedTransformer
 
 from .circuit import Circuit, Entry
 from .errors import CircuitError, DataError
-from .hooks import mean_activations, replace_hooks
+from .hooks import logits_at, mean_activations, replace_hooks
 from .metrics import accuracy
-from .prompts import PromptSet
+from .prompts import LAST, PromptSet
 from .settings import QUIET, RunSettings
 
 Score = Callable[[Circuit], float]
@@ -64,17 +64,43 @@ def ablated_accuracy(
     """F(C): accuracy with every head outside the circuit (or off its group's positions)
     replaced by its position-wise mean. With `ablate_circuit`, the complement: only the
     circuit's heads at their groups' positions are mean-ablated (F(M \\ C))."""
+    return ablated_accuracies(model, [circuit], prompts, means, settings, ablate_circuit)[0]
+
+
+def ablated_accuracies(
+    model: HookedTransformer,
+    circuits: Sequence[Circuit],
+    prompts: PromptSet,
+    means: Float[Tensor, "layer pos head d"],
+    settings: RunSettings = QUIET,
+    ablate_circuit: bool = False,
+) -> list[float]:
+    """`ablated_accuracy` of several circuits in shared forwards: the prompts repeated once per
+    circuit, each row ablated as its circuit asks, `settings.batch_size` rows per circuit in a
+    pass (at most `settings.max_rows`), so that many small forwards become a few large ones."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    circuit.validate(n_layers, n_heads)
+    for circuit in circuits:
+        circuit.validate(n_layers, n_heads)
     if means.shape[1] < prompts.seq_len:
         raise DataError(f"the reference prompts ({means.shape[1]} tokens) are shorter than the prompts ({prompts.seq_len})")
-
-    def hooks_for(chunk: PromptSet):
-        keep = keep_mask(circuit, chunk.to("cpu"), n_layers, n_heads)
-        keep = ~keep if ablate_circuit else keep
-        return replace_hooks("z", means.to(model.cfg.device), keep.to(model.cfg.device))
-
-    return accuracy(model, prompts, hooks_for, RunSettings(settings.batch_size, settings.max_rows, progress=False))
+    device = model.cfg.device
+    n = len(prompts)
+    rows = max(1, min(settings.max_rows, settings.batch_size * len(circuits)))
+    correct = torch.zeros(len(circuits) * n, dtype=torch.bool)
+    cpu = prompts.to("cpu")
+    with torch.no_grad():
+        for start in range(0, len(correct), rows):
+            index = torch.arange(start, min(start + rows, len(correct)))
+            which, row = index // n, index % n
+            keep = torch.cat([
+                keep_mask(circuits[c], cpu[row[which == c]], n_layers, n_heads) for c in which.unique().tolist()
+            ], dim=1)
+            keep = ~keep if ablate_circuit else keep
+            hooks = replace_hooks("z", means.to(device), keep.to(device))
+            logits = model.run_with_hooks(cpu.input_ids[row].to(device), fwd_hooks=hooks)
+            last = logits_at(logits, cpu.position(LAST)[row].to(device))
+            correct[index] = last.argmax(-1).cpu() == cpu.answers[row]
+    return correct.view(len(circuits), n).float().mean(1).tolist()
 
 
 def random_circuit(circuit: Circuit, n_layers: int, n_heads: int, rng: random.Random) -> Circuit:
@@ -117,19 +143,19 @@ def evaluate_circuit(
     n_random: int = 10,
     seed: int = 0,
     settings: RunSettings = QUIET,
+    means: Float[Tensor, "layer pos head d"] | None = None,
 ) -> Evaluation:
-    """Full accuracy, circuit accuracy (means over `reference`), mean random-circuit accuracy
-    over `n_random` draws, and faithfulness = circuit / full."""
-    means = position_means(model, reference, settings)
+    """Full accuracy, circuit accuracy (means over `reference`, or the given `means` of it),
+    mean random-circuit accuracy over `n_random` draws (evaluated with the circuit in shared
+    forwards), and faithfulness = circuit / full."""
+    if means is None:
+        means = position_means(model, reference, settings)
     quiet = RunSettings(settings.batch_size, settings.max_rows, progress=False)
     full = accuracy(model, prompts, settings=quiet)
-    circ = ablated_accuracy(model, circuit, prompts, means, settings)
     rng = random.Random(seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    rand = [
-        ablated_accuracy(model, random_circuit(circuit, n_layers, n_heads, rng), prompts, means, settings)
-        for _ in range(n_random)
-    ]
+    randoms = [random_circuit(circuit, n_layers, n_heads, rng) for _ in range(n_random)]
+    circ, *rand = ablated_accuracies(model, [circuit, *randoms], prompts, means, settings)
     rand_mean = sum(rand) / len(rand) if rand else float("nan")
     slots = slot_share(circuit, prompts, n_layers, n_heads)
     return Evaluation(full, circ, rand_mean, circ / full if full else float("nan"), slots)
@@ -182,7 +208,8 @@ def completeness(
 ) -> list[dict]:
     """F(C \\ K) beside F(M \\ K) for K = each whole group and for `n_random` random subsets of
     the circuit (each entry in K with probability 1/2, never empty). A complete circuit has
-    the two close for every K; `gap` = |F(C \\ K) - F(M \\ K)| is IOI's incompleteness."""
+    the two close for every K; `gap` = |F(C \\ K) - F(M \\ K)| is IOI's incompleteness.
+    Every F(C \\ K), then every F(M \\ K), in shared forwards (`ablated_accuracies`)."""
     entries = circuit.entries()
     rng = random.Random(f"completeness-{seed}")
     subsets: list[tuple[str, str, list[Entry]]] = [
@@ -192,9 +219,13 @@ def completeness(
         subset = [e for e in entries if rng.random() < 0.5] or [rng.choice(entries)]
         subsets.append(("random", f"random-{i}", subset))
     rows = []
-    for kind, name, subset in tqdm(subsets, desc="completeness", disable=not settings.progress, leave=False):
-        f_circuit = ablated_accuracy(model, circuit.without(subset), prompts, means, settings)
-        f_model = ablated_accuracy(model, circuit.keep_only(subset), prompts, means, settings, ablate_circuit=True)
+    if not subsets:
+        return rows
+    without = ablated_accuracies(model, [circuit.without(s) for _, _, s in subsets], prompts, means, settings)
+    model_without = ablated_accuracies(
+        model, [circuit.keep_only(s) for _, _, s in subsets], prompts, means, settings, ablate_circuit=True
+    )
+    for (kind, name, subset), f_circuit, f_model in zip(subsets, without, model_without):
         rows.append(
             {
                 "kind": kind,

@@ -61,20 +61,22 @@ def mix_at_positions(
     act: Float[Tensor, "batch pos head d"],
     positions: Positions,
     new: Float[Tensor, "batch head d"] | Float[Tensor, "batch k head d"],
-    weight: Float[Tensor, " head"],
+    weight: Float[Tensor, " head"] | Float[Tensor, "batch head"],
 ) -> Float[Tensor, "batch pos head d"]:
     """At each example's position (or each position of its set), head h becomes
-    (1 - weight[h]) * act + weight[h] * new.
+    (1 - weight[h]) * act + weight[h] * new (weight[b, h] for a weight per example).
 
-    weight 1 overwrites a head, 0 leaves it; fractional weights interpolate (DCM's mask).
-    Out of place, so gradients flow to `weight`.
+    weight 1 overwrites a head, 0 leaves it; fractional weights interpolate (DCM's mask; one
+    per example when several masks train in one batch). Out of place, so gradients flow to
+    `weight`.
     """
     rows, at, valid = _slots(positions, act.device)
     new = new.to(act.device, act.dtype)
     new = new[:, None] if positions.ndim == 1 else new
     rows, at, new = rows[valid], at[valid], new[valid]
     old = act[rows, at]
-    w = weight.to(act.device, act.dtype)[None, :, None]
+    weight = weight.to(act.device, act.dtype)
+    w = (weight[None] if weight.ndim == 1 else weight[rows])[:, :, None]
     act = act.clone()
     act[rows, at] = old + w * (new - old)
     return act
@@ -88,10 +90,10 @@ def patch_hooks(
     kind: str,
     new: dict[int, Float[Tensor, "batch head d"]] | dict[int, Float[Tensor, "batch k head d"]],
     positions: Positions,
-    weights: Float[Tensor, "layer head"] | Bool[Tensor, "layer head"],
+    weights: Float[Tensor, "layer head"] | Bool[Tensor, "layer head"] | Float[Tensor, "layer batch head"],
 ) -> list[Hook]:
-    """Hooks that write `new[layer]` into the heads selected by `weights[layer]` at
-    `positions`; layers whose weights are all zero get no hook."""
+    """Hooks that write `new[layer]` into the heads selected by `weights[layer]` (per example
+    where it has a batch axis) at `positions`; boolean layers all False get no hook."""
     hooks = []
     for layer, values in new.items():
         w = weights[layer].float() if weights.dtype == torch.bool else weights[layer]

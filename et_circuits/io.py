@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,8 +22,14 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+    Under torchrun only rank 0 writes: on the other ranks the file goes to a scratch folder
+    that is then deleted."""
     path = Path(path)
+    if not distributed.is_writer():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)

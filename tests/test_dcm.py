@@ -91,6 +91,36 @@ def test_resume_equals_full_forward(tmp_path, vocab, n_kv_heads):
     assert no_room.run is None and no_room.restart is None
 
 
+def test_masks_trained_together_equal_masks_trained_alone(tiny, pairs, vocab):
+    """Several masks in one forward (seeds of one desideratum and another desideratum on the
+    same base prompts): each gets the mask, selection, eval accuracy and losses it gets alone."""
+    model, tok = tiny
+    heads = GROUPS["last"]
+    other = desiderata.draw_splits(data.object_value, vocab, (96, 48, 16), 7, seed=0)
+    fit = [dcm.prepare(model, pairs[0], "last", heads),
+           dcm.prepare(model, desiderata.tokenize_pairs(tok, other.train), "last", heads)]
+    evals = [dcm.prepare(model, pairs[1], "last", heads),
+             dcm.prepare(model, desiderata.tokenize_pairs(tok, other.eval), "last", heads)]
+    jobs = [dcm.MaskJob(fit[d], evals[d], seed) for d in (0, 1) for seed in (0, 1)]
+    config = dcm.DCMConfig(batch_size=16, lam=0.0, lr=0.3)
+    together = dcm.train_masks(model, heads, jobs, config)
+    for job, found in zip(jobs, together):
+        alone = dcm.train_mask(model, heads, job.train, job.eval, config, job.seed)
+        torch.testing.assert_close(torch.tensor(found.mask), torch.tensor(alone.mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(found.losses), torch.tensor(alone.losses), atol=1e-4, rtol=1e-5)
+        assert (found.selected, found.eval_accuracy, found.best_step) == (alone.selected, alone.eval_accuracy, alone.best_step)
+    assert len({tuple(f.losses) for f in together}) == len(jobs)  # four different trainings
+    assert len({tuple(f.mask) for f in together}) > 1
+    # a mask per row is the same as one mask per call
+    chunk, job = dcm._stacked([fit[0].take(torch.arange(8)), fit[1].take(torch.arange(8))])
+    masks = torch.tensor([[0.2, 1.0, 0.7], [0.9, 0.0, 0.4]])
+    with torch.no_grad():
+        rows = dcm.masked_logits(model, heads, masks[job], chunk)
+        for j in (0, 1):
+            one = dcm.masked_logits(model, heads, masks[j], fit[j].take(torch.arange(8)))
+            torch.testing.assert_close(rows[job == j], one, atol=1e-5, rtol=0)
+
+
 def test_mask_gradient_flows_and_weights_stay_frozen(tiny, pairs):
     model = tiny[0]
     heads = GROUPS["last"]
@@ -183,7 +213,7 @@ def test_run_dcm_shares_data_and_reuses_results(tiny, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished training was run again")
 
-    monkeypatch.setattr(dcm, "train_mask", no_training)
+    monkeypatch.setattr(dcm, "train_masks", no_training)
     again = recipe.run_dcm(model, tok, asks, plan, done=saved)
     assert {a: recipe.dcm_entry(r) for a, r in again.items()} == {a: recipe.dcm_entry(r) for a, r in first.items()}
     other = recipe.DCMPlan(dcm.DCMConfig(batch_size=16, lam=0.1), (32, 16, 16), 7, data_seed=5, seeds=(0, 1))
@@ -245,10 +275,11 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
     assert all(h in [[0, 0], [0, 2]] for e in discovered["groups"]["binder"].values() for h in e["heads"])
     assert {g: set(d) for g, d in ft_result["own_discovered"]["groups"].items()} == {"value_fetcher": {"object_value"}}
 
-    # a rerun trains nothing and writes the same file
-    monkeypatch.setattr(dcm, "train_mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    assert main(["dcm", "--model", str(tiny_dir), *common]) == 0
+    # a rerun of both models in one process trains nothing and writes the same files
+    monkeypatch.setattr(dcm, "train_masks", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert main(["dcm", "--model", str(tiny_dir), str(other_dir), *common]) == 0
     assert json.loads((results / base / "dcm.json").read_text()) == own
+    assert json.loads((results / ft / "dcm.json").read_text()) == ft_result
 
     figure_args = ["--base", str(tiny_dir), "--models", str(tiny_dir), str(other_dir),
                    "--results", str(results), "--figures", str(figures)]

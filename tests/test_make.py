@@ -22,11 +22,11 @@ def outputs(a: argparse.Namespace) -> list[str]:
     """The files each command of the real CLI writes (and the Makefile names as its targets)."""
     r, f = a.results, a.figures
     return {
-        "circuit": lambda: [f"{r}/{a.model}/circuit.json", f"{r}/{a.model}/discovered/circuit.json"],
+        "circuit": lambda: [f"{r}/{m}/{sub}circuit.json" for m in a.model for sub in ("", "discovered/")],
         "table1": lambda: [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"],
         "figures": lambda: [f"{f}/{m}_{what}.json" for m in a.models for what in ("path_patching", "discovered_path_patching", "sweep")]
         + [f"{f}/{a.base}_circuit.json", f"{f}/{a.base}_discovered_circuit.json", f"{f}/table1.json"],
-        "dcm": lambda: [f"{r}/{a.model}/dcm.json"],
+        "dcm": lambda: [f"{r}/{m}/dcm.json" for m in a.model],
         "dcm-figure": lambda: [f"{r}/dcm.csv", f"{f}/dcm.json", f"{f}/dcm_discovered.json"],
         "cmap": lambda: [f"{r}/cmap.csv", f"{f}/cmap.json", f"{f}/cmap_discovered.json"],
         "knockout": lambda: [f"{r}/knockout.csv", f"{f}/knockout.json"],
@@ -38,12 +38,13 @@ def stub(log: str, argv: list[str]) -> None:
     """Stand-in for `python -m et_circuits`: log the call, write the command's outputs."""
     p = argparse.ArgumentParser()
     p.add_argument("command")
-    for name in ("--model", "--base", "--results", "--figures"):
+    for name in ("--base", "--results", "--figures"):
         p.add_argument(name)
+    p.add_argument("--model", nargs="+")  # circuit and dcm take several
     p.add_argument("--models", nargs="+")
     a, _ = p.parse_known_args(argv)
     with open(log, "a") as f:
-        f.write(" ".join([a.command] + ([a.model] if a.model else [])) + "\n")
+        f.write(" ".join([a.command] + (a.model or [])) + "\n")
     for path in outputs(a):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(a.command)
@@ -79,8 +80,8 @@ def touch(path: Path) -> None:
     os.utime(path, (future, future))
 
 
-EVERY_STAGE = sorted(
-    [f"circuit {m}" for m in MODELS] + [f"dcm {m}" for m in MODELS]
+EVERY_STAGE = sorted(  # one process per stage, several models in one for circuit and dcm
+    [f"circuit {' '.join(MODELS)}", f"dcm {' '.join(MODELS)}"]
     + ["table1", "figures", "dcm-figure", "cmap", f"knockout {MODELS[0]}", "report"]
 )
 
@@ -97,9 +98,11 @@ def test_a_new_circuit_reruns_what_reads_it(project):
     make(project, "all")
     touch(project / "results" / "organism-goat" / "circuit.json")
     assert make(project, "-q", "all")[0] == 1
-    assert make(project, "all") == (0, ["cmap", "dcm organism-goat", "dcm-figure", "figures", "report", "table1"])
-    touch(project / "results" / "organism-llama" / "circuit.json")  # the base: every model's DCM reads it
-    assert make(project, "dcm") == (0, sorted([f"dcm {m}" for m in MODELS] + ["dcm-figure"]))
+    # one DCM process for every model (it reuses each finished mask training)
+    assert make(project, "all") == (0, ["cmap", f"dcm {' '.join(MODELS)}", "dcm-figure", "figures", "report", "table1"])
+    touch(project / "results" / "organism-llama" / "discovered" / "circuit.json")
+    assert make(project, "-q", "knockout")[0] == 1  # knockout reads the base's discovered circuit
+    assert make(project, "dcm") == (0, sorted([f"dcm {' '.join(MODELS)}", "dcm-figure"]))
 
 
 def test_a_missing_figure_redraws_only_its_stage(project):

@@ -394,3 +394,4 @@ def test_7b_geometry_benchmark_runs_small():
     assert result["fast_s"] > 0 and result["reference_s"] > 0
     assert min(result["largest"].values()) > 1e-4  # paper-like receivers: every step has effects
     assert result["max_diff"] < 1e-5
+    assert result["sweep_s"] > 0 and 0 < result["sweep_share"]

@@ -71,12 +71,6 @@ def settings(args: argparse.Namespace) -> RunSettings:
 
 
 def load_model(name: str, args: argparse.Namespace):
-    """(model, tokenizer, spec) for a command, on its device and in its dtype.
-
-    Organism-sized models run on one CPU thread in the CLI: their tiny matrices gain nothing
-    from more and lose much when the cores are shared (library users keep torch's setting)."""
+    """(model, tokenizer, spec) for a command, on its device and in its dtype."""
     device = resolve_device(args.device)
-    model, tokenizer, spec = models.load(name, device=device, dtype=DTYPES[args.dtype])
-    if str(model.cfg.device) == "cpu" and model.cfg.d_model <= 512:
-        torch.set_num_threads(1)
-    return model, tokenizer, spec
+    return models.load(name, device=device, dtype=DTYPES[args.dtype])

@@ -95,9 +95,9 @@ def reading_dir(results: Path, name: str, reading: str) -> Path:
 
 
 def sweep_json(found) -> dict:
-    """A position sweep as JSON (scores rounded to 6 decimals)."""
+    """A position sweep as JSON (scores rounded to 6 decimals; a rounded -0.0 written as 0.0)."""
     def table(t):
-        return [[round(x, 6) for x in row] for row in t.tolist()]
+        return [[round(x, 6) + 0.0 for x in row] for row in t.tolist()]
 
     return {
         "positions": [p if isinstance(p, str) else list(p) for p in found.positions],
@@ -110,8 +110,15 @@ def sweep_json(found) -> dict:
 
 
 def cmd_circuit(args: argparse.Namespace) -> None:
-    name = result_name(args.model)
-    model, tokenizer, _ = load_model(args.model, args)
+    for model_arg in args.model:  # one process for several models, each loaded once
+        circuit_of(model_arg, args)
+        gc.collect()
+
+
+def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
+    """Both readings of one model's circuit, written under RESULTS/<model>/."""
+    name = result_name(model_arg)
+    model, tokenizer, _ = load_model(model_arg, args)
     meta = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
     for reading in recipe.READINGS:
         out = reading_dir(args.results, name, reading)
@@ -263,7 +270,7 @@ def _earlier(circuit: Circuit) -> list[str]:
 
 def register(sub) -> None:
     p = sub.add_parser("circuit", help="path patching, top-k and minimality: RESULTS/<model>/circuit.json")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+", help="one or more models, in turn in one process")
     results_arg(p)
     model_args(p, max_rows=True)
     p.add_argument("--n", type=positive, default=300, help="path-patching prompts (paper: 300)")

@@ -84,7 +84,13 @@ def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_b
 
 
 def cmd_dcm(args: argparse.Namespace) -> None:
-    name, base_name = result_name(args.model), result_name(args.base)
+    for model_arg in args.model:  # one process for several models, each loaded once
+        dcm_of(model_arg, args)
+
+
+def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
+    """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
+    name, base_name = result_name(model_arg), result_name(args.base)
     out = args.results / name
     circuits = {}
     readings = [r for r in SECTIONS_OF if r == "paper" or (reading_dir(args.results, base_name, r) / "circuit.json").exists()]
@@ -99,7 +105,7 @@ def cmd_dcm(args: argparse.Namespace) -> None:
         config, (args.n_train, args.n_eval, args.n_test), args.boxes, args.seed + recipe.SEED_OFFSETS["dcm"],
         seeds, args.resamples, args.seed,
     )
-    model, tokenizer, _ = load_model(args.model, args)
+    model, tokenizer, _ = load_model(model_arg, args)
     for _, circuit in circuits.values():
         circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
     planned = {
@@ -272,7 +278,7 @@ def cmd_dcm_figure(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("dcm", help="DCM masks of one model on the base circuit's and its own circuit's groups")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+", help="one or more models, in turn in one process")
     p.add_argument("--base", required=True, help="the model whose circuit Figure 2 uses")
     p.add_argument("--seeds", type=positive, default=3, help="mask trainings per group and desideratum")
     p.add_argument("--n-train", type=positive, default=desiderata.SPLIT_SIZES[0])
