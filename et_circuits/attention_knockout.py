@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from . import distributed
+from .distributed import mine, sum_counts
 from .errors import DataError
 from .hooks import Hook
 from .metrics import n_correct
@@ -87,7 +87,7 @@ def knockout(
         run = clean_run(model, chunk.input_ids)
         rows = torch.arange(len(chunk), device=last.device)
         full += n_correct(run.logits[rows, last], chunk.answers)
-        for j in distributed.mine(len(edges) * n_layers):  # under torchrun, this rank's (edge, layer)s
+        for j in mine(len(edges) * n_layers):  # under torchrun, this rank's (edge, layer)s
             e, layer = edges[j // n_layers], j % n_layers
             queries, keys = (p[start : start + settings.batch_size].to(last.device) for p in where[e.name])
             first = int(queries.min())
@@ -95,5 +95,5 @@ def knockout(
             logits = resume(model, run, layer, first, hooks, read_at=last - first)
             hits[e.name][layer] += n_correct(logits, chunk.answers)
     n = len(prompts)
-    counts = distributed.sum_counts([h for e in edges for h in hits[e.name]])
+    counts = sum_counts([h for e in edges for h in hits[e.name]])
     return full / n, {e.name: [h / n for h in counts[i * n_layers : (i + 1) * n_layers]] for i, e in enumerate(edges)}

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from . import distributed
+from .distributed import sharded_map
 from .errors import DataError
 from .hooks import Hook, logits_at, patch_hooks, store_hooks
 from .prompts import LAST, PromptSet, Spec
@@ -622,7 +622,7 @@ def dcm_many(
                 on_seed(i, seed, result)
         bar.update(len(found))
 
-    distributed.sharded_map(train_stack, stacks, done)  # each stack on one rank (all of them in one process)
+    sharded_map(train_stack, stacks, done)  # each stack on one rank (all of them in one process)
     bar.close()
     return [summarize(q.heads, q.position, r, resamples, resample_seed) for q, r in zip(questions, results)]
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .circuit import Circuit
-from . import distributed
+from .distributed import mine, sum_counts
 from .errors import SetupError
 from .hooks import Hook, patch_hooks, store_hooks
 from .metrics import n_correct
@@ -212,7 +212,7 @@ def cmap(
         run = clean_run(base, chunk.input_ids)
         source_hits += n_correct(source_logits[torch.arange(len(chunk)), last.to(source_logits.device)], chunk.answers)
         base_hits += n_correct(run.logits[torch.arange(len(chunk)), last], chunk.answers)
-        for i in distributed.mine(len(masks)):  # under torchrun, this rank's share of the variants
+        for i in mine(len(masks)):  # under torchrun, this rank's share of the variants
             m = masks[i]
             if not m:
                 continue
@@ -220,7 +220,7 @@ def cmap(
             logits = resume(base, run, first_layer(m), first, write_hooks(values, chunk, m, first), read_at=last - first)
             hits[i] += n_correct(logits, chunk.answers)
     n = len(prompts)
-    hits = distributed.sum_counts(hits)
+    hits = sum_counts(hits)
     return CmapResult(
         base=base_hits / n,
         source=source_hits / n,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
+from .distributed import is_writer
 
 
 def _umask() -> int:
@@ -26,7 +26,7 @@ def atomic_path(path: str | os.PathLike):
     Under torchrun only rank 0 writes: on the other ranks the file goes to a scratch folder
     that is then deleted."""
     path = Path(path)
-    if not distributed.is_writer():
+    if not is_writer():
         with tempfile.TemporaryDirectory() as scratch:
             yield Path(scratch) / path.name
         return

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .circuit import Circuit, head_mask
-from . import distributed
+from .distributed import combine_nan, mine, rank
 from .errors import CircuitError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .metrics import Metric, answer_prob, metric_total, score_of
@@ -304,7 +304,7 @@ def _fast_chunk(
     todo = [tuple(h) for h in senders.nonzero().tolist()]  # sorted by layer, then head
     if sites.masks:  # a sender at or above every receiver cannot reach one
         for layer, head in [h for h in todo if h[0] >= receiver_layers[-1]]:
-            if distributed.rank() == 0:  # (each score from one rank: `distributed.combine_nan`)
+            if rank() == 0:  # (each score from one rank: `distributed.combine_nan`)
                 out[layer, head] = clean_value
         todo = [h for h in todo if h[0] < receiver_layers[-1]]
     by_layer: dict[int, list[Head]] = {}
@@ -313,7 +313,7 @@ def _fast_chunk(
     groups = [heads[i : i + sender_batch] for heads in by_layer.values() for i in range(0, len(heads), sender_batch)]
     rows = torch.arange(n, device=device)[:, None].expand_as(at)
     x_clean = runs.run.resid  # layer -> n seq d
-    for g in distributed.mine(len(groups)):  # under torchrun, this rank's share of the batches
+    for g in mine(len(groups)):  # under torchrun, this rank's share of the batches
         group = groups[g]
         reps, first = len(group), group[0][0]
         stop = n_layers if not sites.masks else receiver_layers[-1] + 1
@@ -432,7 +432,7 @@ def path_patch(
                 )
                 total += change
                 total_clean += clean_value
-            total = distributed.combine_nan(total)  # every rank's senders, to every rank
+            total = combine_nan(total)  # every rank's senders, to every rank
     return score_of(total, total_clean, len(clean), relative)
 
 

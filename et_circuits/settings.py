@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed
+from .distributed import local_device
 from .errors import SetupError
 
 FAST_ROWS = 4096  # default rows per forward pass of the batched (fast) methods
@@ -45,9 +45,9 @@ def resolve_device(device: str | torch.device | None) -> str:
     """`device` checked against this machine (default: the first GPU if any, else the CPU).
     SetupError naming the available devices when torch cannot use it."""
     if device is None:
-        return distributed.local_device() if torch.cuda.is_available() else "cpu"
+        return local_device() if torch.cuda.is_available() else "cpu"
     if str(device) == "cuda" and torch.cuda.is_available():
-        return distributed.local_device()  # under torchrun, this rank's GPU
+        return local_device()  # under torchrun, this rank's GPU
     name = str(device)
     try:
         parsed = torch.device(name)

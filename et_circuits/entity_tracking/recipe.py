@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
-from .. import component_masking as dcm_method
+import et_circuits.component_masking as dcm_method
 from ..circuit import Circuit
 from ..cross_model import INPUT_PATCHES, CmapResult, Variant
 from ..errors import CircuitError, DataError
