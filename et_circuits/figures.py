@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .circuit import Circuit
 from .errors import SetupError
+from .distributed import is_writer
 from .io import atomic_path
 from .cross_model import INPUT_PATCHES
 from .entity_tracking import desiderata, recipe
@@ -39,7 +40,11 @@ def figures_dir() -> Path:
 @contextmanager
 def png_export():
     """Keep one headless browser open for all PNG exports inside (about 10x faster than a
-    browser per figure). Optional: `save_figure` works without it."""
+    browser per figure). Optional: `save_figure` works without it. Under torchrun only rank 0
+    starts a browser: two kaleido servers at once can break each other."""
+    if not is_writer():
+        yield
+        return
     import kaleido
 
     with warnings.catch_warnings():
@@ -60,7 +65,9 @@ def save_figure(
     """Write `<directory>/<stem>.html` (plotly.js included, works offline), `<stem>.json` (the
     figure as plotly JSON, which the report page embeds) and, unless `png` is false,
     `<stem>.png`; each atomically. `directory` defaults to `figures_dir()`. Returns the paths
-    written."""
+    written (none on a torchrun rank other than 0, which writes nothing)."""
+    if not is_writer():
+        return []
     directory = Path(directory) if directory is not None else figures_dir()
     html, spec = directory / f"{stem}.html", directory / f"{stem}.json"
     with atomic_path(html) as tmp:
