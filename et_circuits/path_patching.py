@@ -174,15 +174,19 @@ class PreparedRuns:
     def __len__(self) -> int:
         return self.last_logits.shape[0]
 
-    def take(self, index: Int[Tensor, " n"], device: torch.device | str) -> "PreparedRuns":
-        """The rows of some prompts, on `device`."""
+    def take(
+        self, index: Int[Tensor, " n"], device: torch.device | str, positions: Sequence[str] | None = None
+    ) -> "PreparedRuns":
+        """The rows of some prompts, on `device`; only the activations at `positions` (default
+        all prepared positions)."""
         index = index.to(self.last_logits.device)
+        keep = set(self.positions if positions is None else positions)
         pick = lambda zs: {l: z[index].to(device) for l, z in zs.items()}  # noqa: E731
         return PreparedRuns(
             self.run.take(index, device),
             self.last_logits[index].to(device),
-            {kind: {p: pick(acts) for p, acts in by_spec.items()} for kind, by_spec in self.clean_at.items()},
-            {p: pick(zs) for p, zs in self.corrupt_z.items()},
+            {kind: {p: pick(acts) for p, acts in by_spec.items() if p in keep} for kind, by_spec in self.clean_at.items()},
+            {p: pick(zs) for p, zs in self.corrupt_z.items() if p in keep},
         )
 
     @property
@@ -427,7 +431,7 @@ def path_patch(
             chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
                 change, clean_value = _fast_chunk(
-                    model, runs.take(index, device), clean[index].to(device), sender_position, sites, sender_mask,
+                    model, runs.take(index, device, needed), clean[index].to(device), sender_position, sites, sender_mask,
                     sender_batch, metric,
                 )
                 total += change

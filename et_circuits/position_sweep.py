@@ -15,7 +15,8 @@ Scores are metric(patched) - metric(clean), divided by metric(clean) when `relat
 default metric, the mean answer probability, is relative as in path patching).
 
 Cost: patching layer l at p recomputes layers >= l at positions >= p, restarted from the clean
-run (`resume.run_from`); the heads of one layer share each pass (one row per head and prompt).
+run (`resume.run_from`). All layers of a position share one pass, and so do all heads of all
+layers: the rows of layer l's patch join the pass at layer l (one row per variant and prompt).
 """
 
 from __future__ import annotations
@@ -63,55 +64,68 @@ def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
     return prompts.replace(positions={name: torch.full((n,), i) for i, name in enumerate(names)}), names
 
 
+Variant = tuple[int, int | None]  # (layer, head): one head of a layer, or all of them (None)
+
+
 @torch.no_grad()
 def _patched_metrics(
     model: HookedTransformer,
     runs: PreparedRuns,
     clean: PromptSet,
     spec: Spec,
-    layer: int,
-    heads: Sequence[int] | None,
+    variants: Sequence[Variant],
     metric: Metric,
     settings: RunSettings,
 ) -> tuple[Float[Tensor, " variants"], float]:
-    """n x metric with layer `layer`'s heads at `spec` taking their corrupt values: all of them
-    at once (`heads` None), or each of `heads` alone (one variant each); and n x the clean metric."""
-    variants = [None] if heads is None else list(heads)
+    """n x metric of each variant's patched run, where a variant (layer, head) gives that head
+    (all of the layer's heads when head is None) at `spec` its corrupt value; and n x the clean
+    metric. All variants share one pass per chunk of prompts: each variant's rows join the
+    pass at its layer (`run_from`'s `joining`)."""
+    order = sorted(range(len(variants)), key=lambda i: variants[i][0])  # rows join layer by layer
+    by_layer: dict[int, list[int | None]] = {}
+    for i in order:
+        by_layer.setdefault(variants[i][0], []).append(variants[i][1])
+    first = min(by_layer)
     n_heads, device = model.cfg.n_heads, model.cfg.device
-    total = torch.zeros(len(variants), dtype=torch.float64)
+    sorted_total = torch.zeros(len(variants), dtype=torch.float64)
     total_clean = 0.0
-    at_all = clean.position_set(spec)
     rows = max(1, settings.max_rows // len(variants))
-    for index in same_start_chunks(earliest(at_all), rows):
-        chunk, taken = clean[index].to(device), runs.take(index, device)
+    for index in same_start_chunks(earliest(clean.position_set(spec)), rows):
+        chunk, taken = clean[index].to(device), runs.take(index, device, [spec])
         at, n = chunk.position_set(spec), len(index)
         start, last = int(earliest(at).min()), chunk.position(LAST)
-        clean_z, corrupt_z = taken.clean_at["z"][spec][layer], taken.corrupt_z[spec][layer]
-        values = tile(clean_z, len(variants)).view(len(variants), n, at.shape[1], n_heads, -1)
-        for r, head in enumerate(variants):
-            if head is None:
-                values[r] = corrupt_z
-            else:
-                values[r, :, :, head] = corrupt_z[:, :, head]
-        # the patch: z at the spec's slots (shifted to the suffix) becomes `values`
-        slots = tile(torch.where(at >= 0, at - start, at), len(variants))
-        hook = _slot_hook(slots, values.view(len(variants) * n, at.shape[1], n_heads, -1))
-        keys = {l: k[:, :start] for l, k in taken.run.keys.items() if l >= layer}
-        vals = {l: v[:, :start] for l, v in taken.run.values.items() if l >= layer}
-        x = tile(taken.run.resid[layer][:, start:], len(variants))
-        hooks = [(f"blocks.{layer}.attn.hook_z", hook)]
-        logits = run_from(model, x, layer, keys, vals, hooks, read_at=tile(last - start, len(variants)))
-        logits = logits.view(len(variants), n, -1)
+        shifted = torch.where(at >= 0, at - start, at)  # the spec's slots in suffix coordinates
+        joining, hooks = {}, []
+        for layer, heads in by_layer.items():
+            clean_z, corrupt_z = taken.clean_at["z"][spec][layer], taken.corrupt_z[spec][layer]
+            values = tile(clean_z, len(heads)).view(len(heads), n, at.shape[1], n_heads, -1)
+            for r, head in enumerate(heads):
+                if head is None:
+                    values[r] = corrupt_z
+                else:
+                    values[r, :, :, head] = corrupt_z[:, :, head]
+            values = values.view(len(heads) * n, at.shape[1], n_heads, -1)
+            hooks.append((f"blocks.{layer}.attn.hook_z", _slot_hook(tile(shifted, len(heads)), values)))
+            joining[layer] = tile(taken.run.resid[layer][:, start:], len(heads))
+        keys = {l: k[:, :start] for l, k in taken.run.keys.items() if l >= first}
+        vals = {l: v[:, :start] for l, v in taken.run.values.items() if l >= first}
+        logits = run_from(
+            model, joining[first], first, keys, vals, hooks, read_at=tile(last - start, len(variants)), joining=joining
+        ).view(len(variants), n, -1)
         for r in range(len(variants)):
-            total[r] += metric_total(metric, logits[r], chunk)
+            sorted_total[r] += metric_total(metric, logits[r], chunk)
         total_clean += metric_total(metric, taken.last_logits, chunk)
+    total = torch.empty_like(sorted_total)
+    total[torch.tensor(order)] = sorted_total
     return total, total_clean
 
 
 def _slot_hook(slots: Tensor, values: Tensor):
-    """A hook_z hook writing `values` ([rows, k, head, d]) at each row's slot positions."""
+    """A hook_z hook writing `values` ([rows, k, head, d]) at each row's slot positions, in the
+    last rows of the pass (those that joined at this layer)."""
     def hook(act, hook):
-        rows = torch.arange(act.shape[0], device=act.device)[:, None].expand_as(slots)
+        first = act.shape[0] - slots.shape[0]
+        rows = first + torch.arange(slots.shape[0], device=act.device)[:, None].expand_as(slots)
         valid = slots >= 0
         act = act.clone()
         act[rows[valid], slots[valid]] = values[valid].to(act.dtype)
@@ -144,19 +158,18 @@ def sweep(
     runs = prepare(model, clean, corrupt, positions, settings)
     layer_scores = torch.zeros(len(positions), n_layers)
     with per_head_values(model):
-        work = [(i, layer) for i in range(len(positions)) for layer in range(n_layers)]
-        for i, layer in tqdm(work, desc="position sweep: layers", disable=not settings.progress, leave=False):
-            total, total_clean = _patched_metrics(model, runs, clean, positions[i], layer, None, metric, settings)
-            layer_scores[i, layer] = score_of(total, total_clean, n, relative)[0]
+        every_layer = [(layer, None) for layer in range(n_layers)]
+        for i in tqdm(range(len(positions)), desc="position sweep: layers", disable=not settings.progress, leave=False):
+            total, total_clean = _patched_metrics(model, runs, clean, positions[i], every_layer, metric, settings)
+            layer_scores[i] = score_of(total, total_clean, n, relative)
         strength = layer_scores.abs().amax(1)
         marked = [p for p, s in zip(positions, strength.tolist()) if s >= mark * float(strength.max()) and s > 0]
         heads: dict[Spec, Tensor] = {}
         paths: dict[Spec, Tensor] = {}
+        every_head = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
         for spec in tqdm(marked, desc="position sweep: heads", disable=not settings.progress, leave=False):
-            heads[spec] = torch.stack([
-                score_of(*_patched_metrics(model, runs, clean, spec, layer, range(n_heads), metric, settings), n, relative)
-                for layer in range(n_layers)
-            ])
+            total, total_clean = _patched_metrics(model, runs, clean, spec, every_head, metric, settings)
+            heads[spec] = score_of(total, total_clean, n, relative).view(n_layers, n_heads)
             readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
             paths[spec] = path_patch(model, clean, corrupt, spec, readers, metric, relative, settings=settings, runs=runs)
     return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))

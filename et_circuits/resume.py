@@ -156,6 +156,7 @@ def run_from(
     fwd_hooks: Sequence[Hook] = (),
     stop_at_layer: int | None = None,
     read_at: Int[Tensor, " rows"] | None = None,
+    joining: Mapping[int, Float[Tensor, "rows suffix d_model"]] | None = None,
 ) -> Tensor:
     """Run layers `layer`.. (up to `stop_at_layer`, exclusive: then the residual stream is
     returned) on `x`, the residual entering `layer` at positions start.. of some prompts, where
@@ -163,11 +164,18 @@ def run_from(
     `x` may hold each prompt several times, rows repeat-major (row r * prompts + i is prompt i):
     the prefix is shared by all of them. Returns logits at the suffix positions, or with
     `read_at` (one suffix position per row) only there ([rows, vocab]): the final norm and the
-    unembedding run on those positions alone."""
+    unembedding run on those positions alone.
+
+    `joining[m]`: more rows of the same layout that enter at layer m > `layer` (appended after
+    the rows already running, before block m), so that interventions starting at different
+    layers share one pass, each row computing only the layers from its own."""
     check_supported(model)
     stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
+    joining = joining or {}
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         for i in range(layer, stop):
+            if i in joining and i > layer:
+                x = torch.cat([x, joining[i].to(x.dtype)])
             x = _block(model.blocks[i], x, keys[i], values[i])
         if stop_at_layer is not None:
             return x
