@@ -1,7 +1,8 @@
 """Scaling out on torch.distributed. Launched with torchrun, a stage shards its independent work
 over the ranks: every rank runs the same program, computes its share of each sharded loop
-(path-patching sender batches, DCM mask stacks, CMAP variants, knockout edges), and receives
-everyone's results, so that whatever follows a sharded loop runs identically everywhere. Only
+(path-patching sender batches, position-sweep positions, DCM mask stacks, CMAP variants,
+knockout edges), and receives everyone's results, so that whatever follows a sharded loop runs
+identically everywhere. Only
 rank 0 writes files (`io.atomic_path`). Without torchrun (no WORLD_SIZE) everything is one
 process and these functions cost nothing.
 

@@ -11,8 +11,11 @@ mean-ablated, each at its group's positions.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +27,7 @@ from transformer_lens import HookedTransformer
 from .circuit import Circuit, Entry
 from .errors import CircuitError, DataError
 from .hooks import logits_at, mean_activations, replace_hooks
+from .io import read_tensors, write_tensors
 from .metrics import accuracy
 from .prompts import LAST, PromptSet
 from .settings import QUIET, RunSettings
@@ -47,10 +51,36 @@ def keep_mask(circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int)
     return keep
 
 
-def position_means(model: HookedTransformer, reference: PromptSet, settings: RunSettings = QUIET) -> Float[Tensor, "layer pos head d"]:
+def position_means(
+    model: HookedTransformer,
+    reference: PromptSet,
+    settings: RunSettings = QUIET,
+    cache_dir: str | os.PathLike | None = None,
+) -> Float[Tensor, "layer pos head d"]:
     """Position-wise mean of every head's hook_z over the reference prompts (which must be as
-    long as the prompts they ablate)."""
-    return mean_activations(model, reference.input_ids, "z", settings.batch_size)
+    long as the prompts they ablate). With `cache_dir`, the means are kept there as
+    `means-<digest>.safetensors`, the digest naming the model's weights, the prompts and the
+    batch size, so that stages computing the same means share one computation."""
+    if cache_dir is None:
+        return mean_activations(model, reference.input_ids, "z", settings.batch_size)
+    path = Path(cache_dir) / f"means-{_means_digest(model, reference, settings.batch_size)}.safetensors"
+    if path.exists():
+        return read_tensors(path)["means"].to(model.cfg.device)
+    means = mean_activations(model, reference.input_ids, "z", settings.batch_size)
+    write_tensors(path, {"means": means}, {"what": "position_means", "prompts": str(len(reference))})
+    return means
+
+
+def _means_digest(model: HookedTransformer, reference: PromptSet, batch_size: int) -> str:
+    """sha256 over a sample of every parameter (each tensor's first 1024 entries), the dtype, the
+    prompts' token ids and the batch size (which fixes the summation order)."""
+    digest = hashlib.sha256(f"{model.cfg.dtype} {batch_size} {tuple(reference.input_ids.shape)}".encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    digest.update(reference.input_ids.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def ablated_accuracy(

@@ -25,6 +25,7 @@ from .io import atomic_path
 from .cross_model import INPUT_PATCHES
 from .entity_tracking import desiderata, recipe
 from .path_patching import PAPER_STEPS, Step
+from .position_sweep import Sweep
 from .types import GROUPS, POSITION_TITLES, group_title, letter
 
 _PNG_NEEDS = "PNG export needs kaleido with Chrome/Chromium (`make install` sets it up on Debian)."
@@ -480,10 +481,12 @@ def knockout_figure(frame):
 # Position sweep (as the circuit stage writes sweep.json)
 
 
-def sweep_heatmap(sweep: dict, title: str = "") -> go.Figure:
-    """The layer sweep: one row per position (labelled with the position and a typical prompt's
-    token there), one column per layer; red = the patch lowers the metric. Marked positions are
-    starred."""
+def sweep_heatmap(sweep: Sweep | dict, title: str = "") -> go.Figure:
+    """The layer sweep (a `Sweep`, or its JSON as in sweep.json): one row per position (labelled
+    with the position and a typical prompt's token there), one column per layer; red = the
+    patch lowers the metric. Marked positions are starred."""
+    if isinstance(sweep, Sweep):
+        sweep = sweep.to_json()
     positions = [p if isinstance(p, str) else " / ".join(p) for p in sweep["positions"]]
     tokens = sweep.get("tokens") or [""] * len(positions)
     labels = [f"{'* ' if p in sweep['marked'] else ''}{p}" + (f" ({t})" if t else "") for p, t in zip(positions, tokens)]

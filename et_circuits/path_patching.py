@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .circuit import Circuit, head_mask
-from .distributed import combine_nan, mine, rank
+from .distributed import combine_nan, mine
 from .errors import CircuitError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .metrics import Metric, answer_prob, metric_total, score_of
@@ -306,10 +306,7 @@ def _fast_chunk(
     out = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
     clean_value = metric_total(metric, runs.last_logits, clean)
     todo = [tuple(h) for h in senders.nonzero().tolist()]  # sorted by layer, then head
-    if sites.masks:  # a sender at or above every receiver cannot reach one
-        for layer, head in [h for h in todo if h[0] >= receiver_layers[-1]]:
-            if rank() == 0:  # (each score from one rank: `distributed.combine_nan`)
-                out[layer, head] = clean_value
+    if sites.masks:  # a sender at or above every receiver cannot reach one (`path_patch` scores it 0)
         todo = [h for h in todo if h[0] < receiver_layers[-1]]
     by_layer: dict[int, list[Head]] = {}
     for layer, head in todo:
@@ -437,6 +434,9 @@ def path_patch(
                 total += change
                 total_clean += clean_value
             total = combine_nan(total)  # every rank's senders, to every rank
+            if sites.masks:  # senders at or above every receiver's layer are unchanged: score 0
+                top = sites.layers[-1]
+                total[top:][sender_mask[top:]] = total_clean
     return score_of(total, total_clean, len(clean), relative)
 
 

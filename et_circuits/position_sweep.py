@@ -4,7 +4,8 @@ For each position spec p (an absolute token of a shared layout, or a position re
 named anchor such as "labels+1"), and each layer l, the *layer sweep* patches every head's
 output (`hook_z`) at p in layer l from the corrupt prompt into the clean run and reads the
 metric: the total effect of what layer l writes at p. At the positions it marks (the largest
-effects), two head sweeps follow:
+effects), less those whose effect a smaller marked position set carries (`smallest`), two head
+sweeps follow:
 
 - `heads`: the same patch, one head at a time (activation patching);
 - `paths`: path patching's freeze semantics (`path_patching.path_patch`) with the sender at p
@@ -17,6 +18,10 @@ default metric, the mean answer probability, is relative as in path patching).
 Cost: patching layer l at p recomputes layers >= l at positions >= p, restarted from the clean
 run (`resume.run_from`). All layers of a position share one pass, and so do all heads of all
 layers: the rows of layer l's patch join the pass at layer l (one row per variant and prompt).
+That is the least an exact sweep computes: over S positions of a shared layout and L layers,
+the layer sweep alone costs about (L + 1)(S + 1) / 4 plain forwards (at LLaMA-7B's 32 layers
+and the paper's 54 tokens, ~440, measured 444; a four-step path-patching sweep costs ~160), and
+each position's head sweep about L H / 2 x its share of the prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from .distributed import sharded_map
 from .errors import DataError
 from .metrics import Metric, answer_prob, metric_total, score_of
 from .path_patching import PreparedRuns, path_patch, per_head_values, prepare
@@ -41,10 +47,11 @@ from .types import Receiver
 
 @dataclass
 class Sweep:
-    """A sweep's scores: per position, per layer (`layers[i, l]` for `positions[i]`); and at the
-    `marked` positions, per head, by activation patching (`heads`) and by path patching through
-    every later head's inputs there (`paths`). `tokens`: the first prompt's token(s) at each
-    position (for figures)."""
+    """A sweep's scores: per position, per layer (`layers[i, l]` for `positions[i]`); the
+    `marked` positions; and at the smallest marked ones (the keys of `heads` and `paths`), per
+    head, by activation patching (`heads`) and by path patching through every later head's
+    inputs there (`paths`). `tokens`: the first prompt's token(s) at each position (for
+    figures)."""
 
     positions: list[Spec]
     layers: Float[Tensor, "position layer"]
@@ -52,6 +59,21 @@ class Sweep:
     heads: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
     paths: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """As JSON (what `figures.sweep_heatmap` and the report read): scores rounded to 6
+        decimals, a rounded -0.0 written as 0.0."""
+        def table(t):
+            return [[round(x, 6) + 0.0 for x in row] for row in t.tolist()]
+
+        return {
+            "positions": [p if isinstance(p, str) else list(p) for p in self.positions],
+            "tokens": self.tokens,
+            "layers": table(self.layers),
+            "marked": self.marked,
+            "heads": {p: table(t) for p, t in self.heads.items()},
+            "paths": {p: table(t) for p, t in self.paths.items()},
+        }
 
 
 def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
@@ -144,8 +166,10 @@ def sweep(
     settings: RunSettings = QUIET,
 ) -> Sweep:
     """The layer sweep over `positions` (default: every token of prompts that share one
-    layout), then both head sweeps at the positions whose largest |layer score| is at least
-    `mark` times the largest of all. See the module docstring."""
+    layout); the marked positions, whose largest |layer score| is at least `mark` times the
+    largest of all; then both head sweeps at the marked positions without redundant ones
+    (`smallest`: "labels+1", every segment's, is left out when "prev_query_label+1" carries its
+    effect). See the module docstring."""
     if not 0 < mark <= 1:
         raise DataError(f"mark must be in (0, 1], got {mark}")
     relative = (metric is None) if relative is None else relative
@@ -154,22 +178,31 @@ def sweep(
         clean, positions = absolute_positions(clean)
         corrupt = corrupt.replace(positions={p: clean.positions[p] for p in positions})
     positions = list(positions)
+    if not positions:
+        raise DataError("a position sweep needs at least one position")
     n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(clean)
     runs = prepare(model, clean, corrupt, positions, settings)
-    layer_scores = torch.zeros(len(positions), n_layers)
+
+    def scored(variants: list[Variant], what: str, specs: list[Spec]) -> list[Tensor]:
+        """Each spec's scores of `variants`, one spec per rank under torchrun."""
+        bar = tqdm(total=len(specs), desc=f"position sweep: {what}", disable=not settings.progress, leave=False)
+
+        def one(spec: Spec) -> Tensor:
+            return score_of(*_patched_metrics(model, runs, clean, spec, variants, metric, settings), n, relative)
+
+        out = sharded_map(one, specs, lambda i, r: bar.update())
+        bar.close()
+        return out
+
     with per_head_values(model):
-        every_layer = [(layer, None) for layer in range(n_layers)]
-        for i in tqdm(range(len(positions)), desc="position sweep: layers", disable=not settings.progress, leave=False):
-            total, total_clean = _patched_metrics(model, runs, clean, positions[i], every_layer, metric, settings)
-            layer_scores[i] = score_of(total, total_clean, n, relative)
+        layer_scores = torch.stack(scored([(layer, None) for layer in range(n_layers)], "layers", positions))
         strength = layer_scores.abs().amax(1)
         marked = [p for p, s in zip(positions, strength.tolist()) if s >= mark * float(strength.max()) and s > 0]
-        heads: dict[Spec, Tensor] = {}
-        paths: dict[Spec, Tensor] = {}
+        detailed = smallest(Sweep(positions, layer_scores, marked), clean)
         every_head = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-        for spec in tqdm(marked, desc="position sweep: heads", disable=not settings.progress, leave=False):
-            total, total_clean = _patched_metrics(model, runs, clean, spec, every_head, metric, settings)
-            heads[spec] = score_of(total, total_clean, n, relative).view(n_layers, n_heads)
+        heads = {spec: t.view(n_layers, n_heads) for spec, t in zip(detailed, scored(every_head, "heads", detailed))}
+        paths: dict[Spec, Tensor] = {}
+        for spec in tqdm(detailed, desc="position sweep: paths", disable=not settings.progress, leave=False):
             readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
             paths[spec] = path_patch(model, clean, corrupt, spec, readers, metric, relative, settings=settings, runs=runs)
     return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))

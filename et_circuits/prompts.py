@@ -23,6 +23,11 @@ from torch import Tensor
 from .errors import DataError
 
 Spec = str | tuple[str, ...]  # a position spec, or a union of them
+
+
+def spec_text(spec: Spec | list[str]) -> str:
+    """A position spec, or a union of them, as text for tables: "labels+1, labels+2"."""
+    return spec if isinstance(spec, str) else ", ".join(spec)
 LAST = "last"  # every prompt set has it: each prompt's last real token (the one metrics read)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(\d+))?\s*$")

@@ -15,6 +15,7 @@ from typing import Callable
 import pandas as pd
 
 from .circuit import Circuit
+from .prompts import spec_text
 from .types import letter
 
 PAPER = (
@@ -136,7 +137,7 @@ def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
             if path.exists():
                 circuit = Circuit.load(path)
                 sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
-                where = "; ".join(f"{letter(g)}: {', '.join(circuit.positions_of(g))}" for g in circuit.groups)
+                where = "; ".join(f"{letter(g)}: {spec_text(circuit.positions_of(g))}" for g in circuit.groups)
                 rows.append({"model": name, "positions": reading, **sizes, "total": len(circuit), "acting at": where})
     return paper_rows_only(with_paper(pd.DataFrame(rows), "circuit_size")) if rows else None
 
@@ -164,7 +165,7 @@ def sweep_table(results: Path, models: list[str]) -> pd.DataFrame | None:
             "model": name, "prompts": sweep.get("n", ""), "mark at (share of the largest)": sweep.get("mark", ""),
             "marked positions": ", ".join(sweep.get("marked", [])),
             "discovered groups": "" if circuit is None else "; ".join(
-                f"{letter(g)} ({len(hs)} h): {', '.join(circuit.positions_of(g))}" for g, hs in circuit.groups.items()),
+                f"{letter(g)} ({len(hs)} h): {spec_text(circuit.positions_of(g))}" for g, hs in circuit.groups.items()),
         })
     return pd.DataFrame(rows) if rows else None
 

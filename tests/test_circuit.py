@@ -91,6 +91,31 @@ def predicted(tiny_dir, vocab):
     return model, batch.replace(answers=own), position_means(model, reference)
 
 
+def test_position_means_cache(tiny_dir, vocab, tmp_path, monkeypatch):
+    """Cached means equal fresh ones; a second call reads the file; other weights, other
+    prompts or another batch size get their own file."""
+    model, tok, _ = models.load(tiny_dir, device="cpu")
+    reference = data.make_prompts(tok, data.sample_prompts(vocab, 10, 7, 12))
+    fresh = position_means(model, reference, minimality.RunSettings(batch_size=4))
+    cached = position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path)
+    assert torch.equal(cached, fresh) and len(list(tmp_path.glob("means-*.safetensors"))) == 1
+
+    def no_forward(*a, **k):
+        raise AssertionError("the cached means were recomputed")
+
+    monkeypatch.setattr(minimality, "mean_activations", no_forward)
+    assert torch.equal(position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path), fresh)
+    monkeypatch.undo()
+    other = data.make_prompts(tok, data.sample_prompts(vocab, 10, 7, 13))
+    position_means(model, other, minimality.RunSettings(batch_size=4), tmp_path)
+    position_means(model, reference, minimality.RunSettings(batch_size=5), tmp_path)
+    with torch.no_grad():
+        model.blocks[0].attn.W_O[0, 0, 0] += 1.0  # layer 1 reads it
+    changed = position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path)
+    assert len(list(tmp_path.glob("means-*.safetensors"))) == 4
+    assert not torch.equal(changed, fresh)
+
+
 def test_model_without_ablates_the_heads(predicted):
     model, batch, means = predicted
     assert ablated_accuracy(model, Circuit({}), batch, means, ablate_circuit=True) == 1.0

@@ -17,5 +17,5 @@ def test_notebook_runs(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "accuracy:" in text and "selected heads:" in text and "base " in text
+    assert "accuracy:" in text and "selected heads:" in text and "base " in text and "marked positions:" in text
     assert "goat's value fetchers for variable binding" in text and "base with goat's fetchers" in text

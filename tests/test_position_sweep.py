@@ -54,7 +54,8 @@ def test_layer_and_head_scores_equal_plain_activation_patching(case):
             assert sweep.layers[i, layer].item() == pytest.approx(expected, abs=1e-5)
     assert sweep.layers.abs().max() > 0.01  # 1000x the tolerance
     assert sweep.marked and all(s in specs for s in sweep.marked)
-    for spec in sweep.marked:
+    assert list(sweep.heads) == list(sweep.paths) == ps.smallest(sweep, clean) != []
+    for spec in sweep.heads:
         for layer, head in [(0, 1), (2, 3), (3, 0)]:
             expected = patched_answer_prob(model, clean, corrupt, spec, layer, [head])
             assert sweep.heads[spec][layer, head].item() == pytest.approx(expected, abs=1e-5)
@@ -91,7 +92,9 @@ def test_the_organism_binds_after_the_label():
     not the label tokens themselves (the lexical mechanism README describes)."""
     model, tok, _ = et.load("organism-llama", device="cpu")
     clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 60, 7, seed=0)
-    specs = ["prev_query_label", "prev_query_label+1", "prev_query_label+2", "query_label", "last"]
+    specs = ["prev_query_label", "prev_query_label+1", "prev_query_label+2", "labels+2", "query_label", "last"]
     sweep = ps.sweep(model, clean, corrupt, specs, mark=0.2, settings=QUIET)
-    assert set(sweep.marked) == {"prev_query_label+1", "prev_query_label+2", "last"}
+    assert set(sweep.marked) == {"prev_query_label+1", "prev_query_label+2", "labels+2", "last"}
+    # every segment's label+2 carries no more than the queried one's: no head sweeps there
+    assert set(sweep.heads) == {"prev_query_label+1", "prev_query_label+2", "last"}
     assert set(et.top_heads(sweep.paths["prev_query_label+2"], 2)) == {(0, 0), (0, 1)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -116,13 +117,15 @@ def discover(
     settings: RunSettings = QUIET,
     finished: StepLookup | None = None,
     on_step: StepDone | None = None,
+    means_cache: str | os.PathLike | None = None,
 ) -> Discovery:
     """A circuit with minimality pruning and completeness, each on its own seeded prompts.
     `reading` "paper": the paper's four path-patching steps at its positions (`PAPER_STEPS`);
     "discovered": a position sweep over `SWEEP_POSITIONS` on the first `sweep_n` path-patching
     prompts marks where the effect is (its smallest marked positions), then `own_steps` there.
     Top-k is capped for small models; the discovered reading's steps take the first top-k
-    numbers in order."""
+    numbers in order. `means_cache`: a folder where the ablation means are kept
+    (`position_means`)."""
     if reading not in READINGS:
         raise CircuitError(f"unknown reading {reading!r}; expected one of {', '.join(READINGS)}")
     top_k = effective_top_k(top_k, model.cfg.n_layers, model.cfg.n_heads, top_k_cap)
@@ -137,7 +140,7 @@ def discover(
         model, clean, corrupt, top_k, steps, method=method, settings=settings, finished=finished, on_step=on_step
     )
     reference = prompts(tokenizer, vocab, reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
-    means = position_means(model, reference, settings)
+    means = position_means(model, reference, settings, means_cache)
     batch = prompts(tokenizer, vocab, minimality_n, n_boxes, seed + SEED_OFFSETS["minimality"])
     score = partial(_ablated, model=model, prompts=batch, means=means, settings=settings)
     circuit, log = minimal(candidates, score, minimality_threshold, settings.progress)
@@ -159,13 +162,16 @@ def table1_row(
     n_boxes: int = 7,
     seed: int = 0,
     settings: RunSettings = QUIET,
+    means_cache: str | os.PathLike | None = None,
 ) -> Evaluation:
     """Table 1's columns for one model: `circuit` under mean ablation on its own seeded
-    evaluation prompts, means from seeded reference prompts."""
+    evaluation prompts, means from seeded reference prompts (kept in `means_cache`, as in
+    `discover`)."""
     vocab = data.vocabulary(tokenizer, min_objects=n_boxes, min_labels=n_boxes)
     batch = prompts(tokenizer, vocab, n, n_boxes, seed + SEED_OFFSETS["evaluation"])
     reference = prompts(tokenizer, vocab, reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
-    return evaluate_circuit(model, circuit, batch, reference, n_random, seed, settings)
+    means = position_means(model, reference, settings, means_cache)
+    return evaluate_circuit(model, circuit, batch, reference, n_random, seed, settings, means)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,21 +94,6 @@ def reading_dir(results: Path, name: str, reading: str) -> Path:
     return results / name if reading == "paper" else results / name / reading
 
 
-def sweep_json(found) -> dict:
-    """A position sweep as JSON (scores rounded to 6 decimals; a rounded -0.0 written as 0.0)."""
-    def table(t):
-        return [[round(x, 6) + 0.0 for x in row] for row in t.tolist()]
-
-    return {
-        "positions": [p if isinstance(p, str) else list(p) for p in found.positions],
-        "tokens": found.tokens,
-        "layers": table(found.layers),
-        "marked": found.marked,
-        "heads": {p: table(t) for p, t in found.heads.items()},
-        "paths": {p: table(t) for p, t in found.paths.items()},
-    }
-
-
 def cmd_circuit(args: argparse.Namespace) -> None:
     for model_arg in args.model:  # one process for several models, each loaded once
         circuit_of(model_arg, args)
@@ -127,10 +112,10 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
         found = recipe.discover(
             model, tokenizer, reading, args.n, args.boxes, args.seed, args.top_k, args.top_k_cap, args.method,
             args.minimality_n, args.minimality_threshold, args.reference_n, args.completeness_random,
-            args.sweep_n, args.mark, settings(args), finished, on_step,
+            args.sweep_n, args.mark, settings(args), finished, on_step, means_cache=args.results / name,
         )
         if found.sweep is not None:
-            write_json(out / "sweep.json", {**sweep_json(found.sweep), "n": args.sweep_n, "mark": args.mark})
+            write_json(out / "sweep.json", {**found.sweep.to_json(), "n": args.sweep_n, "mark": args.mark})
         write_json(
             out / "minimality.json",
             {
@@ -187,7 +172,7 @@ def cmd_table1(args: argparse.Namespace) -> None:
         for reading in recipe.READINGS:
             ev = recipe.table1_row(
                 model, tokenizer, circuits[(base_name, reading)], args.n, args.reference_n, args.random, args.boxes,
-                args.seed, settings(args),
+                args.seed, settings(args), means_cache=args.results / name,
             )
             rows.append({"model": name, "positions": reading, **ev.as_row()})
             print(

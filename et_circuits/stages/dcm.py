@@ -44,6 +44,7 @@ from ..entity_tracking import desiderata, recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json
 from ..models import result_name
+from ..prompts import spec_text
 from .circuit import reading_dir
 from ..types import letter
 from .args import (
@@ -211,10 +212,6 @@ def check_dcm_matches(circuit: Circuit, result: dict, section: str = "own_circui
         raise CircuitError("dcm.json was computed on a different circuit than circuit.json; rerun the dcm stage")
 
 
-def _spec_text(spec: str | list[str]) -> str:
-    return spec if isinstance(spec, str) else ", ".join(spec)
-
-
 def dcm_rows(name: str, result: dict) -> list[dict]:
     """CSV rows of one model's dcm.json (accuracies in %)."""
     rows = []
@@ -229,7 +226,7 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
                         "circuit_of": part["circuit"],
                         "group": group,
                         "letter": letter(group),
-                        "position": _spec_text(part["positions"][group]),
+                        "position": spec_text(part["positions"][group]),
                         "desideratum": desideratum,
                         "group_size": len(part["group_heads"][group]),
                         "n_selected": len(e["heads"]),
