@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -30,6 +30,7 @@ from .hooks import logits_at, mean_activations, replace_hooks
 from .io import read_tensors, write_tensors
 from .metrics import accuracy
 from .prompts import LAST, PromptSet
+from .resume import clean_run, run_from, same_start_chunks, tile
 from .settings import QUIET, RunSettings
 
 Score = Callable[[Circuit], float]
@@ -97,6 +98,9 @@ def ablated_accuracy(
     return ablated_accuracies(model, [circuit], prompts, means, settings, ablate_circuit)[0]
 
 
+METHODS = ("fast", "reference")
+
+
 def ablated_accuracies(
     model: HookedTransformer,
     circuits: Sequence[Circuit],
@@ -104,33 +108,86 @@ def ablated_accuracies(
     means: Float[Tensor, "layer pos head d"],
     settings: RunSettings = QUIET,
     ablate_circuit: bool = False,
+    method: str = "fast",
 ) -> list[float]:
     """`ablated_accuracy` of several circuits in shared forwards: the prompts repeated once per
-    circuit, each row ablated as its circuit asks, `settings.batch_size` rows per circuit in a
-    pass (at most `settings.max_rows`), so that many small forwards become a few large ones."""
+    circuit, each row ablated as its circuit asks, at most `settings.max_rows` rows in a pass.
+    The two methods agree to rounding (`ablated_last_logits`)."""
+    correct = torch.zeros(len(circuits), len(prompts), dtype=torch.bool)
+    cpu = prompts.to("cpu")
+    for which, row, logits in ablated_last_logits(model, circuits, prompts, means, settings, ablate_circuit, method):
+        correct[which, row] = logits.argmax(-1).cpu() == cpu.answers[row]
+    return correct.float().mean(1).tolist()
+
+
+@torch.no_grad()
+def ablated_last_logits(
+    model: HookedTransformer,
+    circuits: Sequence[Circuit],
+    prompts: PromptSet,
+    means: Float[Tensor, "layer pos head d"],
+    settings: RunSettings = QUIET,
+    ablate_circuit: bool = False,
+    method: str = "fast",
+) -> Iterator[tuple[Tensor, Tensor, Float[Tensor, "rows vocab"]]]:
+    """The last-position logits of every (circuit, prompt) under mean ablation, pass by pass:
+    yields (circuit index, prompt index, logits) per row.
+
+    - `reference`: a full forward per row, every head's `hook_z` replaced by its mean except
+      where the circuit keeps it (with `ablate_circuit`, the other way round).
+    - `fast` (default): before a prompt's first position that some circuit keeps (or, with
+      `ablate_circuit`, ablates), every row is the same run: all heads ablated (or none). That
+      run is made once per chunk of prompts, and each row restarts from it at that position
+      (`resume.run_from`), attending to its keys and values before it."""
+    if method not in METHODS:
+        raise CircuitError(f"unknown ablation method {method!r}; expected one of {METHODS}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     for circuit in circuits:
         circuit.validate(n_layers, n_heads)
     if means.shape[1] < prompts.seq_len:
         raise DataError(f"the reference prompts ({means.shape[1]} tokens) are shorter than the prompts ({prompts.seq_len})")
     device = model.cfg.device
-    n = len(prompts)
-    rows = max(1, min(settings.max_rows, settings.batch_size * len(circuits)))
-    correct = torch.zeros(len(circuits) * n, dtype=torch.bool)
+    means = means.to(device)
     cpu = prompts.to("cpu")
-    with torch.no_grad():
-        for start in range(0, len(correct), rows):
-            index = torch.arange(start, min(start + rows, len(correct)))
+    last = cpu.position(LAST)
+
+    def keep_of(which: Tensor, row: Tensor) -> Tensor:
+        keep = torch.cat([keep_mask(circuits[c], cpu[row[which == c]], n_layers, n_heads) for c in which.unique().tolist()], dim=1)
+        return (~keep if ablate_circuit else keep).to(device)
+
+    n, count = len(prompts), len(circuits)
+    if method == "reference":
+        rows = max(1, min(settings.max_rows, settings.batch_size * count))
+        for start in range(0, count * n, rows):
+            index = torch.arange(start, min(start + rows, count * n))
             which, row = index // n, index % n
-            keep = torch.cat([
-                keep_mask(circuits[c], cpu[row[which == c]], n_layers, n_heads) for c in which.unique().tolist()
-            ], dim=1)
-            keep = ~keep if ablate_circuit else keep
-            hooks = replace_hooks("z", means.to(device), keep.to(device))
-            logits = model.run_with_hooks(cpu.input_ids[row].to(device), fwd_hooks=hooks)
-            last = logits_at(logits, cpu.position(LAST)[row].to(device))
-            correct[index] = last.argmax(-1).cpu() == cpu.answers[row]
-    return correct.view(len(circuits), n).float().mean(1).tolist()
+            logits = model.run_with_hooks(cpu.input_ids[row].to(device), fwd_hooks=replace_hooks("z", means, keep_of(which, row)))
+            yield which, row, logits_at(logits, last[row].to(device))
+        return
+    # Each prompt's first position where some circuit's rows leave the shared run (at most its last).
+    first = last.clone()
+    for circuit in circuits:
+        for group, heads in circuit.groups.items():
+            if heads:
+                for spec in circuit.positions_of(group):
+                    first = torch.minimum(first, _earliest_or(cpu.position_set(spec), last))
+    base = [] if ablate_circuit else replace_hooks("z", means, torch.zeros(n_layers, 1, prompts.seq_len, n_heads, dtype=torch.bool, device=device))
+    for part in same_start_chunks(first, max(1, min(settings.batch_size, settings.max_rows // count))):
+        s = int(first[part[0]])
+        run = clean_run(model, cpu.input_ids[part], base)
+        which, rows = torch.arange(count).repeat_interleave(len(part)), part.repeat(count)  # `tile`'s layout
+        hooks = replace_hooks("z", means[:, s:], keep_of(which, rows)[:, :, s:])
+        keys = {l: k[:, :s] for l, k in run.keys.items()}
+        values = {l: v[:, :s] for l, v in run.values.items()}
+        x = tile(run.resid[0][:, s:], count)
+        yield which, rows, run_from(model, x, 0, keys, values, hooks, read_at=(last[rows] - s).to(device))
+
+
+def _earliest_or(at: Tensor, default: Tensor) -> Tensor:
+    """Each prompt's first position of a set, or `default` where the set is empty."""
+    big = torch.iinfo(at.dtype).max
+    first = torch.where(at >= 0, at, torch.full_like(at, big)).min(1).values
+    return torch.where(first == big, default, first)
 
 
 def random_circuit(circuit: Circuit, n_layers: int, n_heads: int, rng: random.Random) -> Circuit:

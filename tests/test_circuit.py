@@ -116,6 +116,29 @@ def test_position_means_cache(tiny_dir, vocab, tmp_path, monkeypatch):
     assert not torch.equal(changed, fresh)
 
 
+@pytest.mark.parametrize("ablate_circuit", [False, True])
+def test_fast_ablation_equals_the_full_forwards(predicted, ablate_circuit):
+    """Restarting each row from the shared run at its first kept position gives the logits of
+    a full forward per row (circuits at single positions, at position sets, and empty ones)."""
+    model, batch, means = predicted
+    circuits = [
+        Circuit({"value_fetcher": [(1, 0), (0, 2)], "pos_transmitter": [(0, 1)]}),  # paper positions
+        Circuit({"binder": [(0, 0), (0, 3)], "value_fetcher": [(1, 1)]}, {"binder": ["labels+1", "labels+2"], "value_fetcher": "last"}),
+        Circuit({"value_fetcher": [(1, 2)]}, {"value_fetcher": "query_label"}),
+        Circuit({}),
+    ]
+    settings = minimality.RunSettings(batch_size=5, max_rows=12)  # several passes, some of one prompt
+    got = {m: torch.zeros(len(circuits), len(batch), model.cfg.d_vocab) for m in minimality.METHODS}
+    for m in got:
+        for which, row, logits in minimality.ablated_last_logits(model, circuits, batch, means, settings, ablate_circuit, m):
+            got[m][which, row] = logits.float()
+    assert got["fast"].abs().amax((1, 2)).min() > 0  # every row was written
+    torch.testing.assert_close(got["fast"], got["reference"], atol=1e-4, rtol=1e-4)
+    assert (got["reference"][0] - got["reference"][1]).abs().max() > 1e-2  # the circuits differ
+    assert minimality.ablated_accuracies(model, circuits, batch, means, settings, ablate_circuit) == \
+        minimality.ablated_accuracies(model, circuits, batch, means, settings, ablate_circuit, "reference")
+
+
 def test_model_without_ablates_the_heads(predicted):
     model, batch, means = predicted
     assert ablated_accuracy(model, Circuit({}), batch, means, ablate_circuit=True) == 1.0
