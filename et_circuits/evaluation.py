@@ -30,7 +30,7 @@ from .hooks import logits_at, mean_activations, replace_hooks
 from .io import read_tensors, write_tensors
 from .metrics import accuracy
 from .prompts import LAST, PromptSet
-from .resume import clean_run, run_from, same_start_chunks, tile
+from .resume import clean_run, earliest, run_from, same_start_chunks, tile
 from .settings import QUIET, RunSettings
 
 Score = Callable[[Circuit], float]
@@ -170,24 +170,17 @@ def ablated_last_logits(
         for group, heads in circuit.groups.items():
             if heads:
                 for spec in circuit.positions_of(group):
-                    first = torch.minimum(first, _earliest_or(cpu.position_set(spec), last))
+                    at = cpu.position_set(spec)
+                    first = torch.minimum(first, torch.where((at >= 0).any(1), earliest(at), last))
     base = [] if ablate_circuit else replace_hooks("z", means, torch.zeros(n_layers, 1, prompts.seq_len, n_heads, dtype=torch.bool, device=device))
     for part in same_start_chunks(first, max(1, min(settings.batch_size, settings.max_rows // count))):
         s = int(first[part[0]])
         run = clean_run(model, cpu.input_ids[part], base)
         which, rows = torch.arange(count).repeat_interleave(len(part)), part.repeat(count)  # `tile`'s layout
         hooks = replace_hooks("z", means[:, s:], keep_of(which, rows)[:, :, s:])
-        keys = {l: k[:, :s] for l, k in run.keys.items()}
-        values = {l: v[:, :s] for l, v in run.values.items()}
+        prefix = run.restrict(0, s)
         x = tile(run.resid[0][:, s:], count)
-        yield which, rows, run_from(model, x, 0, keys, values, hooks, read_at=(last[rows] - s).to(device))
-
-
-def _earliest_or(at: Tensor, default: Tensor) -> Tensor:
-    """Each prompt's first position of a set, or `default` where the set is empty."""
-    big = torch.iinfo(at.dtype).max
-    first = torch.where(at >= 0, at, torch.full_like(at, big)).min(1).values
-    return torch.where(first == big, default, first)
+        yield which, rows, run_from(model, x, 0, prefix.keys, prefix.values, hooks, read_at=(last[rows] - s).to(device))
 
 
 def random_circuit(circuit: Circuit, n_layers: int, n_heads: int, rng: random.Random) -> Circuit:

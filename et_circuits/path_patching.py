@@ -355,11 +355,10 @@ def _fast_chunk(
                     values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(reps * n, -1, n_heads, v.shape[-1])
                 shifted = torch.where(where >= 0, where - start, where)
                 hooks += patch_hooks(kind, values, tile(shifted, reps), mask.to(device))
-            prefix = {l: runs.run.keys[l][:, :start] for l in range(above[0], n_layers)}, {
-                l: runs.run.values[l][:, :start] for l in range(above[0], n_layers)
-            }
+            prefix = runs.run.restrict(above[0], start)
             logits = run_from(
-                model, tile(x_clean[above[0]][:, start:end], reps), above[0], *prefix, hooks, read_at=tile(last - start, reps)
+                model, tile(x_clean[above[0]][:, start:end], reps), above[0], prefix.keys, prefix.values, hooks,
+                read_at=tile(last - start, reps),
             )
         logits = logits.view(reps, n, -1)
         for r, (layer, head) in enumerate(group):

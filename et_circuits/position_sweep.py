@@ -129,10 +129,10 @@ def _patched_metrics(
             values = values.view(len(heads) * n, at.shape[1], n_heads, -1)
             hooks.append((f"blocks.{layer}.attn.hook_z", _slot_hook(tile(shifted, len(heads)), values)))
             joining[layer] = tile(taken.run.resid[layer][:, start:], len(heads))
-        keys = {l: k[:, :start] for l, k in taken.run.keys.items() if l >= first}
-        vals = {l: v[:, :start] for l, v in taken.run.values.items() if l >= first}
+        prefix = taken.run.restrict(first, start)
         logits = run_from(
-            model, joining[first], first, keys, vals, hooks, read_at=tile(last - start, len(variants)), joining=joining
+            model, joining.pop(first), first, prefix.keys, prefix.values, hooks,
+            read_at=tile(last - start, len(variants)), joining=joining,
         ).view(len(variants), n, -1)
         for r in range(len(variants)):
             sorted_total[r] += metric_total(metric, logits[r], chunk)

@@ -166,15 +166,15 @@ def run_from(
     `read_at` (one suffix position per row) only there ([rows, vocab]): the final norm and the
     unembedding run on those positions alone.
 
-    `joining[m]`: more rows of the same layout that enter at layer m > `layer` (appended after
-    the rows already running, before block m), so that interventions starting at different
+    `joining[m]`: more rows of the same layout that enter at layer m (appended after the rows
+    already running, before block m), so that interventions starting at different
     layers share one pass, each row computing only the layers from its own."""
     check_supported(model)
     stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
     joining = joining or {}
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         for i in range(layer, stop):
-            if i in joining and i > layer:
+            if i in joining:
                 x = torch.cat([x, joining[i].to(x.dtype)])
             x = _block(model.blocks[i], x, keys[i], values[i])
         if stop_at_layer is not None:
