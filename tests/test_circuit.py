@@ -243,7 +243,7 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     assert (results / "base-model" / "path_patching" / "value_fetcher.safetensors").stat().st_mtime_ns == before
 
     table = ["table1", "--base", base, "--models", base, tuned, "--results", str(results)]
-    assert cli.main([*table, *SMALL, "--reference-n", "12", "--random", "2"]) == 0
+    assert cli.main([*table, *SMALL, "--reference-n", "12", "--random", "2", "--figures", str(figs)]) == 0
     frame = pd.read_csv(results / "table1.csv")
     assert list(frame.columns) == ["model", "positions", "full", "circuit", "random", "faithfulness", "slots"]
     assert list(frame.model) == ["base-model"] * 2 + ["tuned-model"] * 2
@@ -253,13 +253,16 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     ov = pd.read_csv(results / "overlap.csv")
     assert list(ov.model.unique()) == ["tuned-model"] and len(ov) == 4 + len(discovered["base-model"].groups)
 
-    args = ["figures", "--base", base, "--models", base, tuned, "--results", str(results), "--figures", str(figs)]
-    assert cli.main(args) == 0
     stems = {"table1", "base-model_circuit", "base-model_discovered_circuit"}
     for name in ("base-model", "tuned-model"):
         stems |= {f"{name}_path_patching", f"{name}_completeness", f"{name}_discovered_path_patching",
                   f"{name}_discovered_completeness", f"{name}_sweep"}
     assert {p.name for p in figs.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("html", "json", "png")}
+    drawn = (figs / "table1.json").read_text()
+    (figs / "table1.json").unlink()  # the `figures` command redraws from the files alone
+    args = ["figures", "--base", base, "--models", base, tuned, "--results", str(results), "--figures", str(figs)]
+    assert cli.main(args) == 0
+    assert (figs / "table1.json").read_text() == drawn
 
 
 def test_commands_fail_with_one_line(tmp_path, capsys, two_models):

@@ -277,15 +277,19 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
 
     # a rerun of both models in one process trains nothing and writes the same files
     monkeypatch.setattr(dcm, "train_masks", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    assert main(["dcm", "--model", str(tiny_dir), str(other_dir), *common]) == 0
+    assert main(["dcm", "--model", str(tiny_dir), str(other_dir), *common, "--figures", str(figures)]) == 0
     assert json.loads((results / base / "dcm.json").read_text()) == own
     assert json.loads((results / ft / "dcm.json").read_text()) == ft_result
+    drawn = (results / "dcm.csv").read_text()  # the training process drew Figure 2 too
+    assert (figures / "dcm.json").exists()
+    (results / "dcm.csv").unlink()
 
     figure_args = ["--base", str(tiny_dir), "--models", str(tiny_dir), str(other_dir),
                    "--results", str(results), "--figures", str(figures)]
     assert main(["dcm-figure", *figure_args]) == 0
     import pandas as pd
 
+    assert (results / "dcm.csv").read_text() == drawn
     frame = pd.read_csv(results / "dcm.csv")
     paper = 2 * (4 * 3 + 11) + 4 * 3 + 3  # base: both sections with extras; ft: main + CMAP's
     assert len(frame) == paper + 2 * 2 * 3 + 2 * 3 + 1  # discovered: base both sections; ft main + CMAP's

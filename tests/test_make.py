@@ -19,19 +19,24 @@ MAKE_ENV = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ET_CIRCUITS_FI
 
 
 def outputs(a: argparse.Namespace) -> list[str]:
-    """The files each command of the real CLI writes (and the Makefile names as its targets)."""
+    """The files each command of the real CLI writes (and the Makefile names as its targets);
+    table1 and dcm also draw their stage's figures when given --figures."""
     r, f = a.results, a.figures
+    circuit_figures = [f"{f}/{m}_{what}.json" for m in a.models or []
+                       for what in ("path_patching", "discovered_path_patching", "sweep")]
+    circuit_figures += [f"{f}/{a.base}_circuit.json", f"{f}/{a.base}_discovered_circuit.json", f"{f}/table1.json"]
+    dcm_figures = [f"{r}/dcm.csv", f"{f}/dcm.json", f"{f}/dcm_discovered.json"]
+    drawn = f is not None
     return {
-        "circuit": lambda: [f"{r}/{m}/{sub}circuit.json" for m in a.model for sub in ("", "discovered/")],
-        "table1": lambda: [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"],
-        "figures": lambda: [f"{f}/{m}_{what}.json" for m in a.models for what in ("path_patching", "discovered_path_patching", "sweep")]
-        + [f"{f}/{a.base}_circuit.json", f"{f}/{a.base}_discovered_circuit.json", f"{f}/table1.json"],
-        "dcm": lambda: [f"{r}/{m}/dcm.json" for m in a.model],
-        "dcm-figure": lambda: [f"{r}/dcm.csv", f"{f}/dcm.json", f"{f}/dcm_discovered.json"],
-        "cmap": lambda: [f"{r}/cmap.csv", f"{f}/cmap.json", f"{f}/cmap_discovered.json"],
-        "knockout": lambda: [f"{r}/knockout.csv", f"{f}/knockout.json"],
-        "report": lambda: [f"{f}/report.html"],
-    }[a.command]()
+        "circuit": [f"{r}/{m}/{sub}circuit.json" for m in a.model or [] for sub in ("", "discovered/")],
+        "table1": [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"] + (circuit_figures if drawn else []),
+        "figures": circuit_figures,
+        "dcm": [f"{r}/{m}/dcm.json" for m in a.model or []] + (dcm_figures if drawn else []),
+        "dcm-figure": dcm_figures,
+        "cmap": [f"{r}/cmap.csv", f"{f}/cmap.json", f"{f}/cmap_discovered.json"],
+        "knockout": [f"{r}/knockout.csv", f"{f}/knockout.json"],
+        "report": [f"{f}/report.html"],
+    }[a.command]
 
 
 def stub(log: str, argv: list[str]) -> None:
@@ -80,9 +85,10 @@ def touch(path: Path) -> None:
     os.utime(path, (future, future))
 
 
-EVERY_STAGE = sorted(  # one process per stage, several models in one for circuit and dcm
+EVERY_STAGE = sorted(  # one process per stage, several models in one for circuit and dcm; table1
+    # and dcm draw their own figures
     [f"circuit {' '.join(MODELS)}", f"dcm {' '.join(MODELS)}"]
-    + ["table1", "figures", "dcm-figure", "cmap", f"knockout {MODELS[0]}", "report"]
+    + ["table1", "cmap", f"knockout {MODELS[0]}", "report"]
 )
 
 
@@ -99,16 +105,18 @@ def test_a_new_circuit_reruns_what_reads_it(project):
     touch(project / "results" / "organism-goat" / "circuit.json")
     assert make(project, "-q", "all")[0] == 1
     # one DCM process for every model (it reuses each finished mask training)
-    assert make(project, "all") == (0, ["cmap", f"dcm {' '.join(MODELS)}", "dcm-figure", "figures", "report", "table1"])
+    assert make(project, "all") == (0, ["cmap", f"dcm {' '.join(MODELS)}", "report", "table1"])
     touch(project / "results" / "organism-llama" / "discovered" / "circuit.json")
     assert make(project, "-q", "knockout")[0] == 1  # knockout reads the base's discovered circuit
-    assert make(project, "dcm") == (0, sorted([f"dcm {' '.join(MODELS)}", "dcm-figure"]))
+    assert make(project, "dcm") == (0, [f"dcm {' '.join(MODELS)}"])
 
 
 def test_a_missing_figure_redraws_only_its_stage(project):
     make(project, "all")
     (project / "figures" / "cmap.json").unlink()
     assert make(project, "all") == (0, ["cmap", "report"])
+    (project / "figures" / "table1.json").unlink()  # drawn by the table1 process
+    assert make(project, "figures") == (0, ["table1"])
 
 
 if __name__ == "__main__":

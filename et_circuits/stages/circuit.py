@@ -7,7 +7,7 @@ Files, under RESULTS/:
 - `<model>/circuit.json` (after minimality), `<model>/minimality.json` (candidates and each
   pruning test), `<model>/completeness.json`.
 - `table1.csv` / `table1.md`, `overlap.csv`.
-Figures (under --figures, default figures/): `<model>_path_patching`, `<model>_completeness`,
+Figures (`figures`, or `table1 --figures DIR`; under --figures, default figures/): `<model>_path_patching`, `<model>_completeness`,
 `<base>_circuit`, `table1`, each as .html and .png.
 """
 
@@ -193,6 +193,8 @@ def cmd_table1(args: argparse.Namespace) -> None:
     write_csv(args.results / "overlap.csv", ov)
     for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
         print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
+    if args.figures is not None:  # this process draws the stage's figures too (no second start)
+        draw_figures(args.base, args.models, args.results, args.figures, frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +215,24 @@ def figure_stem(name: str, reading: str, what: str) -> str:
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
-    base_name = result_name(args.base)
     table_path = args.results / "table1.csv"
+    for model_arg in args.models:  # every circuit is read before table1.csv is asked for
+        for reading in recipe.READINGS:
+            Circuit.load(reading_dir(args.results, result_name(model_arg), reading) / "circuit.json")
+    if not table_path.exists():
+        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
+    draw_figures(args.base, args.models, args.results, args.figures, pd.read_csv(table_path))
+
+
+def draw_figures(base: str, model_args: list[str], results: Path, directory: Path | None, table: pd.DataFrame) -> None:
+    """The circuit stage's figures (each model's step heatmaps, completeness and sweep, the
+    base's circuit diagrams, Table 1) from its files under `results` and the Table 1 frame."""
+    base_name = result_name(base)
     todo = []
-    for model_arg in args.models:
+    for model_arg in model_args:
         name = result_name(model_arg)
         for reading in recipe.READINGS:
-            where = reading_dir(args.results, name, reading)
+            where = reading_dir(results, name, reading)
             circuit = Circuit.load(where / "circuit.json")
             scores = _scores(where / "path_patching", circuit)
             label = f"{name} ({reading} positions)"
@@ -234,14 +247,11 @@ def cmd_figures(args: argparse.Namespace) -> None:
                 steps = recipe.PAPER_STEPS if reading == "paper" else recipe.own_steps(_earlier(circuit))
                 diagram = figures.circuit_diagram(circuit, n_layers, f"{label} circuit ({len(circuit)} heads)", steps)
                 todo.append((figure_stem(name, reading, "circuit"), diagram))
-    if not table_path.exists():
-        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
-    table = pd.read_csv(table_path)
     header = list(table.columns)
     cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
     todo.append(("table1", figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")))
-    figures.save_figures(todo, args.figures)
-    where = args.figures or figures.figures_dir()
+    figures.save_figures(todo, directory)
+    where = directory or figures.figures_dir()
     print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
 
 
@@ -287,6 +297,8 @@ def register(sub) -> None:
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
     p.add_argument("--random", type=positive, default=10, help="random circuits for the baseline")
     p.add_argument("--boxes", type=boxes, default=7)
+    p.add_argument("--figures", type=Path, default=None,
+                   help="also draw the circuit stage's figures here, as the `figures` command does")
     p.set_defaults(func=cmd_table1)
 
     p = sub.add_parser("figures", help="path-patching heatmaps, circuit diagram, Table 1 figure")

@@ -26,7 +26,8 @@ positional; `--own all`: every group on the three main desiderata). Files:
   CMAP reads a group's heads for a desideratum as dcm["own_circuit"]["groups"][g][d]["heads"].
 `dcm-figure` writes RESULTS/dcm.csv (one row per model x circuit x group x desideratum, accuracy
 in %) and, under --figures (default figures/), dcm.{html,png} (Figure 2) and
-dcm_extra.{html,png} (group B on the extra desiderata).
+dcm_extra.{html,png} (group B on the extra desiderata); `dcm --figures DIR` does the same for
+its models in the training process.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import pandas as pd
 from .. import figures
 from ..component_masking import DCMConfig
 from ..circuit import Circuit
+from ..distributed import rank
 from ..entity_tracking import desiderata, recipe
 from ..errors import CircuitError
 from ..io import read_json, write_csv, write_json
@@ -87,6 +89,8 @@ def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_b
 def cmd_dcm(args: argparse.Namespace) -> None:
     for model_arg in args.model:  # one process for several models, each loaded once
         dcm_of(model_arg, args)
+    if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
+        draw_dcm_figures(args.base, args.model, args.results, args.figures)
 
 
 def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
@@ -244,25 +248,31 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
 
 
 def cmd_dcm_figure(args: argparse.Namespace) -> None:
-    names = [result_name(m) for m in args.models]
-    results = {n: read_dcm(args.results / n / "dcm.json") for n in names}
-    base = result_name(args.base)
+    draw_dcm_figures(args.base, args.models, args.results, args.figures)
+
+
+def draw_dcm_figures(base_arg: str, model_args: list[str], results_dir: Path, directory: Path | None) -> None:
+    """RESULTS/dcm.csv and Figure 2 (with its discovered and extra panels) from the models'
+    dcm.json files, all computed on `base_arg`'s circuit."""
+    names = [result_name(m) for m in model_args]
+    results = {n: read_dcm(results_dir / n / "dcm.json") for n in names}
+    base = result_name(base_arg)
     for n, result in results.items():
         if result.get("base") != base:
             raise CircuitError(
-                f"{args.results / n / 'dcm.json'} was computed on {result.get('base')}'s circuit, not {base}'s; "
-                f"rerun `python -m et_circuits dcm --model {n} --base {args.base}`"
+                f"{results_dir / n / 'dcm.json'} was computed on {result.get('base')}'s circuit, not {base}'s; "
+                f"rerun `python -m et_circuits dcm --model {n} --base {base_arg}`"
             )
     frame = pd.DataFrame([row for n in names for row in dcm_rows(n, results[n])])
     if frame.empty:
         raise CircuitError("the dcm.json files hold no results")
-    write_csv(args.results / "dcm.csv", frame)
+    write_csv(results_dir / "dcm.csv", frame)
     todo = [("dcm", figures.figure2(frame))]
     if (frame.circuit == "base_discovered").any():
         todo.append(("dcm_discovered", figures.figure2(frame, "base_discovered")))
     if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
         todo.append(("dcm_extra", figures.extra_figure(frame)))
-    figures.save_figures(todo, args.figures)
+    figures.save_figures(todo, directory)
     main = frame[frame.circuit.isin(["base_circuit", "base_discovered"]) & frame.desideratum.isin(desiderata.MAIN)]
     for (circuit, model, group), rows in main.groupby(["circuit", "model", "letter"], sort=False):
         print(f"figure 2 ({circuit}) {model} {group}: " + " ".join(
@@ -294,6 +304,8 @@ def register(sub) -> None:
                    "positional; default) or every group on the three main desiderata")
     model_args(p)
     results_arg(p)
+    p.add_argument("--figures", type=Path, default=None,
+                   help="also write RESULTS/dcm.csv and Figure 2 of these models here, as `dcm-figure` does")
     p.set_defaults(func=cmd_dcm)
 
     p = sub.add_parser("dcm-figure", help="Figure 2 and RESULTS/dcm.csv from every model's dcm.json")
