@@ -22,7 +22,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .distributed import mine, sum_counts
 from .errors import DataError
-from .hooks import Hook
+from .hooks import Hook, logits_at
 from .metrics import n_correct
 from .prompts import LAST, PromptSet
 from .resume import clean_run, resume
@@ -85,8 +85,7 @@ def knockout(
         chunk = prompts[start : start + settings.batch_size].to(model.cfg.device)
         last = chunk.position(LAST)
         run = clean_run(model, chunk.input_ids)
-        rows = torch.arange(len(chunk), device=last.device)
-        full += n_correct(run.logits[rows, last], chunk.answers)
+        full += n_correct(logits_at(run.logits, last), chunk.answers)
         for j in mine(len(edges) * n_layers):  # under torchrun, this rank's (edge, layer)s
             e, layer = edges[j // n_layers], j % n_layers
             queries, keys = (p[start : start + settings.batch_size].to(last.device) for p in where[e.name])

@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 from .circuit import Circuit
 from .distributed import mine, sum_counts
 from .errors import SetupError
-from .hooks import Hook, patch_hooks, store_hooks
+from .hooks import Hook, logits_at, patch_hooks, store_hooks
 from .metrics import n_correct
 from .prompts import LAST, PromptSet
 from .resume import clean_run, resume
@@ -210,8 +210,8 @@ def cmap(
         chunk = chunk.to(base.cfg.device)
         last = chunk.position(LAST)
         run = clean_run(base, chunk.input_ids)
-        source_hits += n_correct(source_logits[torch.arange(len(chunk)), last.to(source_logits.device)], chunk.answers)
-        base_hits += n_correct(run.logits[torch.arange(len(chunk)), last], chunk.answers)
+        source_hits += n_correct(logits_at(source_logits, last), chunk.answers)
+        base_hits += n_correct(logits_at(run.logits, last), chunk.answers)
         for i in mine(len(masks)):  # under torchrun, this rank's share of the variants
             m = masks[i]
             if not m:

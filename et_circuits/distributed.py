@@ -51,9 +51,12 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def local_device() -> str:
-    """This rank's GPU under torchrun (cuda:LOCAL_RANK), else "cuda"."""
-    return f"cuda:{os.environ['LOCAL_RANK']}" if launched() and "LOCAL_RANK" in os.environ else "cuda"
+def local_device(n_devices: int = 1) -> str:
+    """This rank's first GPU under torchrun (cuda:LOCAL_RANK, or with models split over
+    n_devices GPUs each, cuda:LOCAL_RANK * n_devices), else "cuda"."""
+    if launched() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK']) * n_devices}"
+    return "cuda"
 
 
 def mine(n: int) -> range:

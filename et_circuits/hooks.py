@@ -38,13 +38,13 @@ def require_flags(model: HookedTransformer, kind: str) -> None:
         raise SetupError("hook_result needs model.set_use_attn_result(True)")
 
 
-def _slots(positions: Positions, device) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows, positions, valid) of every slot of a position tensor as (batch, k): one slot per
-    prompt for a single position, k slots for a position set (-1: no position there)."""
-    positions = positions.to(device)
+def filled_slots(positions: Positions, device) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """(row, slot, position) of every slot that has a position (>= 0; a single position per
+    row is slot 0), on `device`. Found where `positions` are: on the host they need no sync
+    with a GPU, and a model split over GPUs reads them on each layer's device."""
     at = positions[:, None] if positions.ndim == 1 else positions
-    rows = torch.arange(at.shape[0], device=device)[:, None].expand_as(at)
-    return rows, at, at >= 0
+    rows, slots = (at >= 0).nonzero(as_tuple=True)
+    return rows.to(device), slots.to(device), at[rows, slots].to(device)
 
 
 def at_positions(
@@ -52,7 +52,9 @@ def at_positions(
 ) -> Float[Tensor, "batch head d"] | Float[Tensor, "batch k head d"]:
     """act[b, positions[b]] for every example b (or act[b, positions[b, j]] for every slot j of
     a position set; slots without a position (-1) read position 0)."""
-    rows, at, _ = _slots(positions, act.device)
+    positions = positions.to(act.device)
+    at = positions[:, None] if positions.ndim == 1 else positions
+    rows = torch.arange(at.shape[0], device=act.device)[:, None].expand_as(at)
     out = act[rows, at.clamp(min=0)]
     return out[:, 0] if positions.ndim == 1 else out
 
@@ -70,10 +72,9 @@ def mix_at_positions(
     per example when several masks train in one batch). Out of place, so gradients flow to
     `weight`.
     """
-    rows, at, valid = _slots(positions, act.device)
+    rows, slots, at = filled_slots(positions, act.device)
     new = new.to(act.device, act.dtype)
-    new = new[:, None] if positions.ndim == 1 else new
-    rows, at, new = rows[valid], at[valid], new[valid]
+    new = (new[:, None] if positions.ndim == 1 else new)[rows, slots]
     old = act[rows, at]
     weight = weight.to(act.device, act.dtype)
     w = (weight[None] if weight.ndim == 1 else weight[rows])[:, :, None]
@@ -140,7 +141,7 @@ def gather(
 
 
 def _replace_hook(act, hook: HookPoint, replacement, keep):
-    return torch.where(keep[..., None], act, replacement.to(act.dtype))
+    return torch.where(keep[..., None].to(act.device), act, replacement.to(act.device, act.dtype))
 
 
 def replace_hooks(
@@ -164,13 +165,14 @@ def mean_activations(
     kind: str = "z",
     batch_size: int = 32,
 ) -> Float[Tensor, "layer pos head d"]:
-    """Position-wise mean of every head's `kind` activation over `input_ids`."""
+    """Position-wise mean of every head's `kind` activation over `input_ids` (on the model's
+    first device, also when its layers are split over several)."""
     require_flags(model, kind)
     total = None
     names = [hook_name(kind, layer) for layer in range(model.cfg.n_layers)]
     for chunk in input_ids.split(batch_size):
         _, cache = model.run_with_cache(chunk.to(model.cfg.device), names_filter=lambda n: n in names)
-        acts = torch.stack([cache[n].sum(0) for n in names])
+        acts = torch.stack([cache[n].sum(0).to(model.cfg.device) for n in names])
         total = acts if total is None else total + acts
     return total / input_ids.shape[0]
 
@@ -184,7 +186,7 @@ def logits_at(
 
 def _override_hook(act, hook: HookPoint, values, keep):
     values = values.to(act.device, act.dtype)
-    return values.expand_as(act) if keep is None else torch.where(keep[..., None], act, values)
+    return values.expand_as(act) if keep is None else torch.where(keep[..., None].to(act.device), act, values)
 
 
 def override_hooks(

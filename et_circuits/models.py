@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import AbstractAttention
+from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
 from .errors import SetupError
 from .registry import (  # noqa: F401  (re-exported: callers find model identity here too)
@@ -111,7 +112,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None
     return model.eval(), tokenizer
 
 
-def hooked_config(hf_config, device: str, dtype: torch.dtype) -> HookedTransformerConfig:
+def hooked_config(hf_config, device: str, dtype: torch.dtype, n_devices: int = 1) -> HookedTransformerConfig:
     """TransformerLens config from the checkpoint's own HF config (any size, GQA too).
 
     n_ctx is the number of positions the conversion is exact for (see `check_fits`); a sliding
@@ -145,24 +146,33 @@ def hooked_config(hf_config, device: str, dtype: torch.dtype) -> HookedTransform
         window_size=window,
         original_architecture=arch.hf_class,
         device=device,
+        n_devices=n_devices,
         dtype=dtype,
         default_prepend_bos=arch.prepend_bos,
     )
 
 
-def to_hooked(hf_model, tokenizer, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedTransformer:
+def to_hooked(
+    hf_model, tokenizer, device: str = "cpu", dtype: torch.dtype = torch.float32, n_devices: int = 1
+) -> HookedTransformer:
     """Convert an HF model to a HookedTransformer with no activation-changing processing.
 
     The HookedTransformer is built on the meta device and takes the HF tensors themselves as
     its weights, moved to `device` and cast to `dtype` only where they differ: on the same
     device and dtype nothing is copied and the two models share memory (edit one in place and
     the other changes); on a GPU it is built there, one tensor at a time.
+
+    `n_devices` > 1 splits the layers over that many GPUs from `device` on, as TransformerLens'
+    forward expects (`block_devices`): the embedding with the first block, the final norm and
+    the unembedding with the last.
     """
-    cfg = hooked_config(hf_model.config, device, dtype)
+    check_split(device, n_devices, hf_model.config.num_hidden_layers)
+    cfg = hooked_config(hf_model.config, device, dtype, n_devices)
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_state_dict(_state_dict(hf_model, cfg), strict=True, assign=True)
-    assert not any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+    model.load_state_dict(_state_dict(hf_model, cfg), strict=True, assign=True)  # every tensor (no meta left)
+    placed = [{t.device for t in chain(b.parameters(), b.buffers())} for b in model.blocks]
+    assert placed == [{d} for d in block_devices(cfg)], placed
     return model.eval()
 
 
@@ -173,11 +183,14 @@ def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
     biases are zeros; tied embeddings get an unembedding of their own, so that W_E and W_U stay
     independent parameters as in any HookedTransformer."""
 
+    devices = block_devices(cfg)
+    at = devices[0]  # where `take` and `zeros` put what they make
+
     def take(t: Tensor) -> Tensor:
-        return t.detach().to(device=cfg.device, dtype=cfg.dtype)
+        return t.detach().to(device=at, dtype=cfg.dtype)
 
     def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, device=cfg.device, dtype=cfg.dtype)
+        return torch.zeros(shape, device=at, dtype=cfg.dtype)
 
     def bias(linear, *shape: int) -> Tensor:
         return zeros(*shape) if linear.bias is None else take(linear.bias).reshape(shape)
@@ -186,10 +199,10 @@ def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
     kv = "_" if cfg.n_key_value_heads else ""  # TransformerLens' names for grouped K/V weights
     heads_in, heads_out = "(n h) m -> n m h", "m (n h) -> n h m"
     inner = hf_model.model
-    buffers = _attention_buffers(hf_model, cfg)
-    state = {"embed.W_E": take(inner.embed_tokens.weight), "ln_final.w": take(inner.norm.weight)}
+    buffers = {d: _attention_buffers(hf_model, cfg, d) for d in dict.fromkeys(devices)}
+    state = {"embed.W_E": take(inner.embed_tokens.weight)}
     for i, layer in enumerate(inner.layers):
-        attn, mlp, p = layer.self_attn, layer.mlp, f"blocks.{i}."
+        attn, mlp, p, at = layer.self_attn, layer.mlp, f"blocks.{i}.", devices[i]
         state |= {
             p + "ln1.w": take(layer.input_layernorm.weight),
             p + "ln2.w": take(layer.post_attention_layernorm.weight),
@@ -207,7 +220,9 @@ def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
             p + "mlp.b_in": zeros(cfg.d_mlp),
             p + "mlp.b_out": zeros(cfg.d_model),
         }
-        state |= {p + "attn." + name: t for name, t in buffers.items()}
+        state |= {p + "attn." + name: t for name, t in buffers[at].items()}
+    at = devices[-1]
+    state |= {"ln_final.w": take(inner.norm.weight)}
     unembed = take(hf_model.lm_head.weight).T
     tied = hf_model.lm_head.weight is inner.embed_tokens.weight
     state |= {"unembed.W_U": unembed.clone() if tied else unembed, "unembed.b_U": zeros(cfg.d_vocab)}
@@ -215,21 +230,46 @@ def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _attention_buffers(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+def _attention_buffers(hf_model, cfg: HookedTransformerConfig, device: torch.device) -> dict[str, Tensor]:
     """The buffers of every attention layer: TransformerLens' empty causal-mask placeholder and
     masking value, and the checkpoint's own rotary tables for positions 0..n_ctx-1 (HF computes
     them in float32 from its rope config, scaling included, and casts them to the model's
-    dtype; one pair shared by all layers)."""
+    dtype; one pair shared by the layers on `device`)."""
     probe = torch.zeros(1, cfg.n_ctx, 1, dtype=cfg.dtype, device=hf_model.device)
     positions = torch.arange(cfg.n_ctx, device=hf_model.device)[None]
     tables: tuple[Float[Tensor, "1 n_ctx d_head"], ...] = hf_model.model.rotary_emb(probe, positions)
-    cos, sin = (t[0].to(cfg.device) for t in tables)
+    cos, sin = (t[0].to(device) for t in tables)
     return {
-        "mask": torch.empty((0, 0), dtype=torch.bool, device=cfg.device),
-        "IGNORE": torch.tensor(-torch.inf, device=cfg.device),
+        "mask": torch.empty((0, 0), dtype=torch.bool, device=device),
+        "IGNORE": torch.tensor(-torch.inf, device=device),
         "rotary_cos": cos,
         "rotary_sin": sin,
     }
+
+
+def block_devices(cfg: HookedTransformerConfig) -> list[torch.device]:
+    """The device of each block: all on cfg.device, or with n_devices > 1 consecutive layers
+    per GPU from cfg.device's index on (TransformerLens' `get_device_for_block_index`, which
+    its forward moves the residual stream by)."""
+    return [get_device_for_block_index(i, cfg) for i in range(cfg.n_layers)]
+
+
+def check_split(device: str, n_devices: int, n_layers: int) -> None:
+    """SetupError (one line) unless a model of n_layers can be split over n_devices GPUs from
+    `device` on."""
+    if n_devices == 1:
+        return
+    parsed = torch.device(device)
+    if n_devices < 1 or parsed.type != "cuda":
+        raise SetupError(f"--n-devices {n_devices} needs CUDA GPUs (device {device!r}); use 1 on {parsed.type}")
+    if n_devices > n_layers:
+        raise SetupError(f"--n-devices {n_devices} is more devices than the model's {n_layers} layers")
+    first, found = parsed.index or 0, torch.cuda.device_count()
+    if first + n_devices > found:
+        raise SetupError(
+            f"splitting over {n_devices} GPUs from cuda:{first} needs cuda:{first}..cuda:{first + n_devices - 1}, "
+            f"but this machine has {found} GPU(s)"
+        )
 
 
 def check_fits(model: HookedTransformer, n_tokens: int) -> None:
@@ -255,19 +295,23 @@ def load(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     path: str | os.PathLike | None = None,
+    n_devices: int = 1,
 ):
     """Load a registered model or an HF directory as (HookedTransformer, tokenizer, spec).
 
     `path` overrides where the weights are looked for (for an adapter spec: the adapter
-    directory; its base is resolved through the registry).
+    directory; its base is resolved through the registry). `n_devices` > 1 splits the layers
+    over that many GPUs from `device` on (a model larger than one GPU).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = get_spec(name_or_path)
     own_dir = Path(path) if path is not None else resolve_dir(spec)
+    base_dir = resolve_dir(get_spec(spec.base)) if spec.is_adapter else own_dir
+    check_split(device, n_devices, _supported_config(base_dir).num_hidden_layers)  # before any weight is read
     if spec.is_adapter:
-        hf_model, tokenizer = load_hf(resolve_dir(get_spec(spec.base)), dtype, adapter=own_dir)
+        hf_model, tokenizer = load_hf(base_dir, dtype, adapter=own_dir)
     else:
         hf_model, tokenizer = load_hf(own_dir, dtype)
-    model = to_hooked(hf_model, tokenizer, device, dtype)
+    model = to_hooked(hf_model, tokenizer, device, dtype, n_devices)
     model.cfg.model_name = spec.name
     return model, tokenizer, spec

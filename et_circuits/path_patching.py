@@ -36,6 +36,8 @@ Two methods give the same scores (tested to 1e-5 in fp32):
   So a step whose receivers sit at the last token (the paper's step B) recomputes one token per
   sender row; step C three (query label to last); step D, whose senders sit at the previous
   query label, every position from there to the last for each sender below the receivers.
+  Both passes are `resume.run_from` (the frozen run with an empty prefix), which moves the
+  residual stream and each layer's cache to that layer's device in a model split over GPUs.
 
 With grouped-query attention, `hook_k` / `hook_v` are made per query head for the duration
 (TransformerLens' `ungroup_grouped_query_attention`), so a receiver's input is its own.
@@ -61,7 +63,9 @@ from .errors import CircuitError
 from .hooks import at_positions, gather, hook_name, logits_at, override_hooks, patch_hooks, store_hooks
 from .metrics import Metric, answer_prob, metric_total, score_of
 from .prompts import LAST, PromptSet, Spec
-from .resume import CleanRun, check_supported, earliest, embed, run_from, same_start_chunks, tile
+from .resume import (
+    CleanRun, check_supported, earliest, embed, on_layers, output_device, run_from, same_start_chunks, tile,
+)
 from .settings import QUIET, RunSettings
 from .types import INPUT_KINDS, PAPER_GROUPS, Head, Receiver
 
@@ -130,14 +134,14 @@ def _reference_chunk(
     clean_z = {layer: cache[hook_name("z", layer)] for layer in range(n_layers)}
     del cache
     corrupt_z = gather(model, corrupt.input_ids, "z", at)  # layer -> batch k head d
-    rows = torch.arange(len(clean), device=ids.device)[:, None].expand_as(at)
-    valid = at >= 0
+    rows, slots = (at >= 0).nonzero(as_tuple=True)  # every (prompt, slot) with a position
     receiver_layers = sites.layers
     out = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
     for layer, head in senders.nonzero().tolist():
         values = dict(clean_z)
         values[layer] = clean_z[layer].clone()
-        values[layer][rows[valid], at[valid], head] = corrupt_z[layer][valid][:, head]
+        r, j = rows.to(values[layer].device), slots.to(values[layer].device)
+        values[layer][r, at.to(r.device)[r, j], head] = corrupt_z[layer][r, j, head]
         frozen = override_hooks("z", values)
         if not sites.masks:
             logits = model.run_with_hooks(ids, fwd_hooks=frozen)
@@ -175,16 +179,16 @@ class PreparedRuns:
         return self.last_logits.shape[0]
 
     def take(
-        self, index: Int[Tensor, " n"], device: torch.device | str, positions: Sequence[str] | None = None
+        self, index: Int[Tensor, " n"], model: HookedTransformer, positions: Sequence[str] | None = None
     ) -> "PreparedRuns":
-        """The rows of some prompts, on `device`; only the activations at `positions` (default
-        all prepared positions)."""
+        """The rows of some prompts, each layer's on its device in `model`; only the
+        activations at `positions` (default all prepared positions)."""
         index = index.to(self.last_logits.device)
         keep = set(self.positions if positions is None else positions)
-        pick = lambda zs: {l: z[index].to(device) for l, z in zs.items()}  # noqa: E731
+        pick = partial(on_layers, model, index=index)
         return PreparedRuns(
-            self.run.take(index, device),
-            self.last_logits[index].to(device),
+            self.run.take(index, model),
+            self.last_logits[index].to(output_device(model)),
             {kind: {p: pick(acts) for p, acts in by_spec.items() if p in keep} for kind, by_spec in self.clean_at.items()},
             {p: pick(zs) for p, zs in self.corrupt_z.items() if p in keep},
         )
@@ -246,7 +250,7 @@ def prepare(
         parts = same_start_chunks(start, settings.batch_size)
         for index in tqdm(parts, desc="path patching: corrupt runs", disable=not settings.progress, leave=False):
             s = int(start[index[0]])
-            keys, values = ({l: run[l][index, :s].to(device) for l in layers} for run in (prepared.run.keys, prepared.run.values))
+            keys, values = ({l: run[l][index, :s] for l in layers} for run in (prepared.run.keys, prepared.run.values))
             x = embed(model, corrupt.input_ids[index, s:].to(device), s)
             cache: dict[str, Tensor] = {}
             hooks = [(name, partial(_keep, store=cache)) for name in sorted(z_names)]
@@ -296,7 +300,7 @@ def _fast_chunk(
     `_reference_chunk`, computed
     with the shortcuts in the module doc from this chunk's `runs`; up to `sender_batch`
     senders of one layer share a forward."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads, n_kv = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads or model.cfg.n_heads
     n, device = len(clean), clean.device
     last = clean.position(LAST)
     at = clean.position_set(sender_position)  # n k
@@ -312,7 +316,6 @@ def _fast_chunk(
     for layer, head in todo:
         by_layer.setdefault(layer, []).append((layer, head))
     groups = [heads[i : i + sender_batch] for heads in by_layer.values() for i in range(0, len(heads), sender_batch)]
-    rows = torch.arange(n, device=device)[:, None].expand_as(at)
     x_clean = runs.run.resid  # layer -> n seq d
     for g in mine(len(groups)):  # under torchrun, this rank's share of the batches
         group = groups[g]
@@ -324,20 +327,20 @@ def _fast_chunk(
         for r, (layer, head) in enumerate(group):
             frozen[layer][r, :, :, head] = corrupt_z[layer][:, :, head]
         frozen = {m: v.view(reps * n, k, n_heads, -1) for m, v in frozen.items()}
-        x = tile(x_clean[first][rows, at.clamp(min=0)], reps)  # rows k d_model
+        x = tile(at_positions(x_clean[first], at), reps)  # rows k d_model
+        # The sender positions as a sequence of their own (no prefix): attention does not matter there, every z is set.
+        alone = {m: x.new_zeros(1, 0, n_kv, model.cfg.d_head) for m in range(first, stop)}
         if not sites.masks:
-            logits = model.run_with_hooks(x, start_at_layer=first, fwd_hooks=override_hooks("z", frozen))
+            logits = run_from(model, x, first, alone, alone, override_hooks("z", frozen))
             slot = _match(at, last[:, None])[:, 0]  # where the last position is a sender position
-            picked = logits[torch.arange(reps * n, device=device), tile(slot.clamp(min=0), reps)]
-            logits = torch.where(tile(slot >= 0, reps)[:, None], picked, tile(runs.last_logits, reps).to(picked.dtype))
+            picked = logits_at(logits, tile(slot.clamp(min=0), reps))
+            logits = torch.where(tile(slot >= 0, reps)[:, None].to(picked.device), picked, tile(runs.last_logits, reps).to(picked.dtype))
         else:
             above = [m for m in receiver_layers if m > first]
             recorded: dict[str, dict[int, Tensor]] = {kind: {} for kind, _ in sites.masks}
             every_slot = torch.arange(k, device=device).expand(reps * n, k)
             store = [h for kind in recorded for h in store_hooks(kind, every_slot, above, recorded[kind])]
-            model.run_with_hooks(
-                x, start_at_layer=first, stop_at_layer=stop, fwd_hooks=[*override_hooks("z", frozen), *store]
-            )
+            run_from(model, x, first, alone, alone, [*override_hooks("z", frozen), *store], stop_at_layer=stop)
             # Receiver run: positions start..end, from the lowest receiver above the senders.
             start, end = int(earliest(at).min()), int(last.max()) + 1
             hooks = []
@@ -346,10 +349,10 @@ def _fast_chunk(
                 # at the same position, and the clean input elsewhere.
                 where = clean.position_set(spec)  # n m
                 slot = tile(_match(at, where), reps).view(reps, n, -1)
-                index = slot.clamp(min=0)[..., None, None]
                 values = {}
                 for m, v in recorded[kind].items():
-                    v = v.view(reps, n, k, n_heads, -1)
+                    v, slot = v.view(reps, n, k, n_heads, -1), slot.to(v.device)
+                    index = slot.clamp(min=0)[..., None, None]
                     frozen_in = torch.gather(v, 2, index.expand(-1, -1, -1, n_heads, v.shape[-1]))
                     clean_in = runs.clean_at[kind][spec][m][None].to(v.dtype)
                     values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(reps * n, -1, n_heads, v.shape[-1])
@@ -427,7 +430,7 @@ def path_patch(
             chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
                 change, clean_value = _fast_chunk(
-                    model, runs.take(index, device, needed), clean[index].to(device), sender_position, sites, sender_mask,
+                    model, runs.take(index, model, needed), clean[index].to(device), sender_position, sites, sender_mask,
                     sender_batch, metric,
                 )
                 total += change

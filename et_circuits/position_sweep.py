@@ -37,6 +37,7 @@ from transformer_lens import HookedTransformer
 
 from .distributed import sharded_map
 from .errors import DataError
+from .hooks import filled_slots
 from .metrics import Metric, answer_prob, metric_total, score_of
 from .path_patching import PreparedRuns, path_patch, per_head_values, prepare
 from .prompts import LAST, PromptSet, Spec
@@ -113,7 +114,7 @@ def _patched_metrics(
     total_clean = 0.0
     rows = max(1, settings.max_rows // len(variants))
     for index in same_start_chunks(earliest(clean.position_set(spec)), rows):
-        chunk, taken = clean[index].to(device), runs.take(index, device, [spec])
+        chunk, taken = clean[index].to(device), runs.take(index, model, [spec])
         at, n = chunk.position_set(spec), len(index)
         start, last = int(earliest(at).min()), chunk.position(LAST)
         shifted = torch.where(at >= 0, at - start, at)  # the spec's slots in suffix coordinates
@@ -146,11 +147,9 @@ def _slot_hook(slots: Tensor, values: Tensor):
     """A hook_z hook writing `values` ([rows, k, head, d]) at each row's slot positions, in the
     last rows of the pass (those that joined at this layer)."""
     def hook(act, hook):
-        first = act.shape[0] - slots.shape[0]
-        rows = first + torch.arange(slots.shape[0], device=act.device)[:, None].expand_as(slots)
-        valid = slots >= 0
+        rows, slot, at = filled_slots(slots, act.device)
         act = act.clone()
-        act[rows[valid], slots[valid]] = values[valid].to(act.dtype)
+        act[act.shape[0] - slots.shape[0] + rows, at] = values.to(act.device)[rows, slot].to(act.dtype)
         return act
     return hook
 

@@ -58,6 +58,26 @@ def check_supported(model: HookedTransformer) -> None:
         raise SetupError(f"this model's attention is not supported ({', '.join(flags) or 'non-causal or clipped'})")
 
 
+def block_device(model: HookedTransformer, layer: int) -> torch.device:
+    """Where block `layer`'s weights are (all on one device unless the model is split over
+    GPUs): where its activations are made and where what it reads must be."""
+    return model.blocks[layer].attn.W_Q.device
+
+
+def output_device(model: HookedTransformer) -> torch.device:
+    """Where the final norm and the unembedding are: where logits are made."""
+    return model.unembed.W_U.device
+
+
+def on_layers(
+    model: HookedTransformer | None, by_layer: Mapping[int, Tensor], index: Int[Tensor, " n"] | slice = slice(None)
+) -> dict[int, Tensor]:
+    """`by_layer[l][index]` for every layer l, on layer l's device (where they are: no model)."""
+    if model is None:
+        return {l: t[index] for l, t in by_layer.items()}
+    return {l: t[index].to(block_device(model, l)) for l, t in by_layer.items()}
+
+
 @dataclass
 class CleanRun:
     """An unpatched forward kept for restarts: `resid[l]` ([batch, seq, d_model], the input of
@@ -72,15 +92,13 @@ class CleanRun:
     def __len__(self) -> int:
         return next(iter(self.resid.values())).shape[0]
 
-    def take(self, index: Int[Tensor, " n"] | slice, device: torch.device | str | None = None) -> "CleanRun":
-        """The rows of some prompts (on `device`, default: where they are)."""
-        pick = lambda t: t[index] if device is None else t[index].to(device)  # noqa: E731
-        return CleanRun(
-            {l: pick(t) for l, t in self.resid.items()},
-            {l: pick(t) for l, t in self.keys.items()},
-            {l: pick(t) for l, t in self.values.items()},
-            None if self.logits is None else pick(self.logits),
-        )
+    def take(self, index: Int[Tensor, " n"] | slice, model: HookedTransformer | None = None) -> "CleanRun":
+        """The rows of some prompts: where they are, or on the devices of `model`'s layers
+        (each layer's tensors on its block's device, the logits on the unembedding's)."""
+        logits = None if self.logits is None else self.logits[index]
+        if logits is not None and model is not None:
+            logits = logits.to(output_device(model))
+        return CleanRun(*(on_layers(model, getattr(self, name), index) for name in ("resid", "keys", "values")), logits)
 
     def restrict(self, layer: int, start: int) -> "CleanRun":
         """Only what `resume(model, run, layer, start)` reads: the residual entering `layer`
@@ -174,11 +192,14 @@ def run_from(
     joining = joining or {}
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         for i in range(layer, stop):
+            on = block_device(model, i)  # a model split over GPUs: the residual follows its layers
+            x = x.to(on)
             if i in joining:
-                x = torch.cat([x, joining[i].to(x.dtype)])
-            x = _block(model.blocks[i], x, keys[i], values[i])
+                x = torch.cat([x, joining[i].to(on, x.dtype)])
+            x = _block(model.blocks[i], x, keys[i].to(on), values[i].to(on))
         if stop_at_layer is not None:
             return x
+        x = x.to(output_device(model))
         if read_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), read_at.to(x.device)]
         if model.cfg.normalization_type is not None:
@@ -249,7 +270,7 @@ def embed(model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], star
     """The residual stream entering layer 0 for tokens placed at positions `start`.. (token
     embeddings, plus learned positional embeddings where the model has them)."""
     check_supported(model)
-    x = model.embed(input_ids)
+    x = model.embed(input_ids.to(model.embed.W_E.device))
     if model.cfg.positional_embedding_type == "standard":
         x = x + model.pos_embed(input_ids, start)
     return x

@@ -41,13 +41,14 @@ def available_devices() -> list[str]:
     return found
 
 
-def resolve_device(device: str | torch.device | None) -> str:
+def resolve_device(device: str | torch.device | None, n_devices: int = 1) -> str:
     """`device` checked against this machine (default: the first GPU if any, else the CPU).
-    SetupError naming the available devices when torch cannot use it."""
+    SetupError naming the available devices when torch cannot use it. Under torchrun, "cuda"
+    is this rank's (first) GPU, for models split over `n_devices` GPUs each."""
     if device is None:
-        return local_device() if torch.cuda.is_available() else "cpu"
+        return local_device(n_devices) if torch.cuda.is_available() else "cpu"
     if str(device) == "cuda" and torch.cuda.is_available():
-        return local_device()  # under torchrun, this rank's GPU
+        return local_device(n_devices)
     name = str(device)
     try:
         parsed = torch.device(name)

@@ -71,6 +71,11 @@ def test_unavailable_device_is_one_line_naming_the_available_ones(tiny_dir, caps
     assert_one_line_error(result, repr(device), "available: cpu")
 
 
+def test_split_without_gpus_is_one_line(tiny_dir, capsys):
+    result = run(capsys, "accuracy", "--model", str(tiny_dir), "--device", "cpu", "--n-devices", "2")
+    assert_one_line_error(result, "--n-devices 2 needs CUDA GPUs")
+
+
 def test_impossible_parameters_are_usage_errors(tiny_dir, capsys):
     code, _, err = run(capsys, "accuracy", "--model", str(tiny_dir), "--boxes", "40")
     assert code == 2 and "between 2 and 26" in err

@@ -39,6 +39,8 @@ boxes = _checked("boxes", int, lambda n: 2 <= n <= 26, "number of boxes must be 
 def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
     """Arguments every model-running command takes (`max_rows`: also the batched methods' knob)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--n-devices", type=positive, default=1,
+                   help="split each model's layers over this many GPUs from --device on (a model larger than one GPU)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive, default=32, help="prompts per forward pass")
@@ -70,7 +72,8 @@ def settings(args: argparse.Namespace) -> RunSettings:
     return RunSettings(args.batch_size, getattr(args, "max_rows", FAST_ROWS), progress=not args.quiet)
 
 
-def load_model(name: str, args: argparse.Namespace):
-    """(model, tokenizer, spec) for a command, on its device and in its dtype."""
-    device = resolve_device(args.device)
-    return models.load(name, device=device, dtype=DTYPES[args.dtype])
+def load_model(name: str, args: argparse.Namespace, device: str | None = None):
+    """(model, tokenizer, spec) for a command, on its device (or `device`), split over its
+    --n-devices GPUs, in its dtype."""
+    device = resolve_device(device or args.device, args.n_devices)
+    return models.load(name, device=device, dtype=DTYPES[args.dtype], n_devices=args.n_devices)

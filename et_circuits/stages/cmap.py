@@ -53,7 +53,7 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         print(f"cmap: {base_name} shares key/value heads (grouped-query attention): input patching of q only")
     rows = []
     for name in sources:
-        source, _, _ = load_model(name, args)
+        source, _, _ = load_model(name, args, args.source_device)
         for reading in (r for r in SECTIONS_OF if (name, r) in inputs):
             sets = inputs[(name, reading)]  # input patching of the asked sets this circuit has
             variant_list = recipe.variants(sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches)
@@ -95,6 +95,8 @@ def register(sub) -> None:
     p = sub.add_parser("cmap", help="Figure 3: patch fine-tuned heads into the base model")
     p.add_argument("--base", required=True)
     p.add_argument("--models", nargs="+", required=True, help="fine-tuned models (the base is skipped)")
+    p.add_argument("--source-device", default=None,
+                   help="where the fine-tuned models go, e.g. cuda:1 with the base on cuda:0 (default: --device)")
     p.add_argument("--n", type=positive, default=500)
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument(
