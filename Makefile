@@ -111,7 +111,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_make_all.py
 
 organism: $(STAMP)
-	$(PY) -m et_circuits.organism.train
+	$(PY) -m et_circuits.tasks.entity_tracking.organism.train
 
 clean:
 	rm -rf $(RESULTS)

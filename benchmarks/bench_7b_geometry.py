@@ -34,12 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import metrics, models  # noqa: E402
-from et_circuits import path_patching as pp  # noqa: E402
-from et_circuits.entity_tracking import data, recipe  # noqa: E402
-from et_circuits.organism.tokenizer import build_tokenizer  # noqa: E402
-from et_circuits.position_sweep import sweep  # noqa: E402
-from et_circuits.settings import RunSettings  # noqa: E402
+from et_circuits import models
+from et_circuits.methods import discovery  # noqa: E402
+from et_circuits.methods import path_patching as pp  # noqa: E402
+from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer  # noqa: E402
+from et_circuits.methods.sweep import sweep  # noqa: E402
+from et_circuits.core.settings import RunSettings  # noqa: E402
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
+from et_circuits.core.forward import last_logits  # noqa: E402
 
 # The CPU geometries keep LLaMA-7B's heads (what path patching's cost depends on) with a
 # narrow residual stream and the organism's vocabulary, so that a plain forward takes well
@@ -157,18 +160,18 @@ def run(args: argparse.Namespace, seed: int, with_sweep: bool = True) -> dict:
     )
     fast_settings = RunSettings(args.batch_size, args.max_rows, progress=False)
     ref_settings = RunSettings(args.batch_size, progress=False)
-    forward = min(timed(lambda: metrics.last_logits(model, clean, settings=ref_settings), device)[1] for _ in range(3))
+    forward = min(timed(lambda: last_logits(model, clean, settings=ref_settings), device)[1] for _ in range(3))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     receivers_of = paper_like_receivers(n_layers, n_heads, rng)
     samples = sender_samples(n_layers, n_heads, args.reference_senders, rng)
 
-    runs, fast_total = timed(lambda: pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], fast_settings), device)
+    runs, fast_total = timed(lambda: pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], fast_settings), device)
     print(f"  one plain forward {forward:.2f}s; clean and corrupt runs {fast_total:.1f}s ({fast_total / forward:.1f} forwards)")
     reference_totals, worst = [0.0] * SAMPLES, 0.0
     largest = {}
-    for step in pp.PAPER_STEPS:
-        receivers = pp.step_receivers(step, receivers_of.get(step.group, [])) or None
+    for step in PAPER_STEPS:
+        receivers = discovery.step_receivers(step, receivers_of.get(step.group, [])) or None
         fast, t_fast = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, settings=fast_settings, runs=runs), device)
         fast_total += t_fast
         _, fixed = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, senders=[], method="reference", settings=ref_settings), device)

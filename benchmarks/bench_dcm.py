@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from et_circuits import models  # noqa: E402
-from et_circuits.circuit import Circuit  # noqa: E402
-from et_circuits.entity_tracking import desiderata, recipe  # noqa: E402
+from et_circuits.core.circuit import Circuit  # noqa: E402
+from et_circuits.tasks.entity_tracking import desiderata, recipe  # noqa: E402
 
 
 def circuit_of(results: Path, name: str) -> Circuit:
@@ -31,7 +31,7 @@ def circuit_of(results: Path, name: str) -> Circuit:
         return Circuit.load(path)
     binder = ("prev_query_label+1", "prev_query_label+2")
     return Circuit({"value_fetcher": [(1, 2), (1, 3), (1, 1)], "pos_transmitter": [(0, 1), (0, 0)],
-                    "binder": [(0, 1), (0, 0), (0, 3)]}, {"binder": binder})
+                    "binder": [(0, 1), (0, 0), (0, 3)]}, {"value_fetcher": "last", "pos_transmitter": "last", "binder": binder})
 
 
 def main(argv: list[str] | None = None) -> float:

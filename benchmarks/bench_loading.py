@@ -55,7 +55,7 @@ def make_checkpoint(path: Path, geometry: dict) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from et_circuits.organism.tokenizer import build_tokenizer
+    from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     config = LlamaConfig(**{**geometry, "vocab_size": geometry["vocab_size"] or len(tok)},

@@ -16,12 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from et_circuits import metrics, models  # noqa: E402
-from et_circuits import path_patching as pp  # noqa: E402
-from et_circuits.entity_tracking import data, recipe  # noqa: E402
-from et_circuits.errors import SetupError  # noqa: E402
-from et_circuits.position_sweep import sweep  # noqa: E402
-from et_circuits.settings import RunSettings  # noqa: E402
+from et_circuits import models
+from et_circuits.methods import discovery  # noqa: E402
+from et_circuits.methods import path_patching as pp  # noqa: E402
+from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
+from et_circuits.core.errors import SetupError  # noqa: E402
+from et_circuits.methods.sweep import sweep  # noqa: E402
+from et_circuits.core.settings import RunSettings  # noqa: E402
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
+from et_circuits.core.forward import last_logits  # noqa: E402
 
 
 def timed(fn):
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> float:
         raise SystemExit(2)
     vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes + 1)
     clean, corrupt = recipe.path_patching_prompts(tok, vocab, args.n, args.boxes, args.seed)
-    top_k = pp.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
+    top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
     quiet = RunSettings(args.batch_size, progress=False)
     print(
         f"{spec.name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "
@@ -62,16 +65,16 @@ def main(argv: list[str] | None = None) -> float:
         f"top-k {list(top_k)}, device {model.cfg.device}, threads {torch.get_num_threads()}"
     )
     # The unit both methods are made of: one plain forward over all prompts (best of three).
-    forward = min(timed(lambda: metrics.last_logits(model, clean, settings=quiet))[1] for _ in range(3))
+    forward = min(timed(lambda: last_logits(model, clean, settings=quiet))[1] for _ in range(3))
     print(f"  one plain forward over the {args.n} prompts: {forward:.2f}s")
-    runs, seconds = timed(lambda: pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], quiet))
+    runs, seconds = timed(lambda: pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], quiet))
     print(f"  fast: clean and corrupt runs (shared by the steps) {seconds:8.2f}s")
     prepared = seconds
     previous: list = []
     total = {"fast": seconds, "reference": 0.0}
     worst = 0.0
-    for step, k in zip(pp.PAPER_STEPS, top_k):
-        receivers = pp.step_receivers(step, previous) or None
+    for step, k in zip(PAPER_STEPS, top_k):
+        receivers = discovery.step_receivers(step, previous) or None
         scores = {}
         for method in ("fast", "reference"):
             scores[method], seconds = timed(

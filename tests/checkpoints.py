@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from et_circuits.organism.tokenizer import build_tokenizer
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
 CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from et_circuits import models
-from et_circuits.entity_tracking import data
-from et_circuits.organism.tokenizer import build_tokenizer
+from et_circuits.tasks.entity_tracking import data
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
 
 def make_checkpoint(path, n_layers=2, n_heads=4, n_kv_heads=None, d_model=32, seed=0):

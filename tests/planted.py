@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from et_circuits.prompts import PromptSet
+from et_circuits.core.prompts import PromptSet
 
 # ---------------------------------------------------------------------------------------------
 # The planted model's layout

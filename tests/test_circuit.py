@@ -9,15 +9,19 @@ import pandas as pd
 import pytest
 import torch
 
-from et_circuits import cli, models
-from et_circuits import evaluation as minimality
-from et_circuits import path_patching as pp
-from et_circuits.circuit import Circuit
-from et_circuits.entity_tracking import data
-from et_circuits.errors import CircuitError
-from et_circuits.evaluation import ablated_accuracy, position_means
-from et_circuits.figures import circuit_diagram, save_figure, step_heatmaps
-from et_circuits.stages.circuit import overlap_frame
+from et_circuits import models
+from et_circuits.pipeline import cli
+from et_circuits.core.settings import RunSettings
+from et_circuits.methods import evaluation, minimality
+from et_circuits.methods import path_patching as pp
+from et_circuits.core.circuit import Circuit
+from et_circuits.tasks.entity_tracking import data
+from et_circuits.core.errors import CircuitError
+from et_circuits.methods.evaluation import ablated_accuracy, position_means
+from et_circuits.presentation import circuit_diagram, save_figure, step_heatmaps
+from et_circuits.pipeline.stages.circuit import overlap_frame
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
+from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint
 
 
@@ -28,7 +32,7 @@ from tests.conftest import make_checkpoint
 
 def _synthetic():
     """F = 0.4 per essential head present + 0.005 per other head: only essentials matter."""
-    circuit = Circuit(
+    circuit = paper_circuit(
         {
             "value_fetcher": [(3, 0), (3, 1), (2, 2)],
             "pos_transmitter": [(2, 0)],
@@ -58,7 +62,7 @@ def test_minimality_prunes_only_heads_that_do_not_matter():
 def test_minimality_bounds_the_total_loss():
     """Each small head alone is below the threshold, but their sum is not: pruning stops
     before the circuit loses more than the threshold."""
-    circuit = Circuit({"value_fetcher": [(0, h) for h in range(8)]})
+    circuit = paper_circuit({"value_fetcher": [(0, h) for h in range(8)]})
     score = lambda c: 0.02 * len(c.groups["value_fetcher"])  # noqa: E731
     pruned, _ = minimality.minimal(circuit, score, threshold=0.05, progress=False)
     assert score(pruned) >= score(circuit) - 0.05
@@ -96,22 +100,22 @@ def test_position_means_cache(tiny_dir, vocab, tmp_path, monkeypatch):
     prompts or another batch size get their own file."""
     model, tok, _ = models.load(tiny_dir, device="cpu")
     reference = data.make_prompts(tok, data.sample_prompts(vocab, 10, 7, 12))
-    fresh = position_means(model, reference, minimality.RunSettings(batch_size=4))
-    cached = position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path)
+    fresh = position_means(model, reference, RunSettings(batch_size=4))
+    cached = position_means(model, reference, RunSettings(batch_size=4), tmp_path)
     assert torch.equal(cached, fresh) and len(list(tmp_path.glob("means-*.safetensors"))) == 1
 
     def no_forward(*a, **k):
         raise AssertionError("the cached means were recomputed")
 
-    monkeypatch.setattr(minimality, "mean_activations", no_forward)
-    assert torch.equal(position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path), fresh)
+    monkeypatch.setattr(evaluation, "mean_activations", no_forward)
+    assert torch.equal(position_means(model, reference, RunSettings(batch_size=4), tmp_path), fresh)
     monkeypatch.undo()
     other = data.make_prompts(tok, data.sample_prompts(vocab, 10, 7, 13))
-    position_means(model, other, minimality.RunSettings(batch_size=4), tmp_path)
-    position_means(model, reference, minimality.RunSettings(batch_size=5), tmp_path)
+    position_means(model, other, RunSettings(batch_size=4), tmp_path)
+    position_means(model, reference, RunSettings(batch_size=5), tmp_path)
     with torch.no_grad():
         model.blocks[0].attn.W_O[0, 0, 0] += 1.0  # layer 1 reads it
-    changed = position_means(model, reference, minimality.RunSettings(batch_size=4), tmp_path)
+    changed = position_means(model, reference, RunSettings(batch_size=4), tmp_path)
     assert len(list(tmp_path.glob("means-*.safetensors"))) == 4
     assert not torch.equal(changed, fresh)
 
@@ -122,15 +126,15 @@ def test_fast_ablation_equals_the_full_forwards(predicted, ablate_circuit):
     a full forward per row (circuits at single positions, at position sets, and empty ones)."""
     model, batch, means = predicted
     circuits = [
-        Circuit({"value_fetcher": [(1, 0), (0, 2)], "pos_transmitter": [(0, 1)]}),  # paper positions
+        paper_circuit({"value_fetcher": [(1, 0), (0, 2)], "pos_transmitter": [(0, 1)]}),  # paper positions
         Circuit({"binder": [(0, 0), (0, 3)], "value_fetcher": [(1, 1)]}, {"binder": ["labels+1", "labels+2"], "value_fetcher": "last"}),
         Circuit({"value_fetcher": [(1, 2)]}, {"value_fetcher": "query_label"}),
         Circuit({}),
     ]
-    settings = minimality.RunSettings(batch_size=5, max_rows=12)  # several passes, some of one prompt
-    got = {m: torch.zeros(len(circuits), len(batch), model.cfg.d_vocab) for m in minimality.METHODS}
+    settings = RunSettings(batch_size=5, max_rows=12)  # several passes, some of one prompt
+    got = {m: torch.zeros(len(circuits), len(batch), model.cfg.d_vocab) for m in evaluation.METHODS}
     for m in got:
-        for which, row, logits in minimality.ablated_last_logits(model, circuits, batch, means, settings, ablate_circuit, m):
+        for which, row, logits in evaluation.ablated_last_logits(model, circuits, batch, means, settings, ablate_circuit, m):
             got[m][which, row] = logits.float()
     assert got["fast"].abs().amax((1, 2)).min() > 0  # every row was written
     torch.testing.assert_close(got["fast"], got["reference"], atol=1e-4, rtol=1e-4)
@@ -142,13 +146,13 @@ def test_fast_ablation_equals_the_full_forwards(predicted, ablate_circuit):
 def test_model_without_ablates_the_heads(predicted):
     model, batch, means = predicted
     assert ablated_accuracy(model, Circuit({}), batch, means, ablate_circuit=True) == 1.0
-    everything = Circuit({"value_fetcher": [(l, h) for l in range(2) for h in range(4)]})
+    everything = paper_circuit({"value_fetcher": [(l, h) for l in range(2) for h in range(4)]})
     assert ablated_accuracy(model, everything, batch, means, ablate_circuit=True) < 1.0
 
 
 def test_completeness_rows(predicted):
     model, batch, means = predicted
-    circuit = Circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_detector": [(0, 1)], "struct_reader": []})
+    circuit = paper_circuit({"value_fetcher": [(1, 0), (1, 2)], "pos_detector": [(0, 1)], "struct_reader": []})
     rows = minimality.completeness(model, circuit, batch, means, n_random=3, seed=0)
     assert [r["kind"] for r in rows] == ["group", "group", "random", "random", "random"]
     for r in rows:
@@ -168,8 +172,8 @@ def test_completeness_rows(predicted):
 
 
 def test_overlap_frame():
-    base = Circuit({"value_fetcher": [(1, 0), (1, 1), (2, 3)], "struct_reader": [(0, 0)]})
-    other = Circuit({"value_fetcher": [(1, 1), (2, 3), (3, 3)], "pos_detector": [(0, 0)]})
+    base = paper_circuit({"value_fetcher": [(1, 0), (1, 1), (2, 3)], "struct_reader": [(0, 0)]})
+    other = paper_circuit({"value_fetcher": [(1, 1), (2, 3), (3, 3)], "pos_detector": [(0, 0)]})
     frame = overlap_frame(base, {"ft": other}, "discovered")
     assert frame.to_dict("records") == [
         {"model": "ft", "positions": "discovered", "group": "A", "shared": 2, "base_size": 3, "overlap": "2/3"},
@@ -178,8 +182,8 @@ def test_overlap_frame():
 
 
 def test_save_figure_writes_html_and_png(tmp_path):
-    scores = {s.group: torch.randn(3, 4) for s in pp.PAPER_STEPS}
-    circuit = Circuit(
+    scores = {s.group: torch.randn(3, 4) for s in PAPER_STEPS}
+    circuit = paper_circuit(
         {"value_fetcher": [(2, 1)], "pos_transmitter": [(1, 3)], "pos_detector": [(0, 0)], "struct_reader": []}
     )
     written = save_figure(step_heatmaps(scores, circuit), "heat", tmp_path)
@@ -187,7 +191,7 @@ def test_save_figure_writes_html_and_png(tmp_path):
     html = written[0].read_text()
     assert "plotly" in html and "<script" in html and len(html) > 1_000_000  # plotly.js inlined
     assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    save_figure(circuit_diagram(circuit, 3), "diagram", tmp_path, png=False)
+    save_figure(circuit_diagram(circuit, n_layers=3), "diagram", tmp_path, png=False)
     assert (tmp_path / "diagram.html").exists() and not (tmp_path / "diagram.png").exists()
 
 
@@ -220,12 +224,12 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     for name in ("base-model", "tuned-model"):
         d = results / name
         assert sorted(p.name for p in (d / "path_patching").iterdir()) == sorted(
-            f"{s.group}.safetensors" for s in pp.PAPER_STEPS
+            f"{s.group}.safetensors" for s in PAPER_STEPS
         )
         circuit = Circuit.load(d / "circuit.json")
-        sizes = [len(circuit.groups[s.group]) for s in pp.PAPER_STEPS]
+        sizes = [len(circuit.groups[s.group]) for s in PAPER_STEPS]
         assert sizes[:2] == [1, 1] and max(sizes) == 1  # 6 heads: cap 1
-        for receiver, sender in zip(pp.PAPER_STEPS, pp.PAPER_STEPS[1:]):  # a group only below its receivers
+        for receiver, sender in zip(PAPER_STEPS, PAPER_STEPS[1:]):  # a group only below its receivers
             top = max((l for l, _ in circuit.groups[receiver.group]), default=0)
             assert all(l < top for l, _ in circuit.groups[sender.group])
         assert json.loads((d / "minimality.json").read_text())["top_k"] == [1, 1, 1, 1]

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from et_circuits import cli
-from et_circuits.stages import circuit as circuit_stage
+from et_circuits.pipeline import cli
+from et_circuits.pipeline.stages import circuit as circuit_stage
 
 
 def run(capsys, *args):

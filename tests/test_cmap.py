@@ -8,16 +8,18 @@ import pandas as pd
 import pytest
 import torch
 
-from et_circuits import cli, models
-from et_circuits import cross_model as cmap
-from et_circuits.circuit import Circuit
-from et_circuits.entity_tracking import data, recipe
-from et_circuits.errors import CircuitError, SetupError
-from et_circuits.settings import RunSettings
-from et_circuits.stages.dcm import check_dcm_matches, selected_heads
+from et_circuits import models
+from et_circuits.pipeline import cli
+from et_circuits.methods import cmap as cmap
+from et_circuits.core.circuit import Circuit
+from et_circuits.tasks.entity_tracking import data, recipe
+from et_circuits.core.errors import CircuitError, SetupError
+from et_circuits.core.settings import RunSettings
+from et_circuits.pipeline.stages.dcm import check_dcm_matches, selected_heads
+from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint
 
-CIRCUIT = Circuit(
+CIRCUIT = paper_circuit(
     {
         "value_fetcher": [(1, 0), (1, 2)],
         "pos_transmitter": [(0, 1)],
@@ -117,7 +119,7 @@ def test_input_patching_everywhere_reproduces_the_source(tiny, qkv_twin, batch):
 def test_patch_at_group_position_only_touches_that_position_onwards(tiny, qkv_twin, batch):
     """z patched at the query label leaves every earlier position's logits as the base's."""
     x, y = tiny[0], qkv_twin
-    masks = cmap.site_masks(Circuit({"pos_detector": [(0, 1)]}), "z", 2, 4)
+    masks = cmap.site_masks(paper_circuit({"pos_detector": [(0, 1)]}), "z", 2, 4)
     assert list(masks) == [("z", "query_label")]
     patched = cmap.cross_model_logits(x, y, batch, masks)
     with torch.no_grad():
@@ -185,7 +187,7 @@ def test_head_sets_follow_the_paper():
 
 
 def test_stale_or_malformed_dcm_is_a_circuit_error():
-    smaller = Circuit({**CIRCUIT.groups, "struct_reader": []})
+    smaller = paper_circuit({**CIRCUIT.groups, "struct_reader": []})
     with pytest.raises(CircuitError, match="different circuit"):
         head_sets(smaller, DCM)
     with pytest.raises(CircuitError, match="own_circuit"):
@@ -203,7 +205,7 @@ def test_site_masks_merge_groups_sharing_a_position():
     assert cmap.first_layer(masks) == 0
     assert cmap.first_layer({("z", "last"): last & (torch.arange(2)[:, None] == 1)}) == 1
     with pytest.raises(CircuitError, match="outside the model"):
-        cmap.site_masks(Circuit({"value_fetcher": [(5, 0)]}), "z", 2, 4)
+        cmap.site_masks(paper_circuit({"value_fetcher": [(5, 0)]}), "z", 2, 4)
 
 
 def test_empty_set_is_reported_not_patched(tiny, batch):

@@ -2,10 +2,10 @@ import random
 
 import pytest
 
-from et_circuits.entity_tracking import data
-from et_circuits.entity_tracking.data import Sample
-from et_circuits.errors import DataError
-from et_circuits.organism.tokenizer import build_tokenizer
+from et_circuits.tasks.entity_tracking import data
+from et_circuits.tasks.entity_tracking.data import Sample
+from et_circuits.core.errors import DataError
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
 PAPER_PROMPT = (
     "The apple is in Box F, the computer is in Box Q, the document is in Box X, the key is in "
@@ -92,7 +92,7 @@ def test_multi_token_words_are_filtered_and_rejected(tok):
 
 
 def test_too_few_usable_words_is_a_clear_error():
-    from et_circuits.organism import tokenizer as organism_tokenizer
+    from et_circuits.tasks.entity_tracking.organism import tokenizer as organism_tokenizer
 
     tok = organism_tokenizer.build_tokenizer()
     with pytest.raises(DataError, match="need at least"):

@@ -8,13 +8,16 @@ import json
 import pytest
 import torch
 
-from et_circuits import component_masking as dcm
+from et_circuits.methods import dcm as dcm
 from et_circuits import models
-from et_circuits.circuit import Circuit
-from et_circuits.cli import main
-from et_circuits.entity_tracking import data, desiderata, recipe
-from et_circuits.stages.dcm import selected_heads
+from et_circuits.core.circuit import Circuit
+from et_circuits.pipeline.cli import main
+from et_circuits.tasks.entity_tracking import data, desiderata, recipe
+from et_circuits.pipeline.stages.dcm import selected_heads
+from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint
+from et_circuits.methods.dcm.training import stacked
+from et_circuits.methods.dcm.masking import frozen
 
 GROUPS = {  # position (or position set) -> heads of a 2-layer, 4-head model
     "last": [(1, 0), (1, 3), (0, 2)],
@@ -59,7 +62,7 @@ def test_mask_ones_is_base_and_zeros_is_patched(tiny, pairs, position, resume):
     model = tiny[0]
     train = pairs[0]
     heads = GROUPS[position]
-    d = dcm.prepare(model, train, position, heads, run=resume)
+    d = dcm.prepare_pairs(model, train, position, heads, run=resume)
     assert (d.run is not None) == resume
     with torch.no_grad():
         plain = model(train.base.input_ids)[torch.arange(len(train)), train.base.position("last")]
@@ -79,15 +82,15 @@ def test_resume_equals_full_forward(tmp_path, vocab, n_kv_heads):
     t = desiderata.tokenize_pairs(tok, cfs)
     mask = torch.tensor([0.3, 0.9, 0.0])
     for position, heads in [("last", [(2, 1), (1, 3), (2, 0)]), ("prev_query_label", [(0, 2), (2, 3), (1, 1)])]:
-        full = dcm.prepare(model, t, position, heads, run=False)
-        fast = dcm.prepare(model, t, position, heads)
+        full = dcm.prepare_pairs(model, t, position, heads, run=False)
+        fast = dcm.prepare_pairs(model, t, position, heads)
         assert fast.restart == (min(l for l, _ in heads), int(full.position.min()))
         with torch.no_grad():
             torch.testing.assert_close(
                 dcm.masked_logits(model, heads, mask, fast), dcm.masked_logits(model, heads, mask, full),
                 atol=1e-5, rtol=0,
             )
-    no_room = dcm.prepare(model, t, "last", [(2, 1)], max_restart_bytes=10)
+    no_room = dcm.prepare_pairs(model, t, "last", [(2, 1)], max_restart_bytes=10)
     assert no_room.run is None and no_room.restart is None
 
 
@@ -97,10 +100,10 @@ def test_masks_trained_together_equal_masks_trained_alone(tiny, pairs, vocab):
     model, tok = tiny
     heads = GROUPS["last"]
     other = desiderata.draw_splits(data.object_value, vocab, (96, 48, 16), 7, seed=0)
-    fit = [dcm.prepare(model, pairs[0], "last", heads),
-           dcm.prepare(model, desiderata.tokenize_pairs(tok, other.train), "last", heads)]
-    evals = [dcm.prepare(model, pairs[1], "last", heads),
-             dcm.prepare(model, desiderata.tokenize_pairs(tok, other.eval), "last", heads)]
+    fit = [dcm.prepare_pairs(model, pairs[0], "last", heads),
+           dcm.prepare_pairs(model, desiderata.tokenize_pairs(tok, other.train), "last", heads)]
+    evals = [dcm.prepare_pairs(model, pairs[1], "last", heads),
+             dcm.prepare_pairs(model, desiderata.tokenize_pairs(tok, other.eval), "last", heads)]
     jobs = [dcm.MaskJob(fit[d], evals[d], seed) for d in (0, 1) for seed in (0, 1)]
     config = dcm.DCMConfig(batch_size=16, lam=0.0, lr=0.3)
     together = dcm.train_masks(model, heads, jobs, config)
@@ -112,7 +115,7 @@ def test_masks_trained_together_equal_masks_trained_alone(tiny, pairs, vocab):
     assert len({tuple(f.losses) for f in together}) == len(jobs)  # four different trainings
     assert len({tuple(f.mask) for f in together}) > 1
     # a mask per row is the same as one mask per call
-    chunk, job = dcm._stacked([fit[0].take(torch.arange(8)), fit[1].take(torch.arange(8))])
+    chunk, job = stacked([fit[0].take(torch.arange(8)), fit[1].take(torch.arange(8))])
     masks = torch.tensor([[0.2, 1.0, 0.7], [0.9, 0.0, 0.4]])
     with torch.no_grad():
         rows = dcm.masked_logits(model, heads, masks[job], chunk)
@@ -124,7 +127,7 @@ def test_masks_trained_together_equal_masks_trained_alone(tiny, pairs, vocab):
 def test_mask_gradient_flows_and_weights_stay_frozen(tiny, pairs):
     model = tiny[0]
     heads = GROUPS["last"]
-    train, eval = (dcm.prepare(model, p, "last", heads) for p in pairs)
+    train, eval = (dcm.prepare_pairs(model, p, "last", heads) for p in pairs)
     before = copy.deepcopy(model.state_dict())
     config = dcm.DCMConfig(batch_size=16)
     a = dcm.train_mask(model, heads, train, eval, config, seed=0)
@@ -138,7 +141,7 @@ def test_mask_gradient_flows_and_weights_stay_frozen(tiny, pairs):
     assert a.losses != c.losses  # another seed, another batch order
     assert all(0 <= m <= 1 for m in a.mask)
     mask = torch.full((len(heads),), 0.5, requires_grad=True)
-    with dcm.frozen(model):
+    with frozen(model):
         dcm.masked_logits(model, heads, mask, train.take(torch.arange(8))).gather(1, train.target[:8, None]).sum().backward()
     assert mask.grad.abs().min() > 0 and all(p.grad is None for p in model.parameters())
 
@@ -156,7 +159,7 @@ def test_dcm_finds_the_head_that_is_right_by_construction(tiny_dir, pairs, index
     only_x[index] = True
     data_ = []
     for p in pairs:
-        d = dcm.prepare(model, p, "last", heads)
+        d = dcm.prepare_pairs(model, p, "last", heads)
         with torch.no_grad():
             d.target = dcm.masked_logits(model, heads, (~only_x).float(), d).argmax(-1)
         data_.append(d)
@@ -169,7 +172,7 @@ def test_nothing_selected_when_the_base_answer_is_the_target(tiny, pairs):
     heads = GROUPS["last"]
     data_ = []
     for p in pairs:
-        d = dcm.prepare(model, p, "last", heads)
+        d = dcm.prepare_pairs(model, p, "last", heads)
         with torch.no_grad():
             d.target = dcm.masked_logits(model, heads, torch.ones(len(heads)), d).argmax(-1)
         data_.append(d)
@@ -213,7 +216,7 @@ def test_run_dcm_shares_data_and_reuses_results(tiny, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished training was run again")
 
-    monkeypatch.setattr(dcm, "train_masks", no_training)
+    monkeypatch.setattr(dcm.protocol, "train_masks", no_training)
     again = recipe.run_dcm(model, tok, asks, plan, done=saved)
     assert {a: recipe.dcm_entry(r) for a, r in again.items()} == {a: recipe.dcm_entry(r) for a, r in first.items()}
     other = recipe.DCMPlan(dcm.DCMConfig(batch_size=16, lam=0.1), (32, 16, 16), 7, data_seed=5, seeds=(0, 1))
@@ -226,7 +229,7 @@ def test_run_dcm_shares_data_and_reuses_results(tiny, monkeypatch):
 
 
 def _circuit(groups):
-    return Circuit({g: hs for g, hs in groups.items()})
+    return paper_circuit({g: hs for g, hs in groups.items()})
 
 
 def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
@@ -240,7 +243,7 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
               "pos_detector": [(0, 1)], "struct_reader": []}).save(results / ft / "circuit.json")
     binder = ("prev_query_label+1", "prev_query_label+2")  # a discovered group acting at two positions
     for name, fetchers in ((base, [(1, 1)]), (ft, [(1, 2)])):
-        Circuit({"value_fetcher": fetchers, "binder": [(0, 0), (0, 2)]}, {"binder": binder}).save(
+        Circuit({"value_fetcher": fetchers, "binder": [(0, 0), (0, 2)]}, {"value_fetcher": "last", "binder": binder}).save(
             results / name / "discovered" / "circuit.json")
     common = ["--base", str(tiny_dir), "--results", str(results), "--n-train", "32", "--n-eval", "16",
               "--n-test", "16", "--seeds", "2", "--batch-size", "16", "--resamples", "5", "--device", "cpu", "--quiet"]

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from et_circuits.entity_tracking import data, desiderata
-from et_circuits.entity_tracking.data import Sample
-from et_circuits.errors import DataError
-from et_circuits.organism.tokenizer import build_tokenizer
+from et_circuits.tasks.entity_tracking import data, desiderata
+from et_circuits.tasks.entity_tracking.data import Sample
+from et_circuits.core.errors import DataError
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 from tests.test_data import sentencepiece_style_tokenizer
 
 POSITIONAL_LIKE = ["positional"] + [n for n in desiderata.EXTRA if n != "wrong_segment"]

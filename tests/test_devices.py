@@ -19,15 +19,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformer_lens import HookedTransformerConfig
 
 import et_circuits as et
-from et_circuits import component_masking as dcm
+from et_circuits.methods import dcm as dcm
 from et_circuits import models
-from et_circuits.distributed import local_device
-from et_circuits.cross_model import cross_model_logits, site_masks
-from et_circuits.entity_tracking import data, desiderata, recipe
-from et_circuits.errors import SetupError
-from et_circuits.evaluation import ablated_last_logits, position_means
-from et_circuits.resume import block_device, clean_run, resume
+from et_circuits.core.distributed import local_device
+from et_circuits.methods.cmap import cross_model_logits, site_masks
+from et_circuits.tasks.entity_tracking import data, desiderata, recipe
+from et_circuits.core.errors import SetupError
+from et_circuits.methods.evaluation import ablated_last_logits, position_means
+from et_circuits.core.restart import block_device, clean_run, run_suffix as resume
 from tests.conftest import make_checkpoint
+from et_circuits.methods.dcm.masking import frozen
+from et_circuits.models import convert
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 S = et.RunSettings(batch_size=4, progress=False)
@@ -50,10 +52,10 @@ def built(tmp_path_factory):
     make_checkpoint(path, n_layers=4, n_heads=4, n_kv_heads=2, seed=1)
     hf, tok = models.load_hf(path)
     with pytest.MonkeyPatch.context() as patch, FakeTensorMode(allow_non_fake_inputs=True):
-        patch.setattr(models, "get_device_for_block_index", lambda index, cfg, device=None: META)
+        patch.setattr(convert, "get_device_for_block_index", lambda index, cfg, device=None: META)
         other = models.to_hooked(hf, tok, "cpu")
         WHOLLY_ON_META.append(other.cfg)
-        patch.setattr(models, "get_device_for_block_index", _layout)
+        patch.setattr(convert, "get_device_for_block_index", _layout)
         model = models.to_hooked(hf, tok, "cpu")
     return model, other, tok, data.vocabulary(tok, min_labels=8)
 
@@ -111,9 +113,9 @@ def test_dcm_masks_take_gradients_through_a_split_model(split, restart):
     splits = desiderata.draw_splits(data.positional, vocab, (8, 4, 4), 7, seed=0)
     pairs = desiderata.tokenize_pairs(tok, splits.train)
     heads = [(0, 1), (2, 3), (3, 0)]  # on both devices
-    prepared = dcm.prepare(model, pairs, "last", heads, run=restart)
+    prepared = dcm.prepare_pairs(model, pairs, "last", heads, run=restart)
     mask = torch.full((len(heads),), 0.5, requires_grad=True)
-    with dcm.frozen(model):
+    with frozen(model):
         logits = dcm.masked_logits(model, heads, mask, prepared)
         assert logits.device == META
         logits.sum().backward()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from et_circuits import cli
+from et_circuits.pipeline import cli
 
 MODELS = ["organism-llama", "organism-goat"]
 CIRCUIT = ["--n", "60", "--minimality-n", "30", "--reference-n", "60", "--completeness-random", "2", "--sweep-n", "30"]
@@ -78,8 +78,8 @@ def test_two_processes_write_what_one_writes(tmp_path):
 PLANTED = """
 import os
 if os.environ.get("RANK") == "1":
-    import et_circuits.attention_knockout as k
-    from et_circuits.errors import DataError
+    import et_circuits.methods.knockout as k
+    from et_circuits.core.errors import DataError
 
     def failing(*args, **kwargs):
         raise DataError("planted failure")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from et_circuits import io
+from et_circuits.core import io
 
 
 def test_failed_write_leaves_nothing(tmp_path):

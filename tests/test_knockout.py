@@ -4,12 +4,16 @@ import pandas as pd
 import pytest
 import torch
 
-from et_circuits import attention_knockout as knockout, cli, metrics, models
-from et_circuits.entity_tracking import data, recipe
-from et_circuits.errors import DataError
-from et_circuits.resume import clean_run, resume
-from et_circuits.settings import RunSettings
+from et_circuits import models
+from et_circuits.core import metrics
+from et_circuits.methods import knockout
+from et_circuits.pipeline import cli
+from et_circuits.tasks.entity_tracking import data, recipe
+from et_circuits.core.errors import DataError
+from et_circuits.core.restart import clean_run, run_suffix as resume
+from et_circuits.core.settings import RunSettings
 from tests.conftest import make_checkpoint
+from et_circuits.core.forward import measure
 
 EDGES = {e.name: e for e in recipe.EDGES}
 
@@ -102,7 +106,7 @@ def test_knockout_accuracy_matches_full_forward_reference(tiny, batch):
         queries, keys = edge_positions(batch, edge)
         for layer, acc in enumerate(accs):
             hooks = knockout.block_hooks(queries, keys, range(layer, 2))
-            expected = metrics.accuracy(model, batch, lambda chunk: hooks, RunSettings(batch_size=len(batch), progress=False))
+            expected = measure(model, batch, hooks_for=lambda chunk: hooks, settings=RunSettings(batch_size=len(batch), progress=False))
             assert acc == pytest.approx(expected, abs=1e-6), (edge, layer)
     assert min(min(c) for c in curves.values()) < 1.0  # some knockout changes answers
 

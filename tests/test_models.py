@@ -17,12 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from et_circuits import models
-from et_circuits import path_patching as pp
-from et_circuits.entity_tracking import data, recipe
-from et_circuits.organism.tokenizer import build_tokenizer
-from et_circuits.settings import RunSettings
+from et_circuits.methods import path_patching as pp
+from et_circuits.tasks.entity_tracking import data, recipe
+from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
+from et_circuits.core.settings import RunSettings
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 from tests import checkpoints
 from tests.conftest import make_checkpoint
+from et_circuits.core.errors import SetupError
+from et_circuits.methods import discovery
 
 ROOT = Path(__file__).resolve().parents[1]
 THETA = {"rope_theta": 10000.0}
@@ -68,13 +71,13 @@ def _prompts(tok, n=4, seed=0):
 
 def _path_patching(model, clean, corrupt, group: str, receivers, method: str) -> torch.Tensor:
     """One step's path-patching scores: this file's only call into the path-patching API."""
-    step = next(s for s in pp.PAPER_STEPS if s.group == group)
-    return pp.path_patch(model, clean, corrupt, step.position, pp.step_receivers(step, receivers) or None,
+    step = next(s for s in PAPER_STEPS if s.group == group)
+    return pp.path_patch(model, clean, corrupt, step.position, discovery.step_receivers(step, receivers) or None,
                          method=method, settings=RunSettings(8, progress=False))
 
 
 def _one_line_error(call, *parts: str) -> str:
-    with pytest.raises(models.SetupError) as e:
+    with pytest.raises(SetupError) as e:
         call()
     message = str(e.value)
     assert "\n" not in message, message

@@ -22,9 +22,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated"
 # means editing these functions only. Prompts are `et_circuits.PromptSet`s.
 
 import et_circuits as _et
-from et_circuits import cross_model as _cmap
-from et_circuits import component_masking as _dcm
-from et_circuits import path_patching as _pp
+from et_circuits.methods import cmap as _cmap
+from et_circuits.methods import dcm as _dcm
+from et_circuits.methods import discovery as _discovery
+from et_circuits.methods import path_patching as _pp
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS as _PAPER_STEPS
+from et_circuits.tasks.entity_tracking.paper import paper_circuit as _paper_circuit
 
 _Q = _et.RunSettings(batch_size=5, progress=False)
 
@@ -32,8 +35,8 @@ _Q = _et.RunSettings(batch_size=5, progress=False)
 def code_path_patch_step(model, clean, corrupt, step: int, receivers, senders, method: str) -> torch.Tensor:
     """Scores [layer, head] (NaN off `senders`) of the paper's step `step` (1-4) as the package
     defines it: its sender position and receiver kind come from the package (`PAPER_STEPS`)."""
-    s = _pp.PAPER_STEPS[step - 1]
-    return _pp.path_patch(model, clean, corrupt, s.position, _pp.step_receivers(s, receivers) or None,
+    s = _PAPER_STEPS[step - 1]
+    return _pp.path_patch(model, clean, corrupt, s.position, _discovery.step_receivers(s, receivers) or None,
                           senders=senders, method=method, settings=_Q)
 
 
@@ -47,18 +50,18 @@ def code_circuit_accuracy(model, groups: dict, prompts, reference, batch_size: i
     """Mean-ablation accuracy of the circuit `groups` (paper group name -> heads; each group at
     the package's position for it), means over `reference`."""
     means = _et.position_means(model, reference)
-    return _et.ablated_accuracy(model, _et.Circuit(groups), prompts, means, _et.RunSettings(batch_size, progress=False))
+    return _et.ablated_accuracy(model, _paper_circuit(groups), prompts, means, _et.RunSettings(batch_size, progress=False))
 
 
 def code_evaluate(model, groups: dict, prompts, reference, n_random: int) -> dict[str, float]:
     """Table 1's row: full, circuit, random (mean over `n_random` draws) and faithfulness."""
-    ev = _et.evaluate_circuit(model, _et.Circuit(groups), prompts, reference, n_random, 0, _et.RunSettings(16, progress=False))
+    ev = _et.evaluate_circuit(model, _paper_circuit(groups), prompts, reference, n_random, 0, _et.RunSettings(16, progress=False))
     return {"full": ev.full, "circuit": ev.circuit, "random": ev.random, "faithfulness": ev.faithfulness}
 
 
 def _pair_data(model, base, source, target, position, heads, resume=True):
     pairs = _et.Pairs(base.replace(answers=target), source)
-    return _dcm.prepare(model, pairs, position, heads, run=resume)
+    return _dcm.prepare_pairs(model, pairs, position, heads, run=resume)
 
 
 def code_dcm_logits(model, base, source, target, position: str, heads, mask, resume: bool) -> torch.Tensor:
@@ -93,7 +96,7 @@ def code_cmap_logits(base, source, prompts, sites) -> torch.Tensor:
 def code_cmap_accuracy(base, source, prompts, groups: dict, patch: str) -> dict[str, float]:
     """CMAP as the stage runs it: accuracy of `base`, of `source`, and of `base` with `groups`
     (paper group name -> heads, each at the package's position for it) patched with `patch`."""
-    variant = _et.Variant("test", patch, _et.Circuit(groups))
+    variant = _et.Variant("test", patch, _paper_circuit(groups))
     result = _et.cmap(base, source, prompts, [variant], _et.RunSettings(16, progress=False))
     return {"base": result.base, "source": result.source, "patched": result.variants[0][1]}
 

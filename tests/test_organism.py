@@ -10,10 +10,12 @@ from functools import lru_cache
 import pytest
 import torch
 
-from et_circuits import metrics, models
-from et_circuits.entity_tracking import data
-from et_circuits.settings import RunSettings
-from et_circuits.organism import train
+from et_circuits import models
+from et_circuits.core import metrics
+from et_circuits.tasks.entity_tracking import data
+from et_circuits.core.settings import RunSettings
+from et_circuits.tasks.entity_tracking.organism import train
+from et_circuits.core.forward import measure
 
 WEIGHTS = models.ORGANISM_DIR  # shipped files: a test that needs them fails when they are missing
 N_CHECK = 200  # prompts for the accuracy checks (the card uses 500)
@@ -33,7 +35,7 @@ def card_accuracy() -> dict[str, float]:
 def accuracy(name: str, n: int) -> float:
     model, tok, _ = load(name)
     batch = data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), n, 7, seed=0))
-    return metrics.accuracy(model, batch, settings=RunSettings(batch_size=100, progress=False))
+    return measure(model, batch, settings=RunSettings(batch_size=100, progress=False))
 
 
 @pytest.mark.parametrize("name", models.ORGANISM)

@@ -15,18 +15,21 @@ import torch
 
 import et_circuits as et
 from et_circuits import models
-from et_circuits import path_patching as pp
-from et_circuits.entity_tracking import data, recipe
-from et_circuits.errors import CircuitError, DataError
-from et_circuits.hooks import hook_name, logits_at, patch_hooks
-from et_circuits.settings import RunSettings
-from et_circuits.stages.circuit import load_scores, step_files
-from et_circuits.types import Receiver
+from et_circuits.methods import path_patching as pp
+from et_circuits.tasks.entity_tracking import data, recipe
+from et_circuits.core.errors import CircuitError, DataError
+from et_circuits.core.hooks import hook_name, logits_at, patch_hooks
+from et_circuits.core.settings import RunSettings
+from et_circuits.pipeline.stages.circuit import load_scores, step_files
+from et_circuits.core.types import Receiver
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 from tests.conftest import make_checkpoint
+from et_circuits.core.prepared import _first_change
+from et_circuits.methods import discovery
 
 FIXTURES = Path(__file__).parent / "fixtures" / "organism-llama-path-patching"
 S = RunSettings(batch_size=6, progress=False)
-STEP = {s.group: s for s in pp.PAPER_STEPS}
+STEP = {s.group: s for s in PAPER_STEPS}
 # Receivers of a 4-layer model, spread over the layers so that every step has reachable and
 # unreachable senders.
 RECEIVERS = {
@@ -38,7 +41,7 @@ RECEIVERS = {
 
 
 def _receivers(group):
-    return pp.step_receivers(STEP[group], RECEIVERS[group])
+    return discovery.step_receivers(STEP[group], RECEIVERS[group])
 
 
 def _scaled_model(path, n_kv_heads=None, dtype=torch.float32):
@@ -150,11 +153,11 @@ def test_prepare_corrupt_runs_start_at_the_first_change(scaled):
     """The corrupt runs restart from the clean prefix at their first changed token; the heads
     they read equal those of whole corrupt forwards."""
     model, _, clean, corrupt = scaled
-    positions = [s.position for s in pp.PAPER_STEPS]
-    start = pp._first_change(clean, corrupt, positions)
+    positions = [s.position for s in PAPER_STEPS]
+    start = _first_change(clean, corrupt, positions)
     assert (start > 0).all() and len(start.unique()) > 1  # the prefix shortcut is exercised
     assert torch.equal(start, clean.position("prev_query_label"))  # where the corruption starts
-    runs = pp.prepare(model, clean, corrupt, positions, S)
+    runs = pp.prepare_runs(model, clean, corrupt, positions, S)
     with pp.per_head_values(model), torch.no_grad():
         _, cache = model.run_with_cache(corrupt.input_ids)
     for where in positions:
@@ -169,7 +172,7 @@ def test_fast_runs_in_bfloat16(tmp_path):
     each step's largest score."""
     model, tok = _scaled_model(tmp_path, n_kv_heads=2, dtype=torch.bfloat16)
     clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 12, 7, seed=3)
-    runs = pp.prepare(model, clean, corrupt, [s.position for s in pp.PAPER_STEPS], S)
+    runs = pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], S)
     assert runs.run.keys[0].dtype == runs.corrupt_z["last"][0].dtype == torch.bfloat16
     for group in RECEIVERS:
         step = STEP[group]
@@ -224,7 +227,7 @@ def test_learned_positional_embeddings(vocab):
     corrupt runs add the positional embeddings of their offset, so it equals the reference."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from et_circuits.organism.tokenizer import build_tokenizer
+    from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     cfg = HookedTransformerConfig(
@@ -270,7 +273,7 @@ def test_bad_input_is_refused(scaled):
     longer = data.make_prompts(tok, data.sample_prompts(data.vocabulary(tok), len(clean), 8, 0))
     with pytest.raises(DataError, match="pairs"):
         pp.path_patch(model, clean, longer, "last")
-    runs = pp.prepare(model, clean, corrupt, ["last"], S)
+    runs = pp.prepare_runs(model, clean, corrupt, ["last"], S)
     with pytest.raises(CircuitError, match="do not cover"):
         pp.path_patch(model, clean, corrupt, "query_label", runs=runs)
     with pytest.raises(DataError, match="wrong_answers"):
@@ -281,11 +284,11 @@ def test_top_heads_and_cap():
     scores = torch.tensor([[0.5, -0.2, float("nan")], [-0.9, -0.2, 0.0]])
     assert pp.top_heads(scores, 3) == [(1, 0), (0, 1), (1, 1)]  # tie: lower layer first
     assert (0, 2) not in pp.top_heads(scores, 6) and len(pp.top_heads(scores, 6)) == 5  # NaN: not a sender
-    assert pp.effective_top_k(recipe.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
-    assert pp.effective_top_k(recipe.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
-    assert pp.effective_top_k((20, 1, 10, 5), 2, 2) == (1, 1, 1, 1)
+    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
+    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
+    assert discovery.effective_top_k((20, 1, 10, 5), 2, 2) == (1, 1, 1, 1)
     with pytest.raises(CircuitError):
-        pp.effective_top_k((1, 2, 3, 0), 4, 4)
+        discovery.effective_top_k((1, 2, 3, 0), 4, 4)
 
 
 def test_prompts_are_seeded_and_aligned(tiny, vocab):
@@ -307,21 +310,21 @@ def test_find_circuit_saves_and_resumes(scaled, tmp_path, monkeypatch):
     meta = {"model": "tiny", "seed": "3", "n": str(len(clean))}
 
     def run(top_k, meta):
-        return pp.find_circuit(model, clean, corrupt, top_k, settings=S, **dict(zip(("finished", "on_step"), step_files(tmp_path, meta, "fast"))))
+        return discovery.find_circuit(model, clean, corrupt, top_k, PAPER_STEPS, settings=S, **dict(zip(("finished", "on_step"), step_files(tmp_path, meta, "fast"))))
 
     first, scores = run((3, 2, 2, 2), meta)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert files == sorted(f"{s.group}.safetensors" for s in pp.PAPER_STEPS)
+    assert files == sorted(f"{s.group}.safetensors" for s in PAPER_STEPS)
     saved, found = load_scores(tmp_path / "pos_transmitter.safetensors")
     torch.testing.assert_close(saved, scores["pos_transmitter"])
     assert found["seed"] == "3" and found["method"] == "fast"
     assert found["receivers"] == str(pp.top_heads(scores["value_fetcher"], 3))
-    assert first.positions == {s.group: s.position for s in pp.PAPER_STEPS}
+    assert first.positions == {s.group: s.position for s in PAPER_STEPS}
     assert first.groups["value_fetcher"] == pp.top_heads(scores["value_fetcher"], 3)
 
     calls = []
-    real = pp.path_patch
-    monkeypatch.setattr(pp, "path_patch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = discovery.path_patch
+    monkeypatch.setattr(discovery, "path_patch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     again, rescored = run((3, 2, 2, 2), meta)
     assert calls == []  # every step reused
     assert again.groups == first.groups
@@ -331,7 +334,7 @@ def test_find_circuit_saves_and_resumes(scaled, tmp_path, monkeypatch):
     assert calls == ["query_label", *(["prev_query_label"] if changed else [])]
     calls.clear()
     run((3, 1, 2, 2), {**meta, "seed": "4"})  # another seed in the metadata: everything recomputed
-    assert calls == [s.position for s in pp.PAPER_STEPS]
+    assert calls == [s.position for s in PAPER_STEPS]
 
 
 def test_corrupt_score_file_is_an_error(tmp_path):
@@ -358,7 +361,7 @@ def test_organism_recipe_reproduces_the_scores_of_the_replaced_code(organism):
     C's senders reach nothing (all scores 0, no head chosen) and D has no receivers (no score)."""
     model, tok = organism
     clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 300, 7, seed=0)
-    circuit, scores = pp.find_circuit(model, clean, corrupt, (4, 4, 4, 4), settings=RunSettings(progress=False))
+    circuit, scores = discovery.find_circuit(model, clean, corrupt, (4, 4, 4, 4), PAPER_STEPS, settings=RunSettings(progress=False))
     old = {g: load_scores(FIXTURES / f"{g}.safetensors")[0] for g in ("value_fetcher", "pos_transmitter")}
     for group, expected in old.items():
         torch.testing.assert_close(scores[group], expected, atol=1e-6, rtol=0)
@@ -377,8 +380,8 @@ def test_fast_equals_reference_on_organism(organism):
     model, tok = organism
     clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), 16, 7, seed=0)
     previous: list = []
-    for step, k in zip(pp.PAPER_STEPS, (4, 4, 4, 4)):
-        receivers = pp.step_receivers(step, previous) or None
+    for step, k in zip(PAPER_STEPS, (4, 4, 4, 4)):
+        receivers = discovery.step_receivers(step, previous) or None
         fast = pp.path_patch(model, clean, corrupt, step.position, receivers, settings=S)
         ref = pp.path_patch(model, clean, corrupt, step.position, receivers, method="reference", settings=RunSettings(16, progress=False))
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)

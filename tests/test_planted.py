@@ -21,7 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated"
 # means editing these functions only. Prompts are `et_circuits.PromptSet`s.
 
 import et_circuits as _et
-from et_circuits import component_masking as _dcm
+from et_circuits.methods import dcm as _dcm
+from et_circuits.tasks.entity_tracking.paper import paper_circuit
 
 _Q = _et.RunSettings(16, progress=False)
 
@@ -33,7 +34,7 @@ def code_path_patch_step1(model, clean, corrupt, method: str) -> torch.Tensor:
 
 def _pair_data(model, pairs, position, heads):
     base, source, target = pairs
-    return _dcm.prepare(model, _et.Pairs(base.replace(answers=target), source), position, heads)
+    return _dcm.prepare_pairs(model, _et.Pairs(base.replace(answers=target), source), position, heads)
 
 
 def code_dcm(model, heads, position: str, train, eval, test, lam: float) -> dict:
@@ -51,14 +52,14 @@ def code_dcm(model, heads, position: str, train, eval, test, lam: float) -> dict
 
 def code_evaluate(model, groups: dict, prompts, reference, n_random: int) -> dict[str, float]:
     """Table 1's row: full, circuit, random (mean over `n_random` draws) and faithfulness."""
-    ev = _et.evaluate_circuit(model, _et.Circuit(groups), prompts, reference, n_random, 0, _Q)
+    ev = _et.evaluate_circuit(model, paper_circuit(groups), prompts, reference, n_random, 0, _Q)
     return {"full": ev.full, "circuit": ev.circuit, "random": ev.random, "faithfulness": ev.faithfulness}
 
 
 def code_cmap_accuracy(base, source, prompts, groups: dict, patch: str) -> dict[str, float]:
     """CMAP as the stage runs it: accuracy of `base`, of `source`, and of `base` with `groups`
     (paper group name -> heads, each at the package's position for it) patched with `patch`."""
-    result = _et.cmap(base, source, prompts, [_et.Variant("test", patch, _et.Circuit(groups))], _Q)
+    result = _et.cmap(base, source, prompts, [_et.Variant("test", patch, paper_circuit(groups))], _Q)
     return {"base": result.base, "source": result.source, "patched": result.variants[0][1]}
 
 

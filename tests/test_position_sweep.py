@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import et_circuits as et
-from et_circuits import position_sweep as ps
-from et_circuits.entity_tracking import data, recipe
+from et_circuits.methods import sweep as ps
+from et_circuits.tasks.entity_tracking import data, recipe
 from tests.test_path_patching import _scaled_model
 
 QUIET = et.RunSettings(batch_size=8, progress=False)

@@ -14,10 +14,13 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from et_circuits import cli, report
-from et_circuits.circuit import Circuit
-from et_circuits.figures import save_figure
-from et_circuits.io import write_csv, write_json, write_tensors
+from et_circuits.pipeline import cli, report_tables as report
+from et_circuits.core.circuit import Circuit
+from et_circuits.presentation import save_figure
+from et_circuits.core.io import write_csv, write_json, write_tensors
+from et_circuits.tasks.entity_tracking.paper import paper_circuit
+from et_circuits.presentation import report as render
+from et_circuits.tasks.entity_tracking import paper
 
 MODELS = ["organism-llama", "organism-goat"]
 FIGURES = ["organism-llama_circuit", "organism-llama_path_patching", "organism-goat_path_patching",
@@ -32,7 +35,7 @@ CHROMIUM_FLAGS = [
 
 def write_run(results: Path, figures: Path) -> None:
     """A two-model run in miniature: every result file the report reads, and `FIGURES`."""
-    circuit = Circuit({"value_fetcher": [(1, 2)], "pos_transmitter": [(0, 1)], "pos_detector": [(0, 2)],
+    circuit = paper_circuit({"value_fetcher": [(1, 2)], "pos_transmitter": [(0, 1)], "pos_detector": [(0, 2)],
                        "struct_reader": []})
     for name in MODELS:
         circuit.save(results / name / "circuit.json")
@@ -40,7 +43,7 @@ def write_run(results: Path, figures: Path) -> None:
                       {"model": name, "n": "30", "seed": "0", "boxes": "7", "dtype": "float32", "method": "fast"})
         write_json(results / name / "minimality.json", {"threshold": 0.0, "n": 20, "top_k": [1, 1, 1, 1]})
         write_json(results / name / "dcm.json", {"model": name, "base": MODELS[0], "settings": {"n_train": 8, "lam": 0.01}})
-        Circuit({"value_fetcher": [(1, 2)], "binder": [(0, 1), (0, 3)]}, {"binder": ("labels+1", "labels+2")}).save(
+        Circuit({"value_fetcher": [(1, 2)], "binder": [(0, 1), (0, 3)]}, {"value_fetcher": "last", "binder": ("labels+1", "labels+2")}).save(
             results / name / "discovered" / "circuit.json")
     write_json(results / MODELS[0] / "discovered" / "sweep.json", {"n": 30, "mark": 0.2, "marked": ["labels+1", "last"]})
     write_csv(results / "table1.csv", pd.DataFrame(
@@ -73,7 +76,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_paper_model_by_name():
-    assert [report.paper_model(n) for n in ("organism-llama", "goat-7b", "organism-float", "vicuna-7b", "gpt2")] == [
+    assert [paper.paper_model(n) for n in ("organism-llama", "goat-7b", "organism-float", "vicuna-7b", "gpt2")] == [
         "Llama-7B", "Goat-7B", "FLoat-7B", "Vicuna-7B", None]
 
 
@@ -184,6 +187,6 @@ def test_browser_shows_every_figure_without_errors(run, tmp_path):
 def test_browser_errors_reach_the_page(tmp_path):
     """The check above would see a failing script: the page lists every error in #js-errors."""
     page = tmp_path / "broken.html"
-    page.write_text(f"<html><head>{report.ERROR_COLLECTOR}</head><body><pre id='js-errors' hidden></pre>"
+    page.write_text(f"<html><head>{render.ERROR_COLLECTOR}</head><body><pre id='js-errors' hidden></pre>"
                     "<script>throw new Error('boom')</script></body></html>")
     assert "boom" in rendered(page, tmp_path).errors

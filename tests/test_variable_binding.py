@@ -67,8 +67,8 @@ def test_prompts_carry_their_own_positions(models, prompts):
 
 def test_goat_does_the_task_and_llama_does_not(models, prompts):
     goat, llama, _ = models
-    assert et.accuracy(goat, prompts[0]) > 0.9
-    assert et.accuracy(llama, prompts[0]) < 0.3
+    assert et.measure(goat, prompts[0]) > 0.9
+    assert et.measure(llama, prompts[0]) < 0.3
 
 
 def test_path_patching_with_the_tasks_metric(models, prompts):

@@ -1,0 +1,105 @@
+"""Scaling out on torch.distributed. Launched with torchrun, a stage shards its independent work
+over the ranks: every rank runs the same program, computes its share of each sharded loop
+(path-patching sender batches, position-sweep positions, DCM mask stacks, CMAP variants,
+knockout edges), and receives everyone's results, so that whatever follows a sharded loop runs
+identically everywhere. Only
+rank 0 writes files (`io.atomic_path`). Without torchrun (no WORLD_SIZE) everything is one
+process and these functions cost nothing.
+
+    torchrun --nproc_per_node 2 -m -- et_circuits dcm --model organism-llama --base organism-llama
+
+(`--` keeps torchrun's own parser off the stage's arguments: it reads `--n` as an abbreviation
+of its `--nnodes`.)
+
+The backend is nccl where every rank has a GPU (rank r on cuda:LOCAL_RANK), gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def launched() -> bool:
+    """True in a process torchrun started with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group torchrun set up (idempotent; nothing without torchrun)."""
+    if launched() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+        dist.init_process_group(backend)
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_writer() -> bool:
+    """Whether this process writes result files: rank 0, or the only process."""
+    return rank() == 0
+
+
+def local_device(n_devices: int = 1) -> str:
+    """This rank's first GPU under torchrun (cuda:LOCAL_RANK, or with models split over
+    n_devices GPUs each, cuda:LOCAL_RANK * n_devices), else "cuda"."""
+    if launched() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK']) * n_devices}"
+    return "cuda"
+
+
+def mine(n: int) -> range:
+    """The indices of n work items this rank computes (round robin)."""
+    return range(rank(), n, world())
+
+
+def sharded_map(fn: Callable[[T], R], items: Sequence[T], on_done: Callable[[int, R], None] | None = None) -> list[R]:
+    """[fn(item) for item in items], each item computed by one rank and the results sent to
+    all. `on_done(i, result)` runs as each of this rank's items finishes, then (after the
+    exchange) for everyone else's, so a single process still reports item by item."""
+    own = {}
+    for i in mine(len(items)):
+        own[i] = fn(items[i])
+        if on_done is not None:
+            on_done(i, own[i])
+    if world() == 1:
+        return [own[i] for i in range(len(items))]
+    gathered: list[dict[int, R] | None] = [None] * world()
+    dist.all_gather_object(gathered, own)
+    results = {i: r for part in gathered for i, r in part.items()}
+    if on_done is not None:
+        for i in sorted(set(results) - set(own)):
+            on_done(i, results[i])
+    return [results[i] for i in range(len(items))]
+
+
+def combine_nan(t: torch.Tensor) -> torch.Tensor:
+    """Entries computed by exactly one rank (NaN on the others) from every rank (a CPU tensor;
+    entries NaN everywhere stay NaN). Exact: each entry is one rank's value."""
+    if world() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t.contiguous())
+    stack = torch.stack(parts)
+    return torch.where(stack.isnan().all(0), torch.full_like(t, float("nan")), stack.nan_to_num(0.0).sum(0))
+
+
+def sum_counts(counts: list[int]) -> list[int]:
+    """Integer counts summed over the ranks (each rank counted its share; exact)."""
+    if world() == 1:
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,85 @@
+"""Loading: a registered model, a registry-file entry or a model directory becomes a
+HookedTransformer through one path: HF checkpoint (llama, mistral or qwen2) -> optional PEFT
+merge -> `convert.to_hooked`. transformers memory-maps the safetensors files, so a model loaded
+in its checkpoint's dtype is held once, in pages of the file. Which models exist and where they
+live: `registry`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from et_circuits.core.errors import SetupError
+
+from .convert import ARCHITECTURES, check_split, rope, to_hooked
+from .registry import get_spec, resolve_dir
+
+
+def _supported_config(path: Path):
+    """The HF config of a checkpoint directory, refused in one line unless the conversion
+    reproduces it exactly (architecture, rope scaling, MLP without biases)."""
+    file = path / "config.json"
+    if not file.exists():
+        raise SetupError(f"{path} is not a HF checkpoint directory (no config.json)")
+    model_type = json.loads(file.read_text()).get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise SetupError(
+            f"{path} is not a LLaMA-family checkpoint (model_type={model_type!r}); "
+            f"supported model types: {', '.join(ARCHITECTURES)}"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    rope(config)
+    if getattr(config, "mlp_bias", False):
+        raise SetupError(f"{path}: mlp_bias is not supported (TransformerLens' gated MLP has no gate or up bias)")
+    return config
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None = None):
+    """Load a supported checkpoint with transformers (safetensors weights stay memory-mapped
+    where `dtype` is theirs) and merge a PEFT adapter into it if given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _supported_config(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, local_files_only=True)
+        model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model.eval(), tokenizer
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    path: str | os.PathLike | None = None,
+    n_devices: int = 1,
+):
+    """Load a registered model or an HF directory as (HookedTransformer, tokenizer, spec).
+
+    `path` overrides where the weights are looked for (for an adapter spec: the adapter
+    directory; its base is resolved through the registry). `n_devices` > 1 splits the layers
+    over that many GPUs from `device` on (a model larger than one GPU).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = get_spec(name_or_path)
+    own_dir = Path(path) if path is not None else resolve_dir(spec)
+    base_dir = resolve_dir(get_spec(spec.base)) if spec.is_adapter else own_dir
+    check_split(device, n_devices, _supported_config(base_dir).num_hidden_layers)  # before any weight is read
+    if spec.is_adapter:
+        hf_model, tokenizer = load_hf(base_dir, dtype, adapter=own_dir)
+    else:
+        hf_model, tokenizer = load_hf(own_dir, dtype)
+    model = to_hooked(hf_model, tokenizer, device, dtype, n_devices)
+    model.cfg.model_name = spec.name
+    return model, tokenizer, spec

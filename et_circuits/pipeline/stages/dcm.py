@@ -1,0 +1,325 @@
+"""Stages `dcm` (DCM masks of one model) and `dcm-figure` (Figure 2 and RESULTS/dcm.csv).
+
+`dcm --model M --base B` trains masks with M's weights on every group of the base circuit
+RESULTS/B/circuit.json for the three main desiderata (Figure 2: the base circuit's functionality
+in every model), plus the eleven extra desiderata on its group B (by default for the base model
+only; `--extra all`: every model). When M != B it also trains on M's own circuit
+RESULTS/M/circuit.json what CMAP patches (`recipe.SET_DESIDERATA`: A object value, B and C
+positional; `--own all`: every group on the three main desiderata). Files:
+
+- RESULTS/M/dcm_runs.json: every finished mask training, keyed by everything it depends on
+  (heads, position, desideratum, seed, settings); a rerun reuses the ones that still apply and
+  an interrupted run resumes where it stopped.
+- RESULTS/M/dcm.json:
+  {"model": M, "base": B, "settings": {...},
+   "base_circuit": SECTION, "own_circuit": SECTION}     (identical sections when M == B)
+  SECTION = {"circuit": <whose circuit.json>, "positions": {group: position},
+             "group_heads": {group: [[layer, head], ...]},
+             "groups": {group: {desideratum: ENTRY}}}
+  ENTRY = {"heads": [[layer, head], ...]   the selected seed's heads (what CMAP patches),
+           "selected_seed": s             the seed with the best eval accuracy (first on ties),
+           "accuracy": [...]              test accuracy on each bootstrap resampling of the
+                                          selected seed's test pairs (fractions),
+           "accuracy_mean", "accuracy_std",
+           "test_accuracy_mean", "test_accuracy_std"   over seeds (sample std),
+           "seeds": {s: {"heads", "mask", "eval_accuracy", "test_accuracy", "best_step", "steps"}}}
+  CMAP reads a group's heads for a desideratum as dcm["own_circuit"]["groups"][g][d]["heads"].
+`dcm-figure` writes RESULTS/dcm.csv (one row per model x circuit x group x desideratum, accuracy
+in %) and, under --figures (default figures/), dcm.{html,png} (Figure 2) and
+dcm_extra.{html,png} (group B on the extra desiderata); `dcm --figures DIR` does the same for
+its models in the training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from et_circuits import presentation as figures
+from et_circuits.core.circuit import Circuit
+from et_circuits.core.distributed import rank
+from et_circuits.core.errors import CircuitError
+from et_circuits.core.io import read_json, write_csv, write_json
+from et_circuits.core.prompts import spec_text
+from et_circuits.methods.dcm import DCMConfig
+from et_circuits.models import result_name
+from et_circuits.tasks.entity_tracking import desiderata, recipe
+from et_circuits.tasks.entity_tracking.paper import letter
+
+from ..args import (
+    boxes,
+    figures_arg,
+    load_model,
+    model_args,
+    non_negative_float,
+    positive,
+    positive_float,
+    registry_arg,
+    results_arg,
+    settings,
+)
+from .circuit import reading_dir
+
+
+def _read_runs(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        runs = read_json(path)
+    except ValueError:
+        print(f"warning: {path} is not valid JSON; starting DCM afresh", file=sys.stderr)
+        return {}
+    return runs if isinstance(runs, dict) else {}
+
+
+# dcm.json's sections: per reading of the circuit, the base model's circuit and the model's own.
+SECTIONS_OF = {"paper": ("base_circuit", "own_circuit"), "discovered": ("base_discovered", "own_discovered")}
+SECTIONS = tuple(s for pair in SECTIONS_OF.values() for s in pair)
+
+
+def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool) -> dict[str, tuple[str, ...]]:
+    """Which desiderata each group of a section's circuit is asked: on a base circuit the three
+    main ones (plus, on the paper's circuit, the extra ones on group B, per --extra); on the
+    model's own circuit what CMAP patches (per --own)."""
+    if section.startswith("base"):
+        asked = {group: desiderata.MAIN for group in circuit.groups}
+        if section == "base_circuit" and (args.extra == "all" or (args.extra == "base" and is_base)):
+            asked[recipe.EXTRA_GROUP] = desiderata.MAIN + tuple(desiderata.EXTRA)
+        return asked
+    if args.own == "all":
+        return {group: desiderata.MAIN for group in circuit.groups}
+    return {g: (d,) for g, d in recipe.SET_DESIDERATA.items() if d is not None and g in circuit.groups}
+
+
+def cmd_dcm(args: argparse.Namespace) -> None:
+    for model_arg in args.model:  # one process for several models, each loaded once
+        dcm_of(model_arg, args)
+    if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
+        draw_dcm_figures(args.base, args.model, args.results, args.figures)
+
+
+def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
+    """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
+    name, base_name = result_name(model_arg), result_name(args.base)
+    out = args.results / name
+    circuits = {}
+    readings = [r for r in SECTIONS_OF if r == "paper" or (reading_dir(args.results, base_name, r) / "circuit.json").exists()]
+    for reading in readings:  # the paper's reading always; the discovered one where the circuit stage wrote it
+        base_section, own_section = SECTIONS_OF[reading]
+        circuits[base_section] = (base_name, Circuit.load(reading_dir(args.results, base_name, reading) / "circuit.json"))
+        if name != base_name:  # for the base model both sections are one and the same
+            circuits[own_section] = (name, Circuit.load(reading_dir(args.results, name, reading) / "circuit.json"))
+    config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
+    seeds = tuple(args.seed + i for i in range(args.seeds))
+    plan = recipe.DCMPlan(
+        config, (args.n_train, args.n_eval, args.n_test), args.boxes, args.seed + recipe.SEED_OFFSETS["dcm"],
+        seeds, args.resamples, args.seed,
+    )
+    model, tokenizer, _ = load_model(model_arg, args)
+    for _, circuit in circuits.values():
+        circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
+    planned = {
+        section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
+        for section, (_, circuit) in circuits.items()
+    }
+    runs_path = out / "dcm_runs.json"
+    runs = _read_runs(runs_path)
+
+    def save(key: str, result: dict) -> None:
+        runs[key] = result
+        write_json(runs_path, runs)
+
+    asks = [ask for section in planned.values() for _, ask in section]
+    results = recipe.run_dcm(model, tokenizer, asks, plan, settings(args), runs, save)
+    write_json(runs_path, {plan.key(a, s): runs[plan.key(a, s)] for a in results for s in seeds})  # drop stale runs
+
+    summary = {
+        "model": name,
+        "base": base_name,
+        "settings": {
+            "lam": config.lam, "lr": config.lr, "epochs": config.epochs, "batch_size": config.batch_size,
+            "n_train": args.n_train, "n_eval": args.n_eval, "n_test": args.n_test, "boxes": args.boxes,
+            "seeds": list(seeds), "data_seed": plan.data_seed, "resamples": args.resamples,
+        },
+    }
+    for section, asked in planned.items():
+        owner, circuit = circuits[section]
+        groups: dict[str, dict[str, dict]] = {}
+        for group, ask in asked:
+            groups.setdefault(group, {})[ask.desideratum] = recipe.dcm_entry(results[ask])
+        summary[section] = {
+            "circuit": owner,
+            "positions": circuit.to_dict()["positions"],
+            "group_heads": {g: [list(h) for h in hs] for g, hs in circuit.groups.items()},
+            "groups": groups,
+        }
+    for reading in readings:
+        base_section, own_section = SECTIONS_OF[reading]
+        summary.setdefault(own_section, summary[base_section])
+    write_json(out / "dcm.json", {k: summary[k] for k in ("model", "base", "settings", *SECTIONS) if k in summary})
+    for reading in readings:
+        base_section = SECTIONS_OF[reading][0]
+        for group, by_desideratum in summary[base_section]["groups"].items():
+            print(
+                f"dcm {name} ({base_name} circuit, {reading} positions) {letter(group)}: "
+                + " ".join(
+                    f"{d}={e['accuracy_mean']:.2f}({len(e['heads'])}h)"
+                    for d, e in by_desideratum.items() if d in desiderata.MAIN
+                )
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# dcm-figure
+
+
+def read_dcm(path: Path) -> dict:
+    """A dcm.json, checked for its sections: the paper reading's two, and both or neither of
+    the discovered reading's (CircuitError naming the problem)."""
+    if not path.exists():
+        raise CircuitError(f"no DCM result at {path}; run `make dcm` (python -m et_circuits dcm) first")
+    try:
+        result = read_json(path)
+    except ValueError as e:
+        raise CircuitError(f"{path} is not valid JSON: {e}") from None
+    paper, discovered = SECTIONS_OF["paper"], SECTIONS_OF["discovered"]
+    if not isinstance(result, dict) or not all(isinstance(result.get(s), dict) for s in paper):
+        raise CircuitError(f"{path} is not a dcm.json (needs {' and '.join(paper)})")
+    if sum(isinstance(result.get(s), dict) for s in discovered) == 1:
+        raise CircuitError(f"{path} has only one of {' and '.join(discovered)}")
+    return result
+
+
+def readings_in(result: dict) -> list[str]:
+    """The readings of the circuit (paper, discovered) a dcm.json has results for."""
+    return [r for r, (base_section, _) in SECTIONS_OF.items() if base_section in result]
+
+
+def selected_heads(result: dict, section: str = "own_circuit") -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """group -> desideratum -> the heads DCM selected on the model's own circuit (of a reading:
+    `section`): the one place that reads head selections from dcm.json (what CMAP patches)."""
+    try:
+        groups = result[section]["groups"]
+        return {
+            g: {d: [(int(l), int(h)) for l, h in e["heads"]] for d, e in by_desideratum.items()}
+            for g, by_desideratum in groups.items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CircuitError(f"dcm.json has no valid {section!r} head selections") from None
+
+
+def check_dcm_matches(circuit: Circuit, result: dict, section: str = "own_circuit") -> None:
+    """CircuitError when dcm.json was computed on another version of the circuit (stale)."""
+    recorded = result.get(section, {}).get("group_heads")
+    if recorded is None:
+        return
+    try:
+        recorded = {g: sorted((int(layer), int(head)) for layer, head in hs) for g, hs in recorded.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CircuitError("dcm.json 'group_heads' must map groups to [layer, head] pairs") from None
+    if recorded != {g: sorted(hs) for g, hs in circuit.groups.items()}:
+        raise CircuitError("dcm.json was computed on a different circuit than circuit.json; rerun the dcm stage")
+
+
+def dcm_rows(name: str, result: dict) -> list[dict]:
+    """CSV rows of one model's dcm.json (accuracies in %)."""
+    rows = []
+    for section in (s for s in SECTIONS if s in result):
+        part = result[section]
+        try:
+            for group, by_desideratum in part["groups"].items():
+                for desideratum, e in by_desideratum.items():
+                    rows.append({
+                        "model": name,
+                        "circuit": section,
+                        "circuit_of": part["circuit"],
+                        "group": group,
+                        "letter": letter(group),
+                        "position": spec_text(part["positions"][group]),
+                        "desideratum": desideratum,
+                        "group_size": len(part["group_heads"][group]),
+                        "n_selected": len(e["heads"]),
+                        "heads": " ".join(f"L{l}H{h}" for l, h in e["heads"]),
+                        "accuracy_mean": round(100 * e["accuracy_mean"], 2),
+                        "accuracy_std": round(100 * e["accuracy_std"], 2),
+                        "test_accuracy_mean": round(100 * e["test_accuracy_mean"], 2),
+                        "test_accuracy_std": round(100 * e["test_accuracy_std"], 2),
+                        "n_seeds": len(e["seeds"]),
+                        "n_resamples": len(e["accuracy"]),
+                    })
+        except (KeyError, TypeError, ValueError) as err:
+            raise CircuitError(f"dcm.json of {name} is malformed ({section}: {err!r})") from None
+    return rows
+
+
+def cmd_dcm_figure(args: argparse.Namespace) -> None:
+    draw_dcm_figures(args.base, args.models, args.results, args.figures)
+
+
+def draw_dcm_figures(base_arg: str, model_args: list[str], results_dir: Path, directory: Path | None) -> None:
+    """RESULTS/dcm.csv and Figure 2 (with its discovered and extra panels) from the models'
+    dcm.json files, all computed on `base_arg`'s circuit."""
+    names = [result_name(m) for m in model_args]
+    results = {n: read_dcm(results_dir / n / "dcm.json") for n in names}
+    base = result_name(base_arg)
+    for n, result in results.items():
+        if result.get("base") != base:
+            raise CircuitError(
+                f"{results_dir / n / 'dcm.json'} was computed on {result.get('base')}'s circuit, not {base}'s; "
+                f"rerun `python -m et_circuits dcm --model {n} --base {base_arg}`"
+            )
+    frame = pd.DataFrame([row for n in names for row in dcm_rows(n, results[n])])
+    if frame.empty:
+        raise CircuitError("the dcm.json files hold no results")
+    write_csv(results_dir / "dcm.csv", frame)
+    todo = [("dcm", figures.figure2(frame))]
+    if (frame.circuit == "base_discovered").any():
+        todo.append(("dcm_discovered", figures.figure2(frame, "base_discovered")))
+    if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
+        todo.append(("dcm_extra", figures.extra_figure(frame)))
+    figures.save_figures(todo, directory)
+    main = frame[frame.circuit.isin(["base_circuit", "base_discovered"]) & frame.desideratum.isin(desiderata.MAIN)]
+    for (circuit, model, group), rows in main.groupby(["circuit", "model", "letter"], sort=False):
+        print(f"figure 2 ({circuit}) {model} {group}: " + " ".join(
+            f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples()
+        ))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dcm", help="DCM masks of one model on the base circuit's and its own circuit's groups")
+    p.add_argument("--model", required=True, nargs="+", help="one or more models, in turn in one process")
+    p.add_argument("--base", required=True, help="the model whose circuit Figure 2 uses")
+    p.add_argument("--seeds", type=positive, default=3, help="mask trainings per group and desideratum")
+    p.add_argument("--n-train", type=positive, default=desiderata.SPLIT_SIZES[0])
+    p.add_argument("--n-eval", type=positive, default=desiderata.SPLIT_SIZES[1])
+    p.add_argument("--n-test", type=positive, default=desiderata.SPLIT_SIZES[2])
+    p.add_argument("--epochs", type=positive, default=2)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--lam", type=non_negative_float, default=0.01, help="sparsity weight lambda")
+    p.add_argument("--boxes", type=boxes, default=7)
+    p.add_argument("--resamples", type=positive, default=10, help="bootstrap resamplings of the test pairs")
+    p.add_argument("--extra", choices=("base", "all", "none"), default="base",
+                   help="models that also run the eleven extra desiderata on group B: the base model "
+                   "only (default), every model, or none")
+    p.add_argument("--own", choices=("cmap", "all"), default="cmap",
+                   help="on the model's own circuit, only what CMAP patches (A: object value, B and C: "
+                   "positional; default) or every group on the three main desiderata")
+    model_args(p)
+    results_arg(p)
+    p.add_argument("--figures", type=Path, default=None,
+                   help="also write RESULTS/dcm.csv and Figure 2 of these models here, as `dcm-figure` does")
+    p.set_defaults(func=cmd_dcm)
+
+    p = sub.add_parser("dcm-figure", help="Figure 2 and RESULTS/dcm.csv from every model's dcm.json")
+    p.add_argument("--base", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    results_arg(p)
+    figures_arg(p)
+    registry_arg(p)
+    p.set_defaults(func=cmd_dcm_figure)
