@@ -19,7 +19,7 @@ from et_circuits.tasks.entity_tracking import data
 from et_circuits.core.errors import CircuitError
 from et_circuits.methods.evaluation import ablated_accuracy, position_means
 from et_circuits.presentation import circuit_diagram, save_figure, step_heatmaps
-from et_circuits.pipeline.stages.circuit import overlap_frame
+from et_circuits.pipeline.stages.table1 import overlap_frame
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint

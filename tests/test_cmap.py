@@ -15,7 +15,7 @@ from et_circuits.core.circuit import Circuit
 from et_circuits.tasks.entity_tracking import data, recipe
 from et_circuits.core.errors import CircuitError, SetupError
 from et_circuits.core.settings import RunSettings
-from et_circuits.pipeline.stages.dcm import check_dcm_matches, selected_heads
+from et_circuits.pipeline.results import check_dcm_matches, selected_heads
 from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint
 

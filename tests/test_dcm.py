@@ -13,7 +13,7 @@ from et_circuits import models
 from et_circuits.core.circuit import Circuit
 from et_circuits.pipeline.cli import main
 from et_circuits.tasks.entity_tracking import data, desiderata, recipe
-from et_circuits.pipeline.stages.dcm import selected_heads
+from et_circuits.pipeline.results import selected_heads
 from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests.conftest import make_checkpoint
 from et_circuits.methods.dcm.training import stacked

@@ -20,7 +20,7 @@ from et_circuits.tasks.entity_tracking import data, recipe
 from et_circuits.core.errors import CircuitError, DataError
 from et_circuits.core.hooks import hook_name, logits_at, patch_hooks
 from et_circuits.core.settings import RunSettings
-from et_circuits.pipeline.stages.circuit import load_scores, step_files
+from et_circuits.pipeline.results import load_scores, step_files
 from et_circuits.core.types import Receiver
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 from tests.conftest import make_checkpoint

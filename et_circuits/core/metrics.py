@@ -22,25 +22,57 @@ from .prompts import PromptSet
 Metric = Callable[[Float[Tensor, "batch vocab"], PromptSet], Tensor | float]
 
 
+def _answer_probs(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, " batch"]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs.gather(-1, prompts.answers.to(probs.device)[:, None])[:, 0]
+
+
 def answer_prob(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, ""]:
     """Mean probability of each prompt's answer token (softmax in float32)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs.gather(-1, prompts.answers.to(probs.device)[:, None])[:, 0].mean()
+    return _answer_probs(logits, prompts).mean()
 
 
-def logit_diff(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, ""]:
-    """Mean of (answer logit - mean logit of the prompt's wrong answers); needs `wrong_answers`."""
+def _logit_diffs(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, " batch"]:
     if prompts.wrong_answers is None:
         raise DataError("logit_diff needs prompts with wrong_answers")
     logits = logits.float()
     right = logits.gather(-1, prompts.answers.to(logits.device)[:, None])[:, 0]
     wrong = logits.gather(-1, prompts.wrong_answers.to(logits.device)).mean(-1)
-    return (right - wrong).mean()
+    return right - wrong
+
+
+def logit_diff(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, ""]:
+    """Mean of (answer logit - mean logit of the prompt's wrong answers); needs `wrong_answers`."""
+    return _logit_diffs(logits, prompts).mean()
+
+
+def _correct(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, " batch"]:
+    return (logits.argmax(-1) == prompts.answers.to(logits.device)).float()
 
 
 def accuracy(logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, ""]:
     """Fraction of prompts whose argmax is the answer token."""
-    return (logits.argmax(-1) == prompts.answers.to(logits.device)).float().mean()
+    return _correct(logits, prompts).mean()
+
+
+# Each ready metric's value per prompt (its mean is the metric), for methods that resample prompts.
+answer_prob.per_prompt = _answer_probs
+logit_diff.per_prompt = _logit_diffs
+accuracy.per_prompt = _correct
+
+
+def per_prompt(metric: Metric, logits: Float[Tensor, "batch vocab"], prompts: PromptSet) -> Float[Tensor, " batch"]:
+    """Each prompt's value of `metric` (float32, CPU): its `per_prompt` form where it has one
+    (the ready metrics do), else the metric on each prompt alone."""
+    own = getattr(metric, "per_prompt", None)
+    if own is not None:
+        return own(logits, prompts).float().cpu()
+    return torch.tensor([metric_value(metric(logits[i : i + 1], prompts[i : i + 1])) for i in range(len(prompts))])
+
+
+def metric_name(metric: Metric) -> str:
+    """The name results record for a metric (its function name)."""
+    return getattr(metric, "__name__", type(metric).__name__)
 
 
 def n_correct(logits: Float[Tensor, "batch vocab"], answers: Int[Tensor, " batch"]) -> int:

@@ -2,7 +2,7 @@
 
 The same prompts run through a *source* model (e.g. a fine-tuned one) and a *base* model of the
 same geometry. In the base model, a chosen set of heads, each at its group's positions, takes
-the source model's activations; the base model's accuracy then says how much of the source
+the source model's activations; the base model's metric (accuracy by default) then says how much of the source
 model's behaviour those heads carry.
 
 - Output patching overwrites the heads' outputs before W_O (`hook_z`).
@@ -22,8 +22,9 @@ positions from the first patched one (`restart.run_suffix`, from one clean base 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
@@ -32,12 +33,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from et_circuits.core.circuit import Circuit
-from et_circuits.core.distributed import mine, sum_counts
+from et_circuits.core.distributed import combine_nan, mine
 from et_circuits.core.errors import SetupError
 from et_circuits.core.hooks import Hook, logits_at, patch_hooks, store_hooks
-from et_circuits.core.metrics import n_correct
+from et_circuits.core.metrics import Metric, accuracy, metric_name, metric_total
 from et_circuits.core.prompts import LAST, PromptSet
 from et_circuits.core.restart import clean_run, run_suffix
+from et_circuits.core.serial import frame, number
 from et_circuits.core.settings import QUIET, RunSettings
 
 # Which activations each patch kind overwrites.
@@ -163,7 +165,8 @@ def cross_model_logits(
 @dataclass(frozen=True)
 class Variant:
     """One patched configuration: a head set (groups of heads with their positions) and the
-    patch kind applied to all of them."""
+    patch kind applied to all of them: "z" (outputs) or an input patch, "q", "k", "v", "qk" or
+    "qkv" (see `PATCHES`)."""
 
     name: str
     patch: str
@@ -173,16 +176,59 @@ class Variant:
     def n_heads(self) -> int:
         return len(self.heads)
 
+    def to_json(self) -> dict:
+        return {"name": self.name, "patch": self.patch, "heads": self.heads.to_dict()}
 
-@dataclass
+    @classmethod
+    def from_json(cls, d: dict) -> Variant:
+        return cls(d["name"], d["patch"], Circuit.from_dict(d["heads"]))
+
+
+class VariantScore(NamedTuple):
+    """A variant and the base model's metric with it patched in (NaN: a variant with no heads,
+    not patched)."""
+
+    variant: Variant
+    value: float
+
+
+@dataclass(frozen=True)
 class CmapResult:
-    """Accuracies on one prompt set: the base and source models alone, and each variant
-    (NaN for a variant with no heads)."""
+    """`metric` on one prompt set (`n` prompts): the base and source models alone, and the base
+    model with each variant patched from the source."""
 
     base: float
     source: float
-    variants: list[tuple[Variant, float]]
+    variants: tuple[VariantScore, ...]
     n: int
+    metric: str = "accuracy"
+
+    __hash__ = None
+
+    def to_frame(self):
+        """One row per variant: name, patch, heads, value, and both models' own values."""
+        rows = [
+            {"set": v.name, "patch": v.patch, "n_heads": v.n_heads, "value": value, "base": self.base,
+             "source": self.source}
+            for v, value in self.variants
+        ]
+        return frame(rows, ["set", "patch", "n_heads", "value", "base", "source"])
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "source": self.source, "n": self.n, "metric": self.metric,
+                "variants": [{**v.to_json(), "value": None if math.isnan(x) else x} for v, x in self.variants]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CmapResult:
+        variants = tuple(
+            VariantScore(Variant.from_json(v), math.nan if v["value"] is None else v["value"]) for v in d["variants"]
+        )
+        return cls(d["base"], d["source"], variants, d["n"], d["metric"])
+
+    def __repr__(self) -> str:
+        patched = ", ".join(f"{v.name}/{v.patch}={number(x)}" for v, x in self.variants)
+        return (f"CmapResult({self.metric}: base {number(self.base)}, source {number(self.source)}, n={self.n}; "
+                f"{patched or 'no variants'})")
 
 
 @torch.no_grad()
@@ -190,11 +236,13 @@ def cmap(
     base: HookedTransformer,
     source: HookedTransformer,
     prompts: PromptSet,
-    variants: list[Variant],
+    variants: Sequence[Variant],
+    *,
+    metric: Metric = accuracy,
     settings: RunSettings = QUIET,
 ) -> CmapResult:
-    """Base accuracy, source accuracy, and base accuracy with each variant's heads patched from
-    the source, all on `prompts`."""
+    """`metric` (default accuracy) of the base model, of the source model, and of the base model
+    with each variant's heads patched from the source, all on `prompts`."""
     check_geometry(base, source)
     n_layers, n_heads = base.cfg.n_layers, base.cfg.n_heads
     masks = []
@@ -202,30 +250,30 @@ def cmap(
         check_patch(base, v.patch)
         masks.append(site_masks(v.heads, v.patch, n_layers, n_heads))
     sites = sorted({site for m in masks for site in m})
-    hits = [0] * len(variants)
-    base_hits = source_hits = 0
-    for chunk in tqdm(list(prompts.chunks(settings.batch_size)), desc="cmap", disable=not settings.progress, leave=False):
+    totals = torch.full((len(variants),), math.nan, dtype=torch.float64)  # n x metric, this rank's variants
+    base_total = source_total = 0.0
+    chunks = list(prompts.chunks(settings.batch_size))
+    for chunk in tqdm(chunks, desc="cmap", disable=not settings.progress, leave=False):
         source_logits, values = read_source(source, chunk, sites)
         values = {site: {l: v.to(base.cfg.device) for l, v in by_layer.items()} for site, by_layer in values.items()}
         chunk = chunk.to(base.cfg.device)
         last = chunk.position(LAST)
         run = clean_run(base, chunk.input_ids)
-        source_hits += n_correct(logits_at(source_logits, last), chunk.answers)
-        base_hits += n_correct(logits_at(run.logits, last), chunk.answers)
+        source_total += metric_total(metric, logits_at(source_logits, last), chunk)
+        base_total += metric_total(metric, logits_at(run.logits, last), chunk)
         for i in mine(len(masks)):  # under torchrun, this rank's share of the variants
             m = masks[i]
             if not m:
                 continue
             first = min(_earliest(chunk.position_set(spec)) for _, spec in m)  # first position the patch changes
-            logits = run_suffix(base, run, first_layer(m), first, write_hooks(values, chunk, m, first), read_at=last - first)
-            hits[i] += n_correct(logits, chunk.answers)
+            hooks = write_hooks(values, chunk, m, first)
+            logits = run_suffix(base, run, first_layer(m), first, hooks, read_at=last - first)
+            totals[i] = totals[i].nan_to_num(0.0) + metric_total(metric, logits, chunk)
     n = len(prompts)
-    hits = sum_counts(hits)
+    scores = (combine_nan(totals) / n).tolist()
     return CmapResult(
-        base=base_hits / n,
-        source=source_hits / n,
-        variants=[(v, h / n if m else math.nan) for v, h, m in zip(variants, hits, masks)],
-        n=n,
+        base_total / n, source_total / n, tuple(VariantScore(v, x) for v, x in zip(variants, scores)), n,
+        metric_name(metric),
     )
 
 

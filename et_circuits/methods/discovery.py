@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from jaxtyping import Float
-from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from et_circuits.core.circuit import Circuit
@@ -18,10 +16,11 @@ from et_circuits.core.errors import CircuitError
 from et_circuits.core.metrics import Metric
 from et_circuits.core.prepared import prepare_runs
 from et_circuits.core.prompts import PromptSet, Spec
+from et_circuits.core.serial import frame, spec_from_json, spec_to_json
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.core.types import Head, Receiver
 
-from .path_patching import path_patch, top_heads
+from .path_patching import PathPatching, path_patch
 
 TOP_K_CAP = 0.25  # at most this fraction of all heads per step (matters only for small models)
 
@@ -60,8 +59,54 @@ class Step:
     receivers_from: str | None = None  # the group whose heads receive (default: the step before's)
 
 
-StepLookup = Callable[[Step, list[Receiver]], "Tensor | None"]
-StepDone = Callable[[Step, list[Receiver], Tensor, bool, float], None]
+StepLookup = Callable[[Step, list[Receiver]], "PathPatching | None"]  # a step's earlier result, if any
+StepDone = Callable[[Step, list[Receiver], PathPatching, bool, float], None]  # (..., result, reused, seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class FoundCircuit:
+    """What `find_circuit` finds: the circuit (each group at its step's position), the steps
+    and top-k that found it, every step's `PathPatching` by group, and the groups whose scores
+    were reused from an earlier run rather than computed."""
+
+    circuit: Circuit
+    steps: tuple[Step, ...]
+    top_k: tuple[int, ...]
+    scores: dict[str, PathPatching]
+    reused: tuple[str, ...] = ()
+
+    def to_frame(self):
+        """One row per (step, sender): group, layer, head, score, and whether the head is in the
+        group."""
+        rows = [
+            {**row, "group": group, "chosen": (row["layer"], row["head"]) in set(self.circuit.groups[group])}
+            for group, result in self.scores.items()
+            for row in result.to_frame().to_dict("records")
+        ]
+        return frame(rows, ["group", "layer", "head", "score", "chosen"])
+
+    def to_json(self) -> dict:
+        return {
+            "circuit": self.circuit.to_dict(),
+            "steps": [[s.group, spec_to_json(s.position), s.receiver_kind, s.receivers_from] for s in self.steps],
+            "top_k": list(self.top_k),
+            "scores": {g: r.to_json() for g, r in self.scores.items()},
+            "reused": list(self.reused),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> FoundCircuit:
+        return cls(
+            Circuit.from_dict(d["circuit"]),
+            tuple(Step(g, spec_from_json(p), kind, source) for g, p, kind, source in d["steps"]),
+            tuple(d["top_k"]),
+            {g: PathPatching.from_json(r) for g, r in d["scores"].items()},
+            tuple(d["reused"]),
+        )
+
+    def __repr__(self) -> str:
+        reused = f"; reused: {', '.join(self.reused)}" if self.reused else ""
+        return f"FoundCircuit({self.circuit!r}, top-k {list(self.top_k)}{reused})"
 
 
 def step_receivers(step: Step, previous: Sequence[Head]) -> list[Receiver]:
@@ -78,28 +123,30 @@ def find_circuit(
     corrupt: PromptSet,
     top_k: Sequence[int],
     steps: Sequence[Step],
+    *,
     metric: Metric | None = None,
     relative: bool | None = None,
     method: str = "fast",
     settings: RunSettings = QUIET,
     finished: StepLookup | None = None,
     on_step: StepDone | None = None,
-) -> tuple[Circuit, dict[str, Float[Tensor, "layer head"]]]:
-    """Path patching step after step; each step's receivers are the heads an earlier step found
-    (the step before's, unless `Step.receivers_from` names another), through the step's input
-    kinds at its position (`step_receivers`). A group is its step's `top_k` heads among those
-    that can reach a receiver (`reachable`), so it may hold fewer, or none; a step whose
-    receivers are none scores no sender. Returns the circuit (each group at its step's
-    position) and every step's scores.
+) -> FoundCircuit:
+    """Path patching step after step (`path_patch` with `metric`, `relative`, `method`); each
+    step's receivers are the heads an earlier step found (the step before's, unless
+    `Step.receivers_from` names another), through the step's input kinds at its position
+    (`step_receivers`). A group is its step's `top_k` heads among those that can reach a
+    receiver (`reachable`), so it may hold fewer, or none; a step whose receivers are none
+    scores no sender. Returns a `FoundCircuit`.
 
-    `finished(step, receivers)` may return a step's earlier scores (the step is then not
-    recomputed); `on_step(step, receivers, scores, reused, seconds)` is called after each step.
+    `finished(step, receivers)` may return a step's earlier result (the step is then not
+    recomputed); `on_step(step, receivers, result, reused, seconds)` is called after each step.
     """
     if len(top_k) != len(steps):
         raise CircuitError(f"top-k needs {len(steps)} numbers (one per step), got {list(top_k)}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    scores: dict[str, Tensor] = {}
+    scores: dict[str, PathPatching] = {}
     groups: dict[str, list[Head]] = {}
+    reused_groups = []
     runs = None  # the fast method's clean and corrupt runs, shared by the steps computed
     for i, (step, k) in enumerate(zip(steps, top_k)):
         source = step.receivers_from or (steps[i - 1].group if i else None)
@@ -114,12 +161,14 @@ def find_circuit(
                 runs = prepare_runs(model, clean, corrupt, [s.position for s in steps], settings)
             senders = None if receivers or step.receiver_kind is None else []  # nothing to receive: no sender
             found = path_patch(
-                model, clean, corrupt, step.position, receivers or None, metric, relative, senders, method,
-                settings, runs,
+                model, clean, corrupt, step.position, receivers=receivers or None, metric=metric, relative=relative,
+                senders=senders, method=method, settings=settings, runs=runs,
             )
+        else:
+            reused_groups.append(step.group)
         scores[step.group] = found
         if on_step is not None:
             on_step(step, receivers, found, reused, time.perf_counter() - t0)
-        groups[step.group] = top_heads(found, k, reachable(receivers, n_layers, n_heads))
+        groups[step.group] = found.top(k, among=reachable(receivers, n_layers, n_heads))
     circuit = Circuit(groups, {s.group: s.position for s in steps})
-    return circuit, scores
+    return FoundCircuit(circuit, tuple(steps), tuple(top_k), scores, tuple(reused_groups))

@@ -9,6 +9,7 @@ built on F (minimality, completeness) are in `minimality`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -26,8 +27,10 @@ from et_circuits.core.errors import CircuitError, DataError
 from et_circuits.core.forward import measure
 from et_circuits.core.hooks import logits_at, mean_activations, replace_hooks
 from et_circuits.core.io import read_tensors, write_tensors
+from et_circuits.core.metrics import Metric, accuracy, metric_name, metric_value
 from et_circuits.core.prompts import LAST, PromptSet
 from et_circuits.core.restart import clean_run, earliest, run_from, same_start_chunks, tile
+from et_circuits.core.serial import frame, number
 from et_circuits.core.settings import QUIET, RunSettings
 
 
@@ -50,6 +53,7 @@ def keep_mask(circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int)
 def position_means(
     model: HookedTransformer,
     reference: PromptSet,
+    *,
     settings: RunSettings = QUIET,
     cache_dir: str | os.PathLike | None = None,
 ) -> Float[Tensor, "layer pos head d"]:
@@ -79,21 +83,34 @@ def _means_digest(model: HookedTransformer, reference: PromptSet, batch_size: in
     return digest.hexdigest()[:16]
 
 
-def ablated_accuracy(
+ABLATION_METHODS = ("fast", "reference")
+
+
+def ablated_scores(
     model: HookedTransformer,
-    circuit: Circuit,
+    circuits: Sequence[Circuit],
     prompts: PromptSet,
     means: Float[Tensor, "layer pos head d"],
+    *,
+    metric: Metric = accuracy,
     settings: RunSettings = QUIET,
     ablate_circuit: bool = False,
-) -> float:
-    """F(C): accuracy with every head outside the circuit (or off its group's positions)
-    replaced by its position-wise mean. With `ablate_circuit`, the complement: only the
-    circuit's heads at their groups' positions are mean-ablated (F(M \\ C))."""
-    return ablated_accuracies(model, [circuit], prompts, means, settings, ablate_circuit)[0]
-
-
-METHODS = ("fast", "reference")
+    method: str = "fast",
+) -> list[float]:
+    """F(C) of each circuit: `metric` (default accuracy) with every head outside the circuit
+    (or off its group's positions) replaced by its position-wise mean. With `ablate_circuit`,
+    the complement: only the circuit's heads at their groups' positions are mean-ablated
+    (F(M \\ C)). The circuits share forwards: the prompts repeated once per circuit, each row
+    ablated as its circuit asks, at most `settings.max_rows` rows in a pass; the metric then
+    reads each circuit's last-position logits at once. The two methods agree to rounding
+    (`ablated_last_logits`)."""
+    logits_of = torch.zeros(len(circuits), len(prompts), model.cfg.d_vocab)
+    for which, row, logits in ablated_last_logits(
+        model, circuits, prompts, means, settings=settings, ablate_circuit=ablate_circuit, method=method
+    ):
+        logits_of[which, row] = logits.float().cpu()
+    cpu = prompts.to("cpu")
+    return [metric_value(metric(logits, cpu)) for logits in logits_of]
 
 
 def ablated_accuracies(
@@ -101,18 +118,29 @@ def ablated_accuracies(
     circuits: Sequence[Circuit],
     prompts: PromptSet,
     means: Float[Tensor, "layer pos head d"],
+    *,
     settings: RunSettings = QUIET,
     ablate_circuit: bool = False,
     method: str = "fast",
 ) -> list[float]:
-    """`ablated_accuracy` of several circuits in shared forwards: the prompts repeated once per
-    circuit, each row ablated as its circuit asks, at most `settings.max_rows` rows in a pass.
-    The two methods agree to rounding (`ablated_last_logits`)."""
-    correct = torch.zeros(len(circuits), len(prompts), dtype=torch.bool)
-    cpu = prompts.to("cpu")
-    for which, row, logits in ablated_last_logits(model, circuits, prompts, means, settings, ablate_circuit, method):
-        correct[which, row] = logits.argmax(-1).cpu() == cpu.answers[row]
-    return correct.float().mean(1).tolist()
+    """`ablated_scores` with the accuracy metric."""
+    return ablated_scores(
+        model, circuits, prompts, means, metric=accuracy, settings=settings, ablate_circuit=ablate_circuit, method=method
+    )
+
+
+def ablated_accuracy(
+    model: HookedTransformer,
+    circuit: Circuit,
+    prompts: PromptSet,
+    means: Float[Tensor, "layer pos head d"],
+    *,
+    settings: RunSettings = QUIET,
+    ablate_circuit: bool = False,
+) -> float:
+    """`ablated_scores` of one circuit with the accuracy metric: F(C), or F(M \\ C) with
+    `ablate_circuit`."""
+    return ablated_accuracies(model, [circuit], prompts, means, settings=settings, ablate_circuit=ablate_circuit)[0]
 
 
 @torch.no_grad()
@@ -121,6 +149,7 @@ def ablated_last_logits(
     circuits: Sequence[Circuit],
     prompts: PromptSet,
     means: Float[Tensor, "layer pos head d"],
+    *,
     settings: RunSettings = QUIET,
     ablate_circuit: bool = False,
     method: str = "fast",
@@ -134,8 +163,8 @@ def ablated_last_logits(
       `ablate_circuit`, ablates), every row is the same run: all heads ablated (or none). That
       run is made once per chunk of prompts, and each row restarts from it at that position
       (`restart.run_from`), attending to its keys and values before it."""
-    if method not in METHODS:
-        raise CircuitError(f"unknown ablation method {method!r}; expected one of {METHODS}")
+    if method not in ABLATION_METHODS:
+        raise CircuitError(f"unknown ablation method {method!r}; expected one of {ABLATION_METHODS}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     for circuit in circuits:
         circuit.validate(n_layers, n_heads)
@@ -195,19 +224,42 @@ def slot_share(circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int
     return share.float().mean().item()
 
 
-@dataclass
+SCORES = ("full", "circuit", "random", "faithfulness", "slots")
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """Table 1's columns for one model and circuit; `slots`: the circuit's share of the
-    (head, position) slots at its positions (`slot_share`)."""
+    """A circuit under mean ablation (the columns of the paper's Table 1): the metric of the
+    full model, of the circuit and, averaged over `n_random` draws, of random circuits of the
+    same group sizes and positions; faithfulness = circuit / full; `slots`: the circuit's share
+    of the (head, position) slots at its positions (`slot_share`)."""
 
     full: float
     circuit: float
     random: float
     faithfulness: float
     slots: float
+    metric: str = "accuracy"
+    n_random: int = 10
+    n: int = 0
 
     def as_row(self) -> dict:
-        return {k: round(v, 4) for k, v in self.__dict__.items()}
+        """The five numbers, rounded to 4 decimals (a table row)."""
+        return {k: round(getattr(self, k), 4) for k in SCORES}
+
+    def to_frame(self):
+        return frame([{**self.as_row(), "metric": self.metric, "n": self.n}], [*SCORES, "metric", "n"])
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Evaluation:
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        numbers = ", ".join(f"{k}={number(getattr(self, k))}" for k in SCORES)
+        return f"Evaluation({numbers}; {self.metric}, n={self.n}, {self.n_random} random circuits)"
 
 
 def evaluate_circuit(
@@ -215,22 +267,25 @@ def evaluate_circuit(
     circuit: Circuit,
     prompts: PromptSet,
     reference: PromptSet,
+    *,
+    metric: Metric = accuracy,
     n_random: int = 10,
     seed: int = 0,
     settings: RunSettings = QUIET,
     means: Float[Tensor, "layer pos head d"] | None = None,
 ) -> Evaluation:
-    """Full accuracy, circuit accuracy (means over `reference`, or the given `means` of it),
-    mean random-circuit accuracy over `n_random` draws (evaluated with the circuit in shared
-    forwards), and faithfulness = circuit / full."""
+    """`metric` (default accuracy) of the full model, of the circuit under mean ablation (means
+    over `reference`, or the given `means` of it) and of `n_random` random circuits drawn with
+    `seed` (evaluated with the circuit in shared forwards); faithfulness = circuit / full."""
     if means is None:
-        means = position_means(model, reference, settings)
+        means = position_means(model, reference, settings=settings)
     quiet = RunSettings(settings.batch_size, settings.max_rows, progress=False)
-    full = measure(model, prompts, settings=quiet)
+    full = measure(model, prompts, metric, settings=quiet)
     rng = random.Random(seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     randoms = [random_circuit(circuit, n_layers, n_heads, rng) for _ in range(n_random)]
-    circ, *rand = ablated_accuracies(model, [circuit, *randoms], prompts, means, settings)
+    circ, *rand = ablated_scores(model, [circuit, *randoms], prompts, means, metric=metric, settings=settings)
     rand_mean = sum(rand) / len(rand) if rand else float("nan")
     slots = slot_share(circuit, prompts, n_layers, n_heads)
-    return Evaluation(full, circ, rand_mean, circ / full if full else float("nan"), slots)
+    name = metric_name(metric)
+    return Evaluation(full, circ, rand_mean, circ / full if full else float("nan"), slots, name, n_random, len(prompts))

@@ -65,10 +65,21 @@ from et_circuits.core.hooks import (
     per_head_values,
     store_hooks,
 )
-from et_circuits.core.metrics import Metric, answer_prob, metric_total, score_of
+from et_circuits.core.metrics import Metric, answer_prob, metric_name, metric_total, score_of
 from et_circuits.core.prepared import PreparedRuns, prepare_runs
-from et_circuits.core.prompts import LAST, PromptSet
+from et_circuits.core.prompts import LAST, PromptSet, Spec, spec_text
 from et_circuits.core.restart import earliest, run_from, same_start_chunks, tile
+from et_circuits.core.serial import (
+    frame,
+    head_text,
+    number,
+    receivers_from_json,
+    receivers_to_json,
+    spec_from_json,
+    spec_to_json,
+    table_from_json,
+    table_to_json,
+)
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.core.types import INPUT_KINDS, Head, Receiver
 
@@ -245,11 +256,66 @@ def _fast_chunk(
 # Public API
 
 
+@dataclass(frozen=True, eq=False)
+class PathPatching:
+    """One path-patching sweep: `scores[layer, head]` of every sender head at `sender_position`
+    (NaN: not a sender; CPU, float32), through `receivers` (none: the direct effect on the
+    metric), with the metric's name, whether scores are relative to the clean value, the method
+    and the number of prompts. Negative scores: the patch lowers the metric."""
+
+    scores: Float[Tensor, "layer head"]
+    sender_position: Spec
+    receivers: tuple[Receiver, ...] = ()
+    metric: str = "answer_prob"
+    relative: bool = True
+    method: str = "fast"
+    n: int = 0
+
+    def top(self, k: int, *, among: Sequence[Head] | None = None) -> list[Head]:
+        """The `k` heads with the most negative scores (`top_heads`)."""
+        return top_heads(self.scores, k, among=among)
+
+    def to_frame(self):
+        """One row per sender: layer, head, score (most negative first)."""
+        rows = [
+            {"layer": layer, "head": head, "score": float(self.scores[layer, head])}
+            for layer, head in self.top(self.scores.numel())
+        ]
+        return frame(rows, ["layer", "head", "score"])
+
+    def to_json(self) -> dict:
+        return {
+            "sender_position": spec_to_json(self.sender_position),
+            "receivers": receivers_to_json(self.receivers),
+            "metric": self.metric, "relative": self.relative, "method": self.method, "n": self.n,
+            "scores": table_to_json(self.scores),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> PathPatching:
+        return cls(
+            table_from_json(d["scores"]), spec_from_json(d["sender_position"]), receivers_from_json(d["receivers"]),
+            d["metric"], d["relative"], d["method"], d["n"],
+        )
+
+    def __repr__(self) -> str:
+        senders = int((~self.scores.isnan()).sum())
+        through = ""
+        if self.receivers:
+            kinds = "".join(sorted({r.kind for r in self.receivers}))
+            through = f", through {len(self.receivers)} {kinds} inputs at {spec_text(sorted({spec_text(r.position) for r in self.receivers}))}"
+        top = ", ".join(f"{head_text(h)} {number(float(self.scores[h]))}" for h in self.top(3))
+        kind = "relative " if self.relative else ""
+        return (f"PathPatching(at {spec_text(self.sender_position)}, {senders} senders{through}; "
+                f"{kind}{self.metric}, n={self.n}; top: {top or 'none'})")
+
+
 def path_patch(
     model: HookedTransformer,
     clean: PromptSet,
     corrupt: PromptSet,
-    sender_position: str,
+    sender_position: Spec,
+    *,
     receivers: Sequence[Receiver] | None = None,
     metric: Metric | None = None,
     relative: bool | None = None,
@@ -257,15 +323,16 @@ def path_patch(
     method: str = "fast",
     settings: RunSettings = QUIET,
     runs: PreparedRuns | None = None,
-) -> Float[Tensor, "layer head"]:
+) -> PathPatching:
     """Path-patching score of every sender head at `sender_position` (all heads unless
-    `senders` is given; the others are NaN), on CPU in float32.
+    `senders` is given; the others are NaN), as a `PathPatching` (see the module docstring).
 
     `receivers`: None for the direct effect on the metric, else (layer, head, "q"|"k"|"v",
     position) inputs the effect is measured through. `metric(logits_at_last, prompts)`, a mean
     over prompts (default `metrics.answer_prob`); a sender's score is metric(patched) -
     metric(clean), divided by metric(clean) if `relative` (default: True for the default
-    metric, False for one passed in). `runs`: the fast method's clean and corrupt runs
+    metric, False for one passed in). `method`: "fast" (default) or "reference" (two full
+    forwards per sender; the same scores). `runs`: the fast method's clean and corrupt runs
     (`prepare_runs`; made here if not given: pass them to share them between calls).
     """
     if method not in METHODS:
@@ -311,14 +378,23 @@ def path_patch(
             if sites.masks:  # senders at or above every receiver's layer are unchanged: score 0
                 top = sites.layers[-1]
                 total[top:][sender_mask[top:]] = total_clean
-    return score_of(total, total_clean, len(clean), relative)
+    return PathPatching(
+        score_of(total, total_clean, len(clean), relative), sender_position, tuple(Receiver(*r) for r in receivers or ()),
+        metric_name(metric), relative, method, len(clean),
+    )
 
 
 
 
-def top_heads(scores: Float[Tensor, "layer head"], k: int, among: Sequence[Head] | None = None) -> list[Head]:
+def top_heads(
+    scores: PathPatching | Float[Tensor, "layer head"], k: int, *, among: Sequence[Head] | None = None
+) -> list[Head]:
     """The `k` heads with the most negative scores (ties: lower layer, then lower head), only
     from `among` if given; heads scored NaN (not senders) are never chosen, so there may be fewer."""
+    if isinstance(scores, PathPatching):
+        scores = scores.scores
+    if k < 0:
+        raise CircuitError(f"top-k needs a number of heads >= 0, got {k}")
     n_heads = scores.shape[1]
     flat = scores.flatten()
     if among is not None:

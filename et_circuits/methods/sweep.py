@@ -39,21 +39,22 @@ from et_circuits.core.errors import DataError
 from et_circuits.core.hooks import last_rows_hook, per_head_values
 from et_circuits.core.metrics import Metric, answer_prob, metric_total, score_of
 from et_circuits.core.prepared import PreparedRuns, prepare_runs
-from et_circuits.core.prompts import LAST, PromptSet, Spec
+from et_circuits.core.prompts import LAST, PromptSet, Spec, spec_text
 from et_circuits.core.restart import earliest, run_from, same_start_chunks, tile
+from et_circuits.core.serial import frame, spec_from_json, table_from_json
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.core.types import Receiver
 
 from .path_patching import path_patch
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Sweep:
     """A sweep's scores: per position, per layer (`layers[i, l]` for `positions[i]`); the
     `marked` positions; and at the smallest marked ones (the keys of `heads` and `paths`), per
     head, by activation patching (`heads`) and by path patching through every later head's
     inputs there (`paths`). `tokens`: the first prompt's token(s) at each position (for
-    figures)."""
+    figures and reprs)."""
 
     positions: list[Spec]
     layers: Float[Tensor, "position layer"]
@@ -73,9 +74,38 @@ class Sweep:
             "tokens": self.tokens,
             "layers": table(self.layers),
             "marked": self.marked,
-            "heads": {p: table(t) for p, t in self.heads.items()},
-            "paths": {p: table(t) for p, t in self.paths.items()},
+            "heads": {spec_text(p): table(t) for p, t in self.heads.items()},
+            "paths": {spec_text(p): table(t) for p, t in self.paths.items()},
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Sweep:
+        """A sweep from `to_json` (its scores as rounded there)."""
+        positions = [spec_from_json(p) for p in d["positions"]]
+        by_text = {spec_text(p): p for p in positions}
+        return cls(
+            positions, table_from_json(d["layers"]), [spec_from_json(p) for p in d["marked"]],
+            {by_text[p]: table_from_json(t) for p, t in d["heads"].items()},
+            {by_text[p]: table_from_json(t) for p, t in d["paths"].items()},
+            list(d.get("tokens", [])),
+        )
+
+    def to_frame(self):
+        """One row per (position, layer): position, its token, layer, score, marked."""
+        tokens = self.tokens or [""] * len(self.positions)
+        rows = [
+            {"position": spec_text(p), "token": t, "layer": layer, "score": score, "marked": p in self.marked}
+            for p, t, scores in zip(self.positions, tokens, self.layers.tolist())
+            for layer, score in enumerate(scores)
+        ]
+        return frame(rows, ["position", "token", "layer", "score", "marked"])
+
+    def __repr__(self) -> str:
+        token = dict(zip(map(spec_text, self.positions), self.tokens))
+        marked = ", ".join(f"{spec_text(p)} ({token.get(spec_text(p), '')})" for p in self.marked) or "none"
+        detailed = ", ".join(map(spec_text, self.heads)) or "none"
+        return (f"Sweep({len(self.positions)} positions x {self.layers.shape[1]} layers; marked: {marked}; "
+                f"head sweeps at: {detailed})")
 
 
 def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
@@ -88,7 +118,7 @@ def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
     return prompts.replace(positions={name: torch.full((n,), i) for i, name in enumerate(names)}), names
 
 
-Variant = tuple[int, int | None]  # (layer, head): one head of a layer, or all of them (None)
+PatchTarget = tuple[int, int | None]  # (layer, head): one head of a layer, or all of them (None)
 
 
 @torch.no_grad()
@@ -97,7 +127,7 @@ def _patched_metrics(
     runs: PreparedRuns,
     clean: PromptSet,
     spec: Spec,
-    variants: Sequence[Variant],
+    variants: Sequence[PatchTarget],
     metric: Metric,
     settings: RunSettings,
 ) -> tuple[Float[Tensor, " variants"], float]:
@@ -149,6 +179,7 @@ def sweep(
     clean: PromptSet,
     corrupt: PromptSet,
     positions: Sequence[Spec] | None = None,
+    *,
     metric: Metric | None = None,
     relative: bool | None = None,
     mark: float = 0.1,
@@ -172,7 +203,7 @@ def sweep(
     n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(clean)
     runs = prepare_runs(model, clean, corrupt, positions, settings)
 
-    def scored(variants: list[Variant], what: str, specs: list[Spec]) -> list[Tensor]:
+    def scored(variants: list[PatchTarget], what: str, specs: list[Spec]) -> list[Tensor]:
         """Each spec's scores of `variants`, one spec per rank under torchrun."""
         bar = tqdm(total=len(specs), desc=f"position sweep: {what}", disable=not settings.progress, leave=False)
 
@@ -193,7 +224,9 @@ def sweep(
         paths: dict[Spec, Tensor] = {}
         for spec in tqdm(detailed, desc="position sweep: paths", disable=not settings.progress, leave=False):
             readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
-            paths[spec] = path_patch(model, clean, corrupt, spec, readers, metric, relative, settings=settings, runs=runs)
+            paths[spec] = path_patch(
+                model, clean, corrupt, spec, receivers=readers, metric=metric, relative=relative, settings=settings, runs=runs
+            ).scores
     return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))
 
 
@@ -205,7 +238,7 @@ def _tokens_at(model: HookedTransformer, prompts: PromptSet, positions: Sequence
     return [" ".join(words[i] for i in prompts[:1].position_set(p)[0].tolist() if i >= 0) for p in positions]
 
 
-def smallest(sweep: Sweep, prompts: PromptSet, keep: float = 0.9) -> list[Spec]:
+def smallest(sweep: Sweep, prompts: PromptSet, *, keep: float = 0.9) -> list[Spec]:
     """The marked positions without redundant ones: a marked spec is dropped when another
     marked spec covers a subset of its positions in every prompt and keeps at least `keep` of
     its effect (e.g. a set "item+1", every item's next token, when "target+1", the one item's,

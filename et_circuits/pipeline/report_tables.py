@@ -6,7 +6,6 @@ report's sections (which tables and figures each shows). `build` reads a run and
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from et_circuits.core.circuit import Circuit
 from et_circuits.core.prompts import spec_text
 from et_circuits.presentation.report import Section, Table, figure_stems, render_page
 from et_circuits.tasks.entity_tracking.paper import CITATION, PUBLISHED, letter, paper_model, published
+
+from . import results as layout
 
 
 def with_paper(frame: pd.DataFrame, table: str, key: str = "model") -> pd.DataFrame:
@@ -61,18 +62,15 @@ def paper_rows_only(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def table1_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    frame = _csv(results / "table1.csv")
+    frame = _csv(results / layout.TABLE1)
     return None if frame is None else paper_rows_only(with_paper(frame, "table1"))
-
-
-READING_DIRS = {"paper": "", "discovered": "discovered"}  # RESULTS/<model>/<dir>/circuit.json
 
 
 def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     rows = []
-    for reading, sub in READING_DIRS.items():
+    for reading in layout.READING_DIRS:
         for name in models:
-            path = results / name / sub / "circuit.json"
+            path = layout.circuit_path(results, name, reading)
             if path.exists():
                 circuit = Circuit.load(path)
                 sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
@@ -82,7 +80,7 @@ def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
 
 
 def overlap_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    frame = _csv(results / "overlap.csv")
+    frame = _csv(results / layout.OVERLAP)
     if frame is None:
         return None
     if "positions" not in frame:
@@ -95,10 +93,10 @@ def sweep_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     discovered circuit's groups act."""
     rows = []
     for name in models:
-        sweep = _json(results / name / "discovered" / "sweep.json")
+        sweep = layout.read_json_or_empty(layout.reading_dir(results, name, "discovered") / layout.SWEEP)
         if not sweep:
             continue
-        path = results / name / "discovered" / "circuit.json"
+        path = layout.circuit_path(results, name, "discovered")
         circuit = Circuit.load(path) if path.exists() else None
         rows.append({
             "model": name, "prompts": sweep.get("n", ""), "mark at (share of the largest)": sweep.get("mark", ""),
@@ -112,7 +110,7 @@ def sweep_table(results: Path, models: list[str]) -> pd.DataFrame | None:
 def figure2_table(results: Path, models: list[str], section: str = "base_circuit") -> pd.DataFrame | None:
     """DCM on the base circuit (of one reading: `section`): one row per group and desideratum,
     mean ± std (%) per model, then the paper's value per paper model (paper reading only)."""
-    frame = _csv(results / "dcm.csv")
+    frame = _csv(results / layout.DCM_CSV)
     if frame is None:
         return None
     rows = frame[frame.circuit == section]
@@ -147,7 +145,7 @@ def _cmap_wide(frame: pd.DataFrame, column: pd.Series, table: str) -> pd.DataFra
 
 
 def figure3_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    frame = _csv(results / "cmap.csv")
+    frame = _csv(results / layout.CMAP_CSV)
     if frame is None:
         return None
     outputs = frame[frame.patch == "z"]
@@ -155,7 +153,7 @@ def figure3_table(results: Path, models: list[str]) -> pd.DataFrame | None:
 
 
 def input_patching_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    frame = _csv(results / "cmap.csv")
+    frame = _csv(results / layout.CMAP_CSV)
     if frame is None:
         return None
     inputs = frame[frame.patch != "z"]
@@ -163,7 +161,7 @@ def input_patching_table(results: Path, models: list[str]) -> pd.DataFrame | Non
 
 
 def knockout_table(results: Path, models: list[str]) -> pd.DataFrame | None:
-    frame = _csv(results / "knockout.csv")
+    frame = _csv(results / layout.KNOCKOUT_CSV)
     if frame is None:
         return None
     wide = _wide(frame, ["model", "edge"], "from L" + frame.from_layer.astype(str), "accuracy", ("full_accuracy", "n"))
@@ -174,26 +172,11 @@ def knockout_table(results: Path, models: list[str]) -> pd.DataFrame | None:
 # The models and settings of the run
 
 
-def _score_metadata(results: Path, name: str) -> dict[str, str]:
-    """The metadata of a model's first saved path-patching step (seed, n, boxes, dtype, method)."""
-    from safetensors import safe_open
-
-    files = sorted((results / name / "path_patching").glob("*.safetensors"))
-    if not files:
-        return {}
-    with safe_open(str(files[0]), framework="numpy") as f:
-        return dict(f.metadata() or {})
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def models_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     rows = []
     for i, name in enumerate(models):
-        meta = _score_metadata(results, name)
-        minimality = _json(results / name / "minimality.json")
+        meta = layout.first_step_metadata(results, name)
+        minimality = layout.read_json_or_empty(results / name / layout.MINIMALITY)
         rows.append({
             "model": name,
             "role": "base" if i == 0 else "fine-tuned",
@@ -210,7 +193,7 @@ def dcm_settings_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     rows = [
         {"model": name, "base circuit": d.get("base", ""), **d.get("settings", {})}
         for name in models
-        if (d := _json(results / name / "dcm.json"))
+        if (d := layout.read_json_or_empty(results / name / layout.DCM))
     ]
     return pd.DataFrame(rows) if rows else None
 
@@ -274,10 +257,10 @@ SECTIONS = (
 
 def discover_models(results: Path) -> list[str]:
     """The models with results: table1.csv's order (base first), else every <model>/circuit.json."""
-    table = _csv(results / "table1.csv")
+    table = _csv(results / layout.TABLE1)
     if table is not None:
         return list(table.model)
-    return sorted(p.parent.name for p in results.glob("*/circuit.json"))
+    return sorted(p.parent.name for p in results.glob(f"*/{layout.CIRCUIT}"))
 
 
 def build(results: Path, figures_dir: Path, models: list[str] | None = None) -> str:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.methods.discovery import Step
+from et_circuits.methods.minimality import Completeness
 from et_circuits.methods.sweep import Sweep
 
 from .style import group_colours, group_title, head_label, letter, position_title
@@ -185,17 +186,18 @@ def table_figure(header: Sequence[str], rows: Sequence[Sequence], title: str = "
     return fig
 
 
-def completeness_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
-    """F(C \\ K) against F(M \\ K) per knocked-out set K; a complete circuit lies on the diagonal."""
+def completeness_figure(result: Completeness, title: str = "") -> go.Figure:
+    """F(C \\ K) against F(M \\ K) per knocked-out set K of a `Completeness`; a complete circuit
+    lies on the diagonal."""
     fig = go.Figure()
     for kind, symbol in (("group", "diamond"), ("random", "circle")):
-        sel = [r for r in rows if r["kind"] == kind]
+        sel = [s for s in result.sets if s.kind == kind]
         fig.add_trace(
             go.Scatter(
-                x=[r["model_without"] for r in sel],
-                y=[r["circuit_without"] for r in sel],
+                x=[s.model_without for s in sel],
+                y=[s.circuit_without for s in sel],
                 mode="markers+text" if kind == "group" else "markers",
-                text=[letter(r["name"]) for r in sel] if kind == "group" else None,
+                text=[letter(s.name) for s in sel] if kind == "group" else None,
                 textposition="top center",
                 marker=dict(symbol=symbol, size=11),
                 name=f"K = {kind}",
@@ -208,12 +210,11 @@ def completeness_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
     return fig
 
 
-def sweep_heatmap(sweep: Sweep | dict, title: str = "") -> go.Figure:
-    """The layer sweep (a `Sweep`, or its JSON as in sweep.json): one row per position (labelled
-    with the position and a typical prompt's token there), one column per layer; red = the
-    patch lowers the metric. Marked positions are starred."""
-    if isinstance(sweep, Sweep):
-        sweep = sweep.to_json()
+def sweep_heatmap(result: Sweep, title: str = "") -> go.Figure:
+    """The layer sweep of a `Sweep`: one row per position (labelled with the position and a
+    typical prompt's token there), one column per layer; red = the patch lowers the metric.
+    Marked positions are starred."""
+    sweep = result.to_json()
     positions = [p if isinstance(p, str) else " / ".join(p) for p in sweep["positions"]]
     tokens = sweep.get("tokens") or [""] * len(positions)
     labels = [f"{'* ' if p in sweep['marked'] else ''}{p}" + (f" ({t})" if t else "") for p, t in zip(positions, tokens)]

@@ -74,22 +74,22 @@ def masked_logits(
 
 
 @torch.no_grad()
-def patched_correct(
+def patched_logits(
     model: HookedTransformer,
     heads: Sequence[Head],
     selected: Bool[Tensor, " k"] | Bool[Tensor, "n k"],
     data: PairData,
     batch_size: int = 32,
-) -> Bool[Tensor, " n"]:
-    """Per pair: is the argmax the target when the selected heads (one selection for all pairs,
-    or one per pair) are patched from the source into the base (the other heads untouched)?"""
+) -> Float[Tensor, "n vocab"]:
+    """Last-position logits of every pair (CPU, float32) when the selected heads (one selection
+    for all pairs, or one per pair) are patched from the source into the base (the other heads
+    untouched)."""
     mask = (~selected).float()
     out = []
     for start in range(0, len(data), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(data)))
         chunk = data.take(rows)
-        logits = masked_logits(model, heads, mask if mask.ndim == 1 else mask[rows], chunk)
-        out.append(logits.argmax(-1).cpu() == chunk.target)
+        out.append(masked_logits(model, heads, mask if mask.ndim == 1 else mask[rows], chunk).float().cpu())
     return torch.cat(out)
 
 

@@ -46,6 +46,17 @@ class Pairs:
         return Pairs(self.base[index], self.source[index])
 
 
+@dataclass(frozen=True)
+class Question:
+    """One DCM question: which of `heads` at `position` carry what the pairs test. `fit` pairs
+    are split by each seed into train and eval; `test` pairs give the reported score."""
+
+    heads: tuple[Head, ...]
+    position: Spec
+    fit: Pairs
+    test: Pairs
+
+
 @torch.no_grad()
 def source_values(
     model: HookedTransformer,
@@ -84,14 +95,21 @@ class PairData:
     values: Float[Tensor, "n slots k d_head"]
     run: CleanRun | None = None
     restart: tuple[int, int] | None = None
+    wrong: Int[Tensor, "n w"] | None = None  # the base prompts' wrong answers, where they have them
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def prompts(self) -> PromptSet:
+        """The base prompts as a PromptSet whose answers are the targets: what a metric reads."""
+        return PromptSet(self.input_ids, self.target, {LAST: self.last}, wrong_answers=self.wrong)
+
     def take(self, idx: Int[Tensor, " m"]) -> PairData:
         run = self.run.take(idx) if self.run is not None else None
+        wrong = None if self.wrong is None else self.wrong[idx]
         return PairData(
-            self.input_ids[idx], self.position[idx], self.last[idx], self.target[idx], self.values[idx], run, self.restart
+            self.input_ids[idx], self.position[idx], self.last[idx], self.target[idx], self.values[idx], run,
+            self.restart, wrong,
         )
 
     def chunks(self, size: int):
@@ -105,7 +123,10 @@ class PairData:
             raise DataError("pairs joined into one batch need the same restart point")
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
         run = None if parts[0].run is None else CleanRun.concat([p.run for p in parts])
-        return PairData(cat("input_ids"), cat("position"), cat("last"), cat("target"), cat("values"), run, parts[0].restart)
+        wrong = None if any(p.wrong is None for p in parts) else cat("wrong")
+        return PairData(
+            cat("input_ids"), cat("position"), cat("last"), cat("target"), cat("values"), run, parts[0].restart, wrong
+        )
 
 
 def restart_point(heads: Sequence[Head], positions: Int[Tensor, "n slots"]) -> tuple[int, int]:
@@ -118,6 +139,7 @@ def prepare_pairs(
     pairs: Pairs,
     position: Spec,
     heads: Sequence[Head],
+    *,
     values: Mapping[Head, Tensor] | None = None,
     run: CleanRun | bool = True,
     batch_size: int = 32,
@@ -135,7 +157,7 @@ def prepare_pairs(
         raise DataError(f"source and base prompts have different numbers of {position!r} positions")
     n, d = len(pairs), model.cfg.d_head
     stacked = torch.stack([values[h] for h in heads], dim=2) if heads else torch.zeros(n, at.shape[1], 0, d)
-    data = PairData(base.input_ids, at, base.position(LAST), pairs.target, stacked)
+    data = PairData(base.input_ids, at, base.position(LAST), pairs.target, stacked, wrong=base.wrong_answers)
     if heads and run is not False:
         data.restart = restart_point(heads, data.position)
         if isinstance(run, CleanRun):

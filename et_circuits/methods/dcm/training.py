@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from et_circuits.core.errors import DataError
+from et_circuits.core.metrics import Metric, accuracy, metric_value
 from et_circuits.core.types import Head
 
-from .masking import frozen, masked_logits, patched_correct
+from .masking import frozen, masked_logits, patched_logits
 from .pairs import PairData
 
 THRESHOLD = 0.5  # a head is selected (patched from the source) when its mask is below this
@@ -49,7 +50,7 @@ class MaskResult:
     heads: list[Head]  # in mask order
     mask: list[float]  # final clamped mask
     selected: list[Head]  # heads of the best rounded mask (m < 0.5: patched)
-    eval_accuracy: float
+    eval_score: float  # the metric on the eval pairs with that mask
     best_step: int  # 0: the initial mask (no head patched) was never beaten
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -79,41 +80,47 @@ def train_mask(
     heads: Sequence[Head],
     train: PairData,
     eval: PairData,
+    *,
     config: DCMConfig = DCMConfig(),
+    metric: Metric = accuracy,
     seed: int = 0,
     progress: bool = False,
 ) -> MaskResult:
     """Train one DCM mask over `heads` (see the module docstring); deterministic per seed."""
-    return train_masks(model, heads, [MaskJob(train, eval, seed)], config, progress)[0]
+    return train_masks(model, heads, [MaskJob(train, eval, seed)], config=config, metric=metric, progress=progress)[0]
 
 
 def train_masks(
     model: HookedTransformer,
     heads: Sequence[Head],
     jobs: Sequence[MaskJob],
+    *,
     config: DCMConfig = DCMConfig(),
+    metric: Metric = accuracy,
     progress: bool = False,
 ) -> list[MaskResult]:
     """Train one mask over `heads` per job, all in the same forward passes: each step stacks
     every job's batch, each row mixed by its own job's mask, and the loss is the sum of the
     jobs' losses, so each mask gets the gradient it would get alone (and Adam, elementwise,
-    takes the same step). Each job's rounded masks are scored on its own eval pairs, the jobs'
-    new ones in shared passes. The jobs need the same number of train pairs."""
+    takes the same step). Each job's rounded masks are scored with `metric` (default accuracy)
+    on its own eval pairs, the jobs' new ones in shared passes; the best-scoring one is kept.
+    The jobs need the same number of train pairs."""
     heads = [tuple(map(int, h)) for h in heads]
     n_jobs, k = len(jobs), len(heads)
     if len({len(j.train) for j in jobs}) > 1:
         raise DataError("masks trained together need the same number of train pairs")
     scores: list[dict[tuple[bool, ...], float]] = [{} for _ in jobs]
+    eval_prompts = [j.eval.prompts() for j in jobs]
 
     def score(selected: Bool[Tensor, "jobs k"]) -> list[float]:
-        """Each job's eval accuracy with its rounded mask (each distinct one computed once)."""
+        """Each job's eval score with its rounded mask (each distinct one computed once)."""
         todo = [j for j in range(n_jobs) if tuple(selected[j].tolist()) not in scores[j]]
         if todo:
             data, job = stacked([jobs[j].eval for j in todo])
             rows = selected[torch.tensor(todo)][job]
-            correct = patched_correct(model, heads, rows, data, config.inference_batch_size).float()
+            logits = patched_logits(model, heads, rows, data, config.inference_batch_size)
             for i, j in enumerate(todo):
-                scores[j][tuple(selected[j].tolist())] = correct[job == i].mean().item()
+                scores[j][tuple(selected[j].tolist())] = metric_value(metric(logits[job == i], eval_prompts[j]))
         return [scores[j][tuple(selected[j].tolist())] for j in range(n_jobs)]
 
     none = torch.zeros(n_jobs, k, dtype=torch.bool)

@@ -1,7 +1,7 @@
-"""Pipeline stages behind the CLI: each module has `register(subparsers)` adding its commands,
-parses their arguments, calls a library recipe and writes the result files it owns under
-RESULTS/ (read by the next stage)."""
+"""The stages behind the CLI: each module's `register(subparsers)` adds its commands, which
+parse their arguments, call a recipe and write the files `results` names (read by the next
+stage)."""
 
-from . import circuit, cmap, dcm, report
+from . import circuit, cmap, dcm, knockout, report, table1
 
-STAGES = [cmap, circuit, dcm, report]  # cmap also holds knockout
+STAGES = [cmap, circuit, table1, dcm, knockout, report]

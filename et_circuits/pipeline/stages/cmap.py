@@ -1,11 +1,7 @@
-"""Stages `cmap` (Figure 3: fine-tuned -> base activation patching) and `knockout` (attention
-knockout curves).
-
-`cmap` reads RESULTS/<ft>/circuit.json and RESULTS/<ft>/dcm.json for each fine-tuned model and
-writes RESULTS/cmap.csv (one row per pair x head set x patch kind, both baselines on each row)
-and, under --figures (default figures/), cmap.{html,png} (Figure 3, output patching) and
-cmap_input.{html,png} (input patching). `knockout` writes RESULTS/knockout.csv and
-knockout.{html,png}. Result directories and model columns use `models.result_name`.
+"""Stage `cmap` (Figure 3: fine-tuned -> base activation patching). It reads each fine-tuned
+model's circuit.json and dcm.json and writes cmap.csv (one row per pair x head set x patch kind,
+both baselines on each row) and, under --figures (default figures/), the `cmap` figure (Figure
+3, output patching) and `cmap_input` (input patching), per reading; names from `results`.
 """
 
 from __future__ import annotations
@@ -16,22 +12,15 @@ import gc
 import pandas as pd
 
 from et_circuits import presentation as figures
-from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import write_csv
 from et_circuits.methods.cmap import INPUT_PATCHES, cmap, input_patches_for
-from et_circuits.methods.knockout import knockout
 from et_circuits.models import result_name
-from et_circuits.tasks.entity_tracking import data, recipe
+from et_circuits.tasks.entity_tracking import recipe
 
+from .. import results
 from ..args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
-from .circuit import reading_dir
-from .dcm import SECTIONS_OF, check_dcm_matches, read_dcm, readings_in, selected_heads
-
-
-def _prompts(tokenizer, args: argparse.Namespace, purpose: str):
-    vocab = data.vocabulary(tokenizer, min_objects=args.boxes, min_labels=args.boxes)
-    return recipe.prompts(tokenizer, vocab, args.n, args.boxes, args.seed + recipe.SEED_OFFSETS[purpose])
+from ..results import SECTIONS_OF, check_dcm_matches, read_dcm, readings_in, selected_heads
 
 
 def cmd_cmap(args: argparse.Namespace) -> None:
@@ -40,15 +29,15 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         raise CircuitError("cmap needs at least one fine-tuned model besides the base")
     inputs = {}
     for name in sources:  # read every input before loading any model
-        result = read_dcm(args.results / result_name(name) / "dcm.json")
+        result = read_dcm(args.results / result_name(name) / results.DCM)
         for reading in readings_in(result):
             section = SECTIONS_OF[reading][1]
-            circuit = Circuit.load(reading_dir(args.results, result_name(name), reading) / "circuit.json")
+            circuit = results.load_circuit(args.results, result_name(name), reading)
             check_dcm_matches(circuit, result, section)
             inputs[(name, reading)] = recipe.cmap_head_sets(circuit, selected_heads(result, section))
     base, tokenizer, _ = load_model(args.base, args)
     base_name = result_name(args.base)
-    prompts = _prompts(tokenizer, args, "cmap")
+    prompts = recipe.prompts_for("cmap", tokenizer, args.n, args.boxes, args.seed)
     patches = input_patches_for(base)
     if args.input_sets and patches != INPUT_PATCHES:
         print(f"cmap: {base_name} shares key/value heads (grouped-query attention): input patching of q only")
@@ -58,38 +47,21 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         for reading in (r for r in SECTIONS_OF if (name, r) in inputs):
             sets = inputs[(name, reading)]  # input patching of the asked sets this circuit has
             variant_list = recipe.variants(sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches)
-            result = cmap(base, source, prompts, variant_list, settings(args))
-            rows += recipe.cmap_rows(result, result_name(name), base_name, reading)
+            result = cmap(base, source, prompts, variant_list, settings=settings(args))
+            rows += results.cmap_rows(result, result_name(name), base_name, reading)
             print(f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
                   f"fine-tuned={result.source:.2f} " + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
         del source
         gc.collect()
     frame = pd.DataFrame(rows)
-    write_csv(args.results / "cmap.csv", frame)
+    write_csv(args.results / results.CMAP_CSV, frame)
     todo = []
     for reading in frame["positions"].unique():
         part = frame[frame["positions"] == reading]
-        suffix = "" if reading == "paper" else f"_{reading}"
-        todo.append((f"cmap{suffix}", figures.cmap_figure(part)))
+        todo.append((results.stage_stem("cmap", reading), figures.cmap_figure(part)))
         if args.input_sets:
-            todo.append((f"cmap_input{suffix}", figures.input_patching_figure(part)))
+            todo.append((results.stage_stem(results.CMAP_INPUT_FIGURE, reading), figures.input_patching_figure(part)))
     figures.save_figures(todo, args.figures)
-
-
-def cmd_knockout(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = load_model(args.model, args)
-    name = result_name(args.model)
-    prompts = recipe.with_random_context(_prompts(tokenizer, args, "knockout"), args.seed)
-    edges = list(recipe.EDGES)
-    discovered = reading_dir(args.results, name, "discovered") / "circuit.json"
-    if discovered.exists():  # also the edges to where the discovered circuit's groups act
-        edges += [e for e in recipe.edges_to(Circuit.load(discovered)) if e.name not in {x.name for x in edges}]
-    full, curves = knockout(model, prompts, edges, settings(args))
-    frame = pd.DataFrame(recipe.knockout_rows(name, full, curves, len(prompts)))
-    write_csv(args.results / "knockout.csv", frame)
-    figures.save_figures([("knockout", figures.knockout_figure(frame))], args.figures)
-    print(f"knockout {name}: full={full:.2f} "
-          + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in curves.items()))
 
 
 def register(sub) -> None:
@@ -109,11 +81,3 @@ def register(sub) -> None:
     figures_arg(p)
     p.set_defaults(func=cmd_cmap)
 
-    p = sub.add_parser("knockout", help="attention knockout: accuracy vs first blocked layer")
-    p.add_argument("--model", required=True)
-    p.add_argument("--n", type=positive, default=500)
-    p.add_argument("--boxes", type=boxes, default=7)
-    model_args(p)
-    results_arg(p)
-    figures_arg(p)
-    p.set_defaults(func=cmd_knockout)

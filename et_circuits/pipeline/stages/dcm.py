@@ -33,7 +33,6 @@ its models in the training process.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -42,13 +41,13 @@ from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.distributed import rank
 from et_circuits.core.errors import CircuitError
-from et_circuits.core.io import read_json, write_csv, write_json
-from et_circuits.core.prompts import spec_text
+from et_circuits.core.io import write_csv, write_json
 from et_circuits.methods.dcm import DCMConfig
 from et_circuits.models import result_name
 from et_circuits.tasks.entity_tracking import desiderata, recipe
 from et_circuits.tasks.entity_tracking.paper import letter
 
+from .. import results
 from ..args import (
     boxes,
     figures_arg,
@@ -61,23 +60,7 @@ from ..args import (
     results_arg,
     settings,
 )
-from .circuit import reading_dir
-
-
-def _read_runs(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        runs = read_json(path)
-    except ValueError:
-        print(f"warning: {path} is not valid JSON; starting DCM afresh", file=sys.stderr)
-        return {}
-    return runs if isinstance(runs, dict) else {}
-
-
-# dcm.json's sections: per reading of the circuit, the base model's circuit and the model's own.
-SECTIONS_OF = {"paper": ("base_circuit", "own_circuit"), "discovered": ("base_discovered", "own_discovered")}
-SECTIONS = tuple(s for pair in SECTIONS_OF.values() for s in pair)
+from ..results import SECTIONS, SECTIONS_OF, dcm_rows, read_dcm
 
 
 def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool) -> dict[str, tuple[str, ...]]:
@@ -106,12 +89,13 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
     name, base_name = result_name(model_arg), result_name(args.base)
     out = args.results / name
     circuits = {}
-    readings = [r for r in SECTIONS_OF if r == "paper" or (reading_dir(args.results, base_name, r) / "circuit.json").exists()]
-    for reading in readings:  # the paper's reading always; the discovered one where the circuit stage wrote it
+    # the paper's reading always; the discovered one where the circuit stage wrote it
+    readings = [r for r in SECTIONS_OF if r == "paper" or results.circuit_path(args.results, base_name, r).exists()]
+    for reading in readings:
         base_section, own_section = SECTIONS_OF[reading]
-        circuits[base_section] = (base_name, Circuit.load(reading_dir(args.results, base_name, reading) / "circuit.json"))
+        circuits[base_section] = (base_name, results.load_circuit(args.results, base_name, reading))
         if name != base_name:  # for the base model both sections are one and the same
-            circuits[own_section] = (name, Circuit.load(reading_dir(args.results, name, reading) / "circuit.json"))
+            circuits[own_section] = (name, results.load_circuit(args.results, name, reading))
     config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     seeds = tuple(args.seed + i for i in range(args.seeds))
     plan = recipe.DCMPlan(
@@ -125,16 +109,12 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
         section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
         for section, (_, circuit) in circuits.items()
     }
-    runs_path = out / "dcm_runs.json"
-    runs = _read_runs(runs_path)
-
-    def save(key: str, result: dict) -> None:
-        runs[key] = result
-        write_json(runs_path, runs)
-
+    runs = results.RunsFile(out / results.DCM_RUNS, plan)
     asks = [ask for section in planned.values() for _, ask in section]
-    results = recipe.run_dcm(model, tokenizer, asks, plan, settings(args), runs, save)
-    write_json(runs_path, {plan.key(a, s): runs[plan.key(a, s)] for a in results for s in seeds})  # drop stale runs
+    answers = recipe.run_dcm(
+        model, tokenizer, asks, plan, settings=settings(args), finished=runs.finished, on_seed=runs.on_seed
+    )
+    runs.keep_only(answers)  # drop stale runs
 
     summary = {
         "model": name,
@@ -149,7 +129,7 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
         owner, circuit = circuits[section]
         groups: dict[str, dict[str, dict]] = {}
         for group, ask in asked:
-            groups.setdefault(group, {})[ask.desideratum] = recipe.dcm_entry(results[ask])
+            groups.setdefault(group, {})[ask.desideratum] = results.dcm_entry(answers[ask])
         summary[section] = {
             "circuit": owner,
             "positions": circuit.to_dict()["positions"],
@@ -159,7 +139,7 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
     for reading in readings:
         base_section, own_section = SECTIONS_OF[reading]
         summary.setdefault(own_section, summary[base_section])
-    write_json(out / "dcm.json", {k: summary[k] for k in ("model", "base", "settings", *SECTIONS) if k in summary})
+    write_json(out / results.DCM, {k: summary[k] for k in ("model", "base", "settings", *SECTIONS) if k in summary})
     for reading in readings:
         base_section = SECTIONS_OF[reading][0]
         for group, by_desideratum in summary[base_section]["groups"].items():
@@ -176,85 +156,6 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
 # dcm-figure
 
 
-def read_dcm(path: Path) -> dict:
-    """A dcm.json, checked for its sections: the paper reading's two, and both or neither of
-    the discovered reading's (CircuitError naming the problem)."""
-    if not path.exists():
-        raise CircuitError(f"no DCM result at {path}; run `make dcm` (python -m et_circuits dcm) first")
-    try:
-        result = read_json(path)
-    except ValueError as e:
-        raise CircuitError(f"{path} is not valid JSON: {e}") from None
-    paper, discovered = SECTIONS_OF["paper"], SECTIONS_OF["discovered"]
-    if not isinstance(result, dict) or not all(isinstance(result.get(s), dict) for s in paper):
-        raise CircuitError(f"{path} is not a dcm.json (needs {' and '.join(paper)})")
-    if sum(isinstance(result.get(s), dict) for s in discovered) == 1:
-        raise CircuitError(f"{path} has only one of {' and '.join(discovered)}")
-    return result
-
-
-def readings_in(result: dict) -> list[str]:
-    """The readings of the circuit (paper, discovered) a dcm.json has results for."""
-    return [r for r, (base_section, _) in SECTIONS_OF.items() if base_section in result]
-
-
-def selected_heads(result: dict, section: str = "own_circuit") -> dict[str, dict[str, list[tuple[int, int]]]]:
-    """group -> desideratum -> the heads DCM selected on the model's own circuit (of a reading:
-    `section`): the one place that reads head selections from dcm.json (what CMAP patches)."""
-    try:
-        groups = result[section]["groups"]
-        return {
-            g: {d: [(int(l), int(h)) for l, h in e["heads"]] for d, e in by_desideratum.items()}
-            for g, by_desideratum in groups.items()
-        }
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise CircuitError(f"dcm.json has no valid {section!r} head selections") from None
-
-
-def check_dcm_matches(circuit: Circuit, result: dict, section: str = "own_circuit") -> None:
-    """CircuitError when dcm.json was computed on another version of the circuit (stale)."""
-    recorded = result.get(section, {}).get("group_heads")
-    if recorded is None:
-        return
-    try:
-        recorded = {g: sorted((int(layer), int(head)) for layer, head in hs) for g, hs in recorded.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise CircuitError("dcm.json 'group_heads' must map groups to [layer, head] pairs") from None
-    if recorded != {g: sorted(hs) for g, hs in circuit.groups.items()}:
-        raise CircuitError("dcm.json was computed on a different circuit than circuit.json; rerun the dcm stage")
-
-
-def dcm_rows(name: str, result: dict) -> list[dict]:
-    """CSV rows of one model's dcm.json (accuracies in %)."""
-    rows = []
-    for section in (s for s in SECTIONS if s in result):
-        part = result[section]
-        try:
-            for group, by_desideratum in part["groups"].items():
-                for desideratum, e in by_desideratum.items():
-                    rows.append({
-                        "model": name,
-                        "circuit": section,
-                        "circuit_of": part["circuit"],
-                        "group": group,
-                        "letter": letter(group),
-                        "position": spec_text(part["positions"][group]),
-                        "desideratum": desideratum,
-                        "group_size": len(part["group_heads"][group]),
-                        "n_selected": len(e["heads"]),
-                        "heads": " ".join(f"L{l}H{h}" for l, h in e["heads"]),
-                        "accuracy_mean": round(100 * e["accuracy_mean"], 2),
-                        "accuracy_std": round(100 * e["accuracy_std"], 2),
-                        "test_accuracy_mean": round(100 * e["test_accuracy_mean"], 2),
-                        "test_accuracy_std": round(100 * e["test_accuracy_std"], 2),
-                        "n_seeds": len(e["seeds"]),
-                        "n_resamples": len(e["accuracy"]),
-                    })
-        except (KeyError, TypeError, ValueError) as err:
-            raise CircuitError(f"dcm.json of {name} is malformed ({section}: {err!r})") from None
-    return rows
-
-
 def cmd_dcm_figure(args: argparse.Namespace) -> None:
     draw_dcm_figures(args.base, args.models, args.results, args.figures)
 
@@ -263,23 +164,23 @@ def draw_dcm_figures(base_arg: str, model_args: list[str], results_dir: Path, di
     """RESULTS/dcm.csv and Figure 2 (with its discovered and extra panels) from the models'
     dcm.json files, all computed on `base_arg`'s circuit."""
     names = [result_name(m) for m in model_args]
-    results = {n: read_dcm(results_dir / n / "dcm.json") for n in names}
+    by_model = {n: read_dcm(results_dir / n / results.DCM) for n in names}
     base = result_name(base_arg)
-    for n, result in results.items():
+    for n, result in by_model.items():
         if result.get("base") != base:
             raise CircuitError(
-                f"{results_dir / n / 'dcm.json'} was computed on {result.get('base')}'s circuit, not {base}'s; "
+                f"{results_dir / n / results.DCM} was computed on {result.get('base')}'s circuit, not {base}'s; "
                 f"rerun `python -m et_circuits dcm --model {n} --base {base_arg}`"
             )
-    frame = pd.DataFrame([row for n in names for row in dcm_rows(n, results[n])])
+    frame = pd.DataFrame([row for n in names for row in dcm_rows(n, by_model[n])])
     if frame.empty:
         raise CircuitError("the dcm.json files hold no results")
-    write_csv(results_dir / "dcm.csv", frame)
-    todo = [("dcm", figures.figure2(frame))]
-    if (frame.circuit == "base_discovered").any():
-        todo.append(("dcm_discovered", figures.figure2(frame, "base_discovered")))
-    if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == "base_circuit")).any():
-        todo.append(("dcm_extra", figures.extra_figure(frame)))
+    write_csv(results_dir / results.DCM_CSV, frame)
+    todo = [(results.stage_stem("dcm"), figures.figure2(frame))]
+    if (frame.circuit == SECTIONS_OF["discovered"][0]).any():
+        todo.append((results.stage_stem("dcm", "discovered"), figures.figure2(frame, SECTIONS_OF["discovered"][0])))
+    if (frame.desideratum.isin(desiderata.EXTRA) & (frame.circuit == SECTIONS_OF["paper"][0])).any():
+        todo.append((results.DCM_EXTRA_FIGURE, figures.extra_figure(frame)))
     figures.save_figures(todo, directory)
     main = frame[frame.circuit.isin(["base_circuit", "base_discovered"]) & frame.desideratum.isin(desiderata.MAIN)]
     for (circuit, model, group), rows in main.groupby(["circuit", "model", "letter"], sort=False):

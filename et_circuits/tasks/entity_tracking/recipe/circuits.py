@@ -9,15 +9,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from transformer_lens import HookedTransformer
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.settings import QUIET, RunSettings
-from et_circuits.methods.discovery import Step, StepDone, StepLookup, effective_top_k, find_circuit
+from et_circuits.methods.discovery import (
+    TOP_K_CAP,
+    FoundCircuit,
+    Step,
+    StepDone,
+    StepLookup,
+    effective_top_k,
+    find_circuit,
+)
 from et_circuits.methods.evaluation import Evaluation, ablated_accuracy, evaluate_circuit, position_means
-from et_circuits.methods.minimality import completeness, minimal
+from et_circuits.methods.minimality import Completeness, Minimality, completeness, minimal
 from et_circuits.methods.sweep import Sweep, smallest, sweep
 
 from .. import data
@@ -43,37 +50,64 @@ def own_steps(positions: Sequence[str]) -> tuple[Step, ...]:
     return steps
 
 
-@dataclass
-class Discovery:
-    """What `discover` finds: the top-k candidates, the circuit after minimality, every step's
-    scores, the minimality tests, the completeness rows, and (for the discovered reading) the
-    position sweep that chose the positions."""
+@dataclass(frozen=True)
+class CircuitPlan:
+    """Every setting of the paper's circuit discovery (`discover`) and Table 1 (`table1_row`):
+    prompt counts, boxes, seed, top-k (capped to `top_k_cap` of all heads), path-patching
+    method, minimality threshold, the sweep's prompts and mark. The defaults are the paper's."""
 
-    candidates: Circuit
-    circuit: Circuit
-    scores: dict[str, torch.Tensor]
-    top_k: tuple[int, ...]
-    minimality: list[dict]
-    completeness: list[dict]
+    n: int = 300  # path-patching prompts
+    n_boxes: int = 7
+    seed: int = 0
+    top_k: tuple[int, ...] = PAPER_TOP_K
+    top_k_cap: float = TOP_K_CAP
+    method: str = "fast"
+    minimality_n: int = 100
+    minimality_threshold: float = 0.03
+    reference_n: int = 500  # prompts the ablation means are taken over
+    completeness_random: int = 10
+    sweep_n: int = 100
+    mark: float = 0.2
+    evaluation_n: int = 500  # Table 1's prompts
+    n_random: int = 10  # Table 1's random circuits
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What `discover` finds: the top-k candidates and every step's path patching (`found`),
+    the circuit after minimality and the minimality tests (`minimality`), the completeness of
+    the pruned circuit, and (for the discovered reading) the position sweep that chose the
+    positions."""
+
+    found: FoundCircuit
+    minimality: Minimality
+    completeness: Completeness
     sweep: Sweep | None = None
+
+    __hash__ = None
+
+    @property
+    def candidates(self) -> Circuit:
+        return self.found.circuit
+
+    @property
+    def circuit(self) -> Circuit:
+        return self.minimality.circuit
+
+    @property
+    def top_k(self) -> tuple[int, ...]:
+        return self.found.top_k
+
+    def __repr__(self) -> str:
+        return f"Discovery({self.circuit!r}; {len(self.candidates)} candidates, {self.completeness!r})"
 
 
 def discover(
     model: HookedTransformer,
     tokenizer,
     reading: str = "paper",
-    n: int = 300,
-    n_boxes: int = 7,
-    seed: int = 0,
-    top_k: Sequence[int] = PAPER_TOP_K,
-    top_k_cap: float = 0.25,
-    method: str = "fast",
-    minimality_n: int = 100,
-    minimality_threshold: float = 0.03,
-    reference_n: int = 500,
-    completeness_random: int = 10,
-    sweep_n: int = 100,
-    mark: float = 0.2,
+    plan: CircuitPlan = CircuitPlan(),
+    *,
     settings: RunSettings = QUIET,
     finished: StepLookup | None = None,
     on_step: StepDone | None = None,
@@ -81,54 +115,58 @@ def discover(
 ) -> Discovery:
     """A circuit with minimality pruning and completeness, each on its own seeded prompts.
     `reading` "paper": the paper's four path-patching steps at its positions (`PAPER_STEPS`);
-    "discovered": a position sweep over `SWEEP_POSITIONS` on the first `sweep_n` path-patching
-    prompts marks where the effect is (its smallest marked positions), then `own_steps` there.
-    Top-k is capped for small models; the discovered reading's steps take the first top-k
-    numbers in order. `means_cache`: a folder where the ablation means are kept
-    (`position_means`)."""
+    "discovered": a position sweep over `SWEEP_POSITIONS` on the first `plan.sweep_n`
+    path-patching prompts marks where the effect is (its smallest marked positions), then
+    `own_steps` there. Top-k is capped for small models; the discovered reading's steps take
+    the first top-k numbers in order. `finished` / `on_step`: `find_circuit`'s. `means_cache`:
+    a folder where the ablation means are kept (`position_means`)."""
     if reading not in READINGS:
         raise CircuitError(f"unknown reading {reading!r}; expected one of {', '.join(READINGS)}")
-    top_k = effective_top_k(top_k, model.cfg.n_layers, model.cfg.n_heads, top_k_cap)
+    top_k = effective_top_k(plan.top_k, model.cfg.n_layers, model.cfg.n_heads, plan.top_k_cap)
+    n_boxes, seed = plan.n_boxes, plan.seed
     vocab = data.vocabulary(tokenizer, min_objects=n_boxes, min_labels=n_boxes + 1)
-    clean, corrupt = path_patching_prompts(tokenizer, vocab, n, n_boxes, seed + SEED_OFFSETS["path_patching"])
+    clean, corrupt = path_patching_prompts(tokenizer, vocab, plan.n, n_boxes, seed + SEED_OFFSETS["path_patching"])
     found_sweep, steps = None, PAPER_STEPS
     if reading == "discovered":
-        found_sweep = sweep(model, clean[:sweep_n], corrupt[:sweep_n], SWEEP_POSITIONS, mark=mark, settings=settings)
-        steps = own_steps(smallest(found_sweep, clean[:sweep_n]))
+        few = slice(0, plan.sweep_n)
+        found_sweep = sweep(model, clean[few], corrupt[few], SWEEP_POSITIONS, mark=plan.mark, settings=settings)
+        steps = own_steps(smallest(found_sweep, clean[few]))
         top_k = top_k[: len(steps)]
-    candidates, scores = find_circuit(
-        model, clean, corrupt, top_k, steps, method=method, settings=settings, finished=finished, on_step=on_step
+    found = find_circuit(
+        model, clean, corrupt, top_k, steps, method=plan.method, settings=settings, finished=finished, on_step=on_step
     )
-    reference = prompts(tokenizer, vocab, reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
-    means = position_means(model, reference, settings, means_cache)
-    batch = prompts(tokenizer, vocab, minimality_n, n_boxes, seed + SEED_OFFSETS["minimality"])
+    reference = prompts(tokenizer, vocab, plan.reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
+    means = position_means(model, reference, settings=settings, cache_dir=means_cache)
+    batch = prompts(tokenizer, vocab, plan.minimality_n, n_boxes, seed + SEED_OFFSETS["minimality"])
     score = partial(_ablated, model=model, prompts=batch, means=means, settings=settings)
-    circuit, log = minimal(candidates, score, minimality_threshold, settings.progress)
-    rows = completeness(model, circuit, batch, means, completeness_random, seed, settings)
-    return Discovery(candidates, circuit, scores, top_k, log, rows, found_sweep)
+    pruned = minimal(found.circuit, score, threshold=plan.minimality_threshold, progress=settings.progress)
+    complete = completeness(
+        model, pruned.circuit, batch, means, n_random=plan.completeness_random, seed=seed, settings=settings
+    )
+    return Discovery(found, pruned, complete, found_sweep)
 
 
 def _ablated(circuit: Circuit, model, prompts, means, settings) -> float:
-    return ablated_accuracy(model, circuit, prompts, means, settings)
+    return ablated_accuracy(model, circuit, prompts, means, settings=settings)
 
 
 def table1_row(
     model: HookedTransformer,
     tokenizer,
     circuit: Circuit,
-    n: int = 500,
-    reference_n: int = 500,
-    n_random: int = 10,
-    n_boxes: int = 7,
-    seed: int = 0,
+    plan: CircuitPlan = CircuitPlan(),
+    *,
     settings: RunSettings = QUIET,
     means_cache: str | os.PathLike | None = None,
 ) -> Evaluation:
     """Table 1's columns for one model: `circuit` under mean ablation on its own seeded
-    evaluation prompts, means from seeded reference prompts (kept in `means_cache`, as in
-    `discover`)."""
+    evaluation prompts (`plan.evaluation_n`), means from seeded reference prompts (kept in
+    `means_cache`, as in `discover`), `plan.n_random` random circuits."""
+    n_boxes, seed = plan.n_boxes, plan.seed
     vocab = data.vocabulary(tokenizer, min_objects=n_boxes, min_labels=n_boxes)
-    batch = prompts(tokenizer, vocab, n, n_boxes, seed + SEED_OFFSETS["evaluation"])
-    reference = prompts(tokenizer, vocab, reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
-    means = position_means(model, reference, settings, means_cache)
-    return evaluate_circuit(model, circuit, batch, reference, n_random, seed, settings, means)
+    batch = prompts(tokenizer, vocab, plan.evaluation_n, n_boxes, seed + SEED_OFFSETS["evaluation"])
+    reference = prompts(tokenizer, vocab, plan.reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
+    means = position_means(model, reference, settings=settings, cache_dir=means_cache)
+    return evaluate_circuit(
+        model, circuit, batch, reference, n_random=plan.n_random, seed=seed, settings=settings, means=means
+    )

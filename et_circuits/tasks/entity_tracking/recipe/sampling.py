@@ -34,3 +34,10 @@ def path_patching_prompts(
     rng = random.Random(f"path-patching-corruption-{seed}")
     corrupt = [data.path_patching_corruption(s, rng, vocab) for s in clean]
     return data.make_prompts(tokenizer, clean), data.make_prompts(tokenizer, corrupt)
+
+
+def prompts_for(purpose: str, tokenizer, n: int, n_boxes: int, seed: int) -> PromptSet:
+    """`n` seeded prompts of `n_boxes` boxes for one purpose of SEED_OFFSETS (drawn with seed +
+    its offset), from the objects and labels that are single tokens for `tokenizer`."""
+    vocab = data.vocabulary(tokenizer, min_objects=n_boxes, min_labels=n_boxes)
+    return prompts(tokenizer, vocab, n, n_boxes, seed + SEED_OFFSETS[purpose])

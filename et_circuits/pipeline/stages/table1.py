@@ -1,0 +1,163 @@
+"""Stages `table1` (the base circuit evaluated on every model, and circuit overlap) and
+`figures` (the circuit stage's plots: each model's step heatmaps, completeness and sweep, the
+base's circuit diagrams, Table 1), reading and writing through `results`."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+import pandas as pd
+
+from et_circuits import presentation as figures
+from et_circuits.core.circuit import Circuit, overlap
+from et_circuits.core.errors import CircuitError
+from et_circuits.core.io import read_json, write_csv, write_text
+from et_circuits.methods.minimality import Completeness
+from et_circuits.methods.sweep import Sweep
+from et_circuits.models import result_name
+from et_circuits.tasks.entity_tracking import recipe
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
+
+from .. import results
+from ..args import boxes, figures_arg, load_model, model_args, positive, registry_arg, results_arg, settings
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def overlap_frame(base: Circuit, others: dict[str, Circuit], reading: str = "paper") -> pd.DataFrame:
+    """Per model and group: how many of the base circuit's heads the model's circuit contains."""
+    rows = []
+    for name, circuit in others.items():
+        for group, (shared, size) in overlap(base, circuit).items():
+            rows.append({"model": name, "positions": reading, "group": letter(group), "shared": shared,
+                         "base_size": size, "overlap": f"{shared}/{size}"})
+    return pd.DataFrame(rows, columns=["model", "positions", "group", "shared", "base_size", "overlap"])
+
+
+def cmd_table1(args: argparse.Namespace) -> None:
+    base_name = result_name(args.base)
+    names = [result_name(m) for m in args.models]
+    circuits = {  # read every circuit before loading any model
+        (name, reading): results.load_circuit(args.results, name, reading)
+        for name in names for reading in recipe.READINGS
+    }
+    plan = recipe.CircuitPlan(
+        n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
+    )
+    rows = []
+    for model_arg, name in zip(args.models, names):
+        model, tokenizer, _ = load_model(model_arg, args)
+        for reading in recipe.READINGS:
+            ev = recipe.table1_row(
+                model, tokenizer, circuits[(base_name, reading)], plan, settings=settings(args),
+                means_cache=args.results / name,
+            )
+            rows.append({"model": name, "positions": reading, **ev.as_row()})
+            print(
+                f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
+                f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
+                flush=True,
+            )
+        del model
+        gc.collect()
+    frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
+    write_csv(args.results / results.TABLE1, frame)
+    sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
+    write_text(args.results / results.TABLE1_MD, f"Table 1: the {base_name} circuit ({sizes}) on each model\n\n" + _markdown(frame))
+    ov = pd.concat([
+        overlap_frame(circuits[(base_name, r)], {n: circuits[(n, r)] for n in names if n != base_name}, r)
+        for r in recipe.READINGS
+    ])
+    write_csv(args.results / results.OVERLAP, ov)
+    for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
+        print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
+    if args.figures is not None:  # this process draws the stage's figures too (no second start)
+        draw_figures(args.base, args.models, args.results, args.figures, frame)
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    table_path = args.results / results.TABLE1
+    for model_arg in args.models:  # every circuit is read before table1.csv is asked for
+        for reading in recipe.READINGS:
+            results.load_circuit(args.results, result_name(model_arg), reading)
+    if not table_path.exists():
+        raise CircuitError(f"no {table_path}; run `python -m et_circuits table1` first")
+    draw_figures(args.base, args.models, args.results, args.figures, pd.read_csv(table_path))
+
+
+def draw_figures(
+    base: str, model_args: list[str], results_dir: Path, directory: Path | None, table: pd.DataFrame
+) -> None:
+    """The circuit stage's figures (each model's step heatmaps, completeness and sweep, the
+    base's circuit diagrams, Table 1) from its files under `results_dir` and the Table 1 frame."""
+    base_name = result_name(base)
+    todo = []
+    for model_arg in model_args:
+        name = result_name(model_arg)
+        for reading in recipe.READINGS:
+            where = results.reading_dir(results_dir, name, reading)
+            circuit = Circuit.load(where / results.CIRCUIT)
+            scores = results.read_step_scores(where / results.STEPS_DIR, circuit)
+            label = f"{name} ({reading} positions)"
+            heatmaps = figures.step_heatmaps(scores, circuit, f"{label}: path patching")
+            todo.append((results.figure_stem(name, reading, "path_patching"), heatmaps))
+            if (where / results.COMPLETENESS).exists():
+                complete = Completeness.from_json(read_json(where / results.COMPLETENESS))
+                stem = results.figure_stem(name, reading, "completeness")
+                todo.append((stem, figures.completeness_figure(complete, f"{label}: completeness")))
+            if (where / results.SWEEP).exists():
+                found = Sweep.from_json(read_json(where / results.SWEEP))
+                stem = results.figure_stem(name, "paper", results.SWEEP_FIGURE)
+                todo.append((stem, figures.sweep_heatmap(found, f"{name}: position sweep")))
+            if name == base_name:
+                n_layers = next(iter(scores.values())).shape[0]
+                steps = PAPER_STEPS if reading == "paper" else recipe.own_steps(_earlier(circuit))
+                diagram = figures.circuit_diagram(
+                    circuit, steps=steps, n_layers=n_layers, title=f"{label} circuit ({len(circuit)} heads)"
+                )
+                todo.append((results.figure_stem(name, reading, "circuit"), diagram))
+    header = list(table.columns)
+    cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
+    table_figure = figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")
+    todo.append((results.TABLE1_FIGURE, table_figure))
+    figures.save_figures(todo, directory)
+    where = directory or figures.figures_dir()
+    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+def _earlier(circuit: Circuit) -> list[str]:
+    """The discovered circuit's positions other than the last token (what `own_steps` took)."""
+    return [p for g in circuit.groups for p in circuit.positions_of(g) if p != "last"]
+
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")
+    p.add_argument("--base", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    results_arg(p)
+    model_args(p)
+    p.add_argument("--n", type=positive, default=500, help="evaluation prompts (paper: 500)")
+    p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
+    p.add_argument("--random", type=positive, default=10, help="random circuits for the baseline")
+    p.add_argument("--boxes", type=boxes, default=7)
+    p.add_argument("--figures", type=Path, default=None,
+                   help="also draw the circuit stage's figures here, as the `figures` command does")
+    p.set_defaults(func=cmd_table1)
+
+    p = sub.add_parser("figures", help="path-patching heatmaps, circuit diagram, Table 1 figure")
+    p.add_argument("--base", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    results_arg(p)
+    figures_arg(p)
+    registry_arg(p)
+    p.set_defaults(func=cmd_figures)
