@@ -1,5 +1,6 @@
 # et_circuits pipeline. `make all` runs every stage on the model organism and ends with one page,
-# $(FIGURES)/report.html; `make test` runs the tests.
+# $(FIGURES)/report.html; `make test` runs the lint, the import contracts and every test;
+# `make test-fast` the unit tests alone.
 # Variables: MODELS (space-separated registry names; the first is the base), REGISTRY (a TOML
 # file naming your own models), RESULTS (result files), FIGURES (figures and the report page),
 # PYTHON (for the venv), CLI (the stages' command), LAUNCH (what starts the stages that shard
@@ -45,7 +46,7 @@ CMAP     := $(RESULTS)/cmap.csv $(FIGURES)/cmap.json $(FIGURES)/cmap_discovered.
 KNOCKOUT := $(RESULTS)/knockout.csv $(FIGURES)/knockout.json
 REPORT   := $(FIGURES)/report.html
 
-.PHONY: all install test circuit dcm cmap knockout figures report bench organism clean
+.PHONY: all install test test-fast lint circuit dcm cmap knockout figures report bench organism clean
 .DELETE_ON_ERROR:
 
 all: circuit dcm cmap knockout report
@@ -70,8 +71,21 @@ $(STAMP): pyproject.toml
 	  echo "no Chrome/Chromium found: figures will be written as HTML only"
 	touch $@
 
-test: $(STAMP)
-	$(PY) -m pytest -q -rs
+# The suite runs on two workers (pytest-xdist); tests that start processes of their own are
+# spread by `--dist loadgroup` so that two of them do not run at once.
+PYTEST := $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadgroup
+
+test: lint $(STAMP)
+	$(PYTEST) tests
+
+test-fast: $(STAMP)
+	$(PYTEST) tests/unit
+
+# ruff (lint and format) and the import-linter contracts of pyproject.toml (layers, methods).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check et_circuits tests benchmarks
+	$(VENV)/bin/ruff format --check et_circuits tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The install is order-only (|): it must exist before a stage runs, but reinstalling after a
 # change of pyproject.toml does not make finished stages stale.

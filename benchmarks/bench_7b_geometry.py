@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,14 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from et_circuits import models
+from et_circuits.core.forward import last_logits  # noqa: E402
+from et_circuits.core.settings import RunSettings  # noqa: E402
 from et_circuits.methods import discovery  # noqa: E402
 from et_circuits.methods import path_patching as pp  # noqa: E402
+from et_circuits.methods.sweep import sweep  # noqa: E402
 from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
 from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer  # noqa: E402
-from et_circuits.methods.sweep import sweep  # noqa: E402
-from et_circuits.core.settings import RunSettings  # noqa: E402
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
-from et_circuits.core.forward import last_logits  # noqa: E402
 
 # The CPU geometries keep LLaMA-7B's heads (what path patching's cost depends on) with a
 # narrow residual stream and the organism's vocabulary, so that a plain forward takes well
@@ -56,8 +57,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 PAPER_LAYERS = 32
 # Group sizes of the paper's Llama-7B circuit that steps B-D receive from, and the layer of the
 # paper's exemplar head of each group (Section 3).
-RECEIVER_GROUPS = {"pos_transmitter": ("value_fetcher", 20, 21), "pos_detector": ("pos_transmitter", 5, 14),
-                   "struct_reader": ("pos_detector", 10, 10)}
+RECEIVER_GROUPS = {
+    "pos_transmitter": ("value_fetcher", 20, 21),
+    "pos_detector": ("pos_transmitter", 5, 14),
+    "struct_reader": ("pos_detector", 10, 10),
+}
 SAMPLES = 3  # disjoint reference sender samples per step
 
 
@@ -68,8 +72,13 @@ def random_llama(n_layers, n_heads, d_model, d_mlp, vocab, device, dtype):
     from transformers import LlamaConfig
 
     hf_config = LlamaConfig(
-        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
     )
     cfg = models.hooked_config(hf_config, device, dtype)
     with torch.device(device):
@@ -132,8 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
         return results[0]
     speedups = sorted(r["speedup"] for r in results)
     median = statistics.median(speedups)
-    print(f"7b_geometry speedup median of {args.runs} runs={median:.1f} (runs: {', '.join(f'{s:.1f}' for s in speedups)}; "
-          f"max_diff {max(r['max_diff'] for r in results):.2e})")
+    each = ", ".join(f"{s:.1f}" for s in speedups)
+    print(
+        f"7b_geometry speedup median of {args.runs} runs={median:.1f} (runs: {each}; "
+        f"max_diff {max(r['max_diff'] for r in results):.2e})"
+    )
     return {**results[0], "speedup": median, "runs": results}
 
 
@@ -166,27 +178,36 @@ def run(args: argparse.Namespace, seed: int, with_sweep: bool = True) -> dict:
     receivers_of = paper_like_receivers(n_layers, n_heads, rng)
     samples = sender_samples(n_layers, n_heads, args.reference_senders, rng)
 
-    runs, fast_total = timed(lambda: pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], fast_settings), device)
-    print(f"  one plain forward {forward:.2f}s; clean and corrupt runs {fast_total:.1f}s ({fast_total / forward:.1f} forwards)")
+    positions = [s.position for s in PAPER_STEPS]
+    runs, fast_total = timed(lambda: pp.prepare_runs(model, clean, corrupt, positions, fast_settings), device)
+    print(
+        f"  one plain forward {forward:.2f}s; clean and corrupt runs {fast_total:.1f}s "
+        f"({fast_total / forward:.1f} forwards)"
+    )
     reference_totals, worst = [0.0] * SAMPLES, 0.0
     largest = {}
     for step in PAPER_STEPS:
         receivers = discovery.step_receivers(step, receivers_of.get(step.group, [])) or None
-        fast, t_fast = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, settings=fast_settings, runs=runs), device)
+        patch = partial(pp.path_patch, model, clean, corrupt, step.position, receivers=receivers)
+        fast, t_fast = timed(partial(patch, settings=fast_settings, runs=runs), device)
+        fast = fast.scores
         fast_total += t_fast
-        _, fixed = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, senders=[], method="reference", settings=ref_settings), device)
+        reference = partial(patch, method="reference", settings=ref_settings)
+        _, fixed = timed(partial(reference, senders=[]), device)
         extrapolated = []
         for i, senders in enumerate(samples):
-            ref, t = timed(lambda: pp.path_patch(model, clean, corrupt, step.position, receivers, senders=senders, method="reference", settings=ref_settings), device)
+            ref, t = timed(partial(reference, senders=senders), device)
+            ref = ref.scores
             full = fixed + (t - fixed) * n_layers * n_heads / len(senders)
             extrapolated.append(full)
             reference_totals[i] += full
             rows, cols = zip(*senders)
             worst = max(worst, (fast[list(rows), list(cols)] - ref[list(rows), list(cols)]).abs().max().item())
         largest[step.group] = fast.abs().max().item()
+        median = statistics.median(extrapolated)
         print(
-            f"  step {step.group:16s} fast {t_fast:8.1f}s ({t_fast / forward:7.1f} fwd) | reference {statistics.median(extrapolated):9.1f}s "
-            f"({statistics.median(extrapolated) / forward:8.1f} fwd; extrapolated from {SAMPLES} x {len(samples[0])} senders, "
+            f"  step {step.group:16s} fast {t_fast:8.1f}s ({t_fast / forward:7.1f} fwd) | reference {median:9.1f}s "
+            f"({median / forward:8.1f} fwd; extrapolated from {SAMPLES} x {len(samples[0])} senders, "
             f"range {min(extrapolated):.1f}-{max(extrapolated):.1f}s) | max |score| {largest[step.group]:.2e}",
             flush=True,
         )
@@ -195,17 +216,31 @@ def run(args: argparse.Namespace, seed: int, with_sweep: bool = True) -> dict:
     t_sweep = float("nan")
     if with_sweep:
         found, t_sweep = timed(lambda: sweep(model, clean, corrupt, None, mark=1.0, settings=fast_settings), device)
-        print(f"  position sweep over all {clean.seq_len} positions x {n_layers} layers, then both head sweeps at "
-              f"{len(found.heads)} position{'s' * (len(found.heads) != 1)}: {t_sweep:.1f}s ({t_sweep / forward:.1f} fwd; "
-              f"{t_sweep / fast_total:.2f} of the four-step fast sweep)", flush=True)
+        print(
+            f"  position sweep over all {clean.seq_len} positions x {n_layers} layers, then both head sweeps at "
+            f"{len(found.heads)} position{'s' * (len(found.heads) != 1)}: {t_sweep:.1f}s "
+            f"({t_sweep / forward:.1f} fwd; "
+            f"{t_sweep / fast_total:.2f} of the four-step fast sweep)",
+            flush=True,
+        )
     ratios = sorted(r / fast_total for r in reference_totals)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    result = {"fast_s": fast_total, "reference_s": statistics.median(reference_totals), "speedup": statistics.median(ratios),
-              "speedup_range": (ratios[0], ratios[-1]), "max_diff": worst, "largest": largest, "forward_s": forward,
-              "peak_gib": peak, "sweep_s": t_sweep, "sweep_share": t_sweep / fast_total}
+    result = {
+        "fast_s": fast_total,
+        "reference_s": statistics.median(reference_totals),
+        "speedup": statistics.median(ratios),
+        "speedup_range": (ratios[0], ratios[-1]),
+        "max_diff": worst,
+        "largest": largest,
+        "forward_s": forward,
+        "peak_gib": peak,
+        "sweep_s": t_sweep,
+        "sweep_share": t_sweep / fast_total,
+    }
     print(
-        f"7b_geometry speedup={result['speedup']:.1f} (range {ratios[0]:.1f}-{ratios[-1]:.1f} over the reference samples) "
-        f"full_sweep_fast={fast_total:.1f}s ({fast_total / forward:.1f} forwards) reference_extrapolated={result['reference_s']:.1f}s "
+        f"7b_geometry speedup={result['speedup']:.1f} (range {ratios[0]:.1f}-{ratios[-1]:.1f} over the reference "
+        f"samples) full_sweep_fast={fast_total:.1f}s ({fast_total / forward:.1f} forwards) "
+        f"reference_extrapolated={result['reference_s']:.1f}s "
         f"max_diff={worst:.2e}" + (f" peak_gpu={peak:.1f}GiB" if device.startswith("cuda") else "")
     )
     return result

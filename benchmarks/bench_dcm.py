@@ -30,8 +30,14 @@ def circuit_of(results: Path, name: str) -> Circuit:
     if path.exists():
         return Circuit.load(path)
     binder = ("prev_query_label+1", "prev_query_label+2")
-    return Circuit({"value_fetcher": [(1, 2), (1, 3), (1, 1)], "pos_transmitter": [(0, 1), (0, 0)],
-                    "binder": [(0, 1), (0, 0), (0, 3)]}, {"value_fetcher": "last", "pos_transmitter": "last", "binder": binder})
+    return Circuit(
+        {
+            "value_fetcher": [(1, 2), (1, 3), (1, 1)],
+            "pos_transmitter": [(0, 1), (0, 0)],
+            "binder": [(0, 1), (0, 0), (0, 3)],
+        },
+        {"value_fetcher": "last", "pos_transmitter": "last", "binder": binder},
+    )
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -54,8 +60,8 @@ def main(argv: list[str] | None = None) -> float:
         times[name] = time.perf_counter() - t0
         print(f"{name}: {len(asks) * len(plan.seeds)} masks in {times[name]:.1f}s", flush=True)
     same = all(
-        (a.selected_seed, a.accuracy, [r.heads for r in a.seeds.values()])
-        == (b.selected_seed, b.accuracy, [r.heads for r in b.seeds.values()])
+        (a.selected_seed, a.resampled, [r.heads for r in a.seeds.values()])
+        == (b.selected_seed, b.resampled, [r.heads for r in b.seeds.values()])
         for a, b in zip(found["batched"].values(), found["one at a time"].values())
     )
     print(f"same selected heads and accuracies: {same}")

@@ -23,10 +23,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = {
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-               num_key_value_heads=16, vocab_size=32000),
-    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=None),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+    ),
+    "small": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=None,
+    ),
 }
 
 CHILD = r"""
@@ -46,8 +58,10 @@ with torch.no_grad():
     model(torch.tensor([[1, 2, 3]]))  # touches every weight
 used = status("VmHWM")
 n = sum(p.numel() for p in model.parameters())
-print(json.dumps({"before_kib": before, "peak_kib": peak, "used_kib": used, "parameters": n, "dtype": str(model.cfg.dtype)}))
+found = {"before_kib": before, "peak_kib": peak, "used_kib": used, "parameters": n, "dtype": str(model.cfg.dtype)}
+print(json.dumps(found))
 """
+
 
 def make_checkpoint(path: Path, geometry: dict) -> int:
     """A random LLaMA in bf16 with the organism's tokenizer; returns its size on disk in bytes."""
@@ -58,8 +72,12 @@ def make_checkpoint(path: Path, geometry: dict) -> int:
     from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    config = LlamaConfig(**{**geometry, "vocab_size": geometry["vocab_size"] or len(tok)},
-                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        **{**geometry, "vocab_size": geometry["vocab_size"] or len(tok)},
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -83,10 +101,12 @@ def main(argv: list[str] | None = None) -> float:
     grown = (found["peak_kib"] - found["before_kib"]) * 1024
     used = (found["used_kib"] - found["before_kib"]) * 1024
     ratio = grown / size
-    print(f"{found['parameters'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB on disk ({found['dtype']}); "
-          f"imports took {found['before_kib'] / 2**20:.2f} GiB; peak RSS grew by {grown / 2**30:.2f} GiB while "
-          f"loading (the weights stay memory-mapped from the file) and by {used / 2**30:.2f} GiB "
-          f"({used / size:.2f}x the size on disk) once a forward pass has read every weight")
+    print(
+        f"{found['parameters'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB on disk ({found['dtype']}); "
+        f"imports took {found['before_kib'] / 2**20:.2f} GiB; peak RSS grew by {grown / 2**30:.2f} GiB while "
+        f"loading (the weights stay memory-mapped from the file) and by {used / 2**30:.2f} GiB "
+        f"({used / size:.2f}x the size on disk) once a forward pass has read every weight"
+    )
     print(f"loading peak_rss_ratio={ratio:.2f} after_forward_ratio={used / size:.2f}")
     return ratio
 

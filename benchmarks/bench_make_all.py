@@ -30,8 +30,20 @@ def main(argv: list[str] | None = None) -> float:
     for stage in STAGES:
         t0 = time.perf_counter()
         subprocess.run(
-            ["make", "-C", str(ROOT), "-o", ".venv/.installed", stage, f"RESULTS={out / 'results'}", f"FIGURES={out / 'figures'}"],
-            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "make",
+                "-C",
+                str(ROOT),
+                "-o",
+                ".venv/.installed",
+                stage,
+                f"RESULTS={out / 'results'}",
+                f"FIGURES={out / 'figures'}",
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         seconds = time.perf_counter() - t0
         total += seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,14 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from et_circuits import models
+from et_circuits.core.errors import SetupError  # noqa: E402
+from et_circuits.core.forward import last_logits  # noqa: E402
+from et_circuits.core.settings import RunSettings  # noqa: E402
 from et_circuits.methods import discovery  # noqa: E402
 from et_circuits.methods import path_patching as pp  # noqa: E402
-from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
-from et_circuits.core.errors import SetupError  # noqa: E402
 from et_circuits.methods.sweep import sweep  # noqa: E402
-from et_circuits.core.settings import RunSettings  # noqa: E402
+from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
-from et_circuits.core.forward import last_logits  # noqa: E402
 
 
 def timed(fn):
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> float:
         model, tok, spec = models.load(args.model, device=args.device)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes + 1)
     clean, corrupt = recipe.path_patching_prompts(tok, vocab, args.n, args.boxes, args.seed)
     top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
@@ -77,12 +78,20 @@ def main(argv: list[str] | None = None) -> float:
         receivers = discovery.step_receivers(step, previous) or None
         scores = {}
         for method in ("fast", "reference"):
-            scores[method], seconds = timed(
-                lambda: pp.path_patch(
-                    model, clean, corrupt, step.position, receivers, method=method, settings=quiet,
+            result, seconds = timed(
+                partial(
+                    pp.path_patch,
+                    model,
+                    clean,
+                    corrupt,
+                    step.position,
+                    receivers=receivers,
+                    method=method,
+                    settings=quiet,
                     runs=runs if method == "fast" else None,
                 )
             )
+            scores[method] = result.scores
             total[method] += seconds
             print(f"  step {step.group:16s} {method:9s} {seconds:8.2f}s", flush=True)
         diff = (scores["fast"] - scores["reference"]).abs().max().item()

@@ -23,15 +23,27 @@ CLASSES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
-N_POSITIONS = 128  # max_position_embeddings of every checkpoint here
+N_POSITIONS = 128  # max_position_embeddings of every checkpoint here, unless asked otherwise
+# The session fixture `tiny` (conftest): HF's own init (std 0.02) and 512 positions.
+TINY = dict(initializer_range=0.02, max_position_embeddings=512)
 
 
-def make(path, arch: str = "llama", n_heads: int = 4, n_kv_heads: int | None = None, d_model: int = 32,
-         n_layers: int = 2, seed: int = 0, **config):
-    """Save a random `arch` model (`config`: further HF config fields, e.g. rope_parameters)
-    and the organism tokenizer to `path`; return the HF model, fp32, in eval mode."""
+def make(
+    path,
+    arch: str = "llama",
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    d_model: int = 32,
+    n_layers: int = 2,
+    seed: int = 0,
+    **config,
+):
+    """Save a random `arch` model (`config`: further HF config fields, e.g. rope_parameters, or
+    other values of initializer_range / max_position_embeddings) and the organism tokenizer to
+    `path`; return the HF model, fp32, in eval mode."""
     tok = build_tokenizer()
     config_class, model_class = CLASSES[arch]
+    fields = dict(max_position_embeddings=N_POSITIONS, initializer_range=0.2)
     cfg = config_class(
         vocab_size=len(tok),
         hidden_size=d_model,
@@ -39,12 +51,10 @@ def make(path, arch: str = "llama", n_heads: int = 4, n_kv_heads: int | None = N
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads or n_heads,
-        max_position_embeddings=N_POSITIONS,
-        initializer_range=0.2,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **config,
+        **{**fields, **config},
     )
     torch.manual_seed(seed)
     hf = model_class(cfg).eval()

@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from et_circuits import models
+from et_circuits.methods.evaluation import position_means
 from et_circuits.tasks.entity_tracking import data
-from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
+from tests import checkpoints
 
 
 def make_checkpoint(path, n_layers=2, n_heads=4, n_kv_heads=None, d_model=32, seed=0):
-    """Save a random LlamaForCausalLM and the organism tokenizer to `path`; return the HF model."""
-    tok = build_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads or n_heads,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return hf
+    """A random LLaMA checkpoint as the `tiny` fixture's (HF's init, 512 positions), saved with
+    the organism tokenizer (`checkpoints.make`); returns the HF model."""
+    return checkpoints.make(path, "llama", n_heads, n_kv_heads, d_model, n_layers, seed, **checkpoints.TINY)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +44,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def predicted(tiny_dir, vocab):
+    """(model, prompts, means): a copy of the tiny model with its weights scaled 10x (sizeable
+    head effects), 24 prompts whose answers are its own predictions (full accuracy = 1), and
+    position means over 24 other prompts. Shared by the mean-ablation tests (evaluation,
+    minimality, completeness); nothing may change the model."""
+    model, tok, _ = models.load(tiny_dir, device="cpu")  # a copy: the weights are scaled below
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(10)
+    batch = data.make_prompts(tok, data.sample_prompts(vocab, 24, 7, 11))
+    with torch.no_grad():
+        own = model(batch.input_ids)[torch.arange(len(batch)), batch.position("last")].argmax(-1)
+    reference = data.make_prompts(tok, data.sample_prompts(vocab, 24, 7, 12))
+    return model, batch.replace(answers=own), position_means(model, reference)

@@ -22,9 +22,9 @@ What each oracle implements (the paper's semantics, /work/shared/paper/SPEC.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -111,8 +111,13 @@ def table1_row(model, prompts, reference, groups) -> dict[str, float]:
 
 @torch.no_grad()
 def path_patching_score(
-    model, clean, corrupt, sender: Head, position: str,
-    receivers: Sequence[Head] = (), kind: str | None = None,
+    model,
+    clean,
+    corrupt,
+    sender: Head,
+    position: str,
+    receivers: Sequence[Head] = (),
+    kind: str | None = None,
 ) -> float:
     """Score of one sender head at `position` (see the module docstring), from whole forward
     passes: a clean run and a corrupt run with every `hook_z` cached, the frozen run, and (with

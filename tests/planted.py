@@ -1,6 +1,7 @@
 """Hand-built TransformerLens models (LLaMA geometry: RMSNorm, rotary, gated MLP) whose answer
 depends, by construction, on one known head at one known position, plus random tiny LLaMAs and
-prompt sets for the oracle comparisons.
+prompt sets for the oracle comparisons, and scaled random LLaMA checkpoints loaded through the
+package (`scaled_llama`) for the path-patching, discovery and sweep tests.
 
 The planted model (`planted_model`)
 -----------------------------------
@@ -33,7 +34,9 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from et_circuits import models
 from et_circuits.core.prompts import PromptSet
+from tests.conftest import make_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # The planted model's layout
@@ -54,8 +57,13 @@ SLOW = D_HEAD // 2 - 1  # the rotary pair (SLOW, SLOW + D_HEAD // 2) with the lo
 
 
 def llama_config(
-    n_layers: int, n_heads: int, d_model: int, d_head: int, d_vocab: int,
-    n_kv_heads: int | None = None, rotary_base: float = 10000.0,
+    n_layers: int,
+    n_heads: int,
+    d_model: int,
+    d_head: int,
+    d_vocab: int,
+    n_kv_heads: int | None = None,
+    rotary_base: float = 10000.0,
 ) -> HookedTransformerConfig:
     """A TransformerLens config with the settings of a converted LLaMA checkpoint (RMSNorm,
     non-adjacent rotary pairs over the whole head, gated SiLU MLP, final RMSNorm, fp32 CPU)."""
@@ -186,8 +194,16 @@ def other_answers(prompts: PromptSet, seed: int) -> PromptSet:
 
 
 @torch.no_grad()
-def random_llama(seed: int, n_kv_heads: int | None = None, n_layers: int = 4, n_heads: int = 4,
-                 d_model: int = 32, d_head: int = 8, d_vocab: int = 40, std: float = 0.25) -> HookedTransformer:
+def random_llama(
+    seed: int,
+    n_kv_heads: int | None = None,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    d_model: int = 32,
+    d_head: int = 8,
+    d_vocab: int = 40,
+    std: float = 0.25,
+) -> HookedTransformer:
     """A random LLaMA-geometry model whose weights are large enough (std 0.25 at d_model 32,
     ~10x a trained model's) that every head visibly changes the output."""
     model = HookedTransformer(llama_config(n_layers, n_heads, d_model, d_head, d_vocab, n_kv_heads))
@@ -200,6 +216,19 @@ def random_llama(seed: int, n_kv_heads: int | None = None, n_layers: int = 4, n_
         else:
             p.zero_()
     return model.eval()
+
+
+def scaled_llama(path, n_kv_heads: int | None = None, dtype: torch.dtype = torch.float32):
+    """A 4-layer, 4-head random LLaMA checkpoint (d_model 32, seed 1) saved to `path` and loaded
+    with `models.load` (with the organism tokenizer), its weight matrices scaled up 10x so that
+    heads have visible effects; returns (model, tokenizer)."""
+    make_checkpoint(path, n_layers=4, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=1)
+    model, tok, _ = models.load(path, device="cpu", dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(10)
+    return model, tok
 
 
 def random_prompts(n: int, seed: int, d_vocab: int = 40, seq: int = 14, min_len: int = 10) -> PromptSet:

@@ -117,7 +117,9 @@ class Circuit:
     def without(self, entries: Iterable[Entry]) -> Circuit:
         """A copy without the given (group, head) entries."""
         drop = set(entries)
-        return Circuit({g: [h for h in hs if (g, h) not in drop] for g, hs in self.groups.items()}, dict(self.positions))
+        return Circuit(
+            {g: [h for h in hs if (g, h) not in drop] for g, hs in self.groups.items()}, dict(self.positions)
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -177,7 +179,4 @@ def head_mask(heads: Sequence[Head], n_layers: int, n_heads: int) -> Bool[Tensor
 
 def overlap(base: Circuit, other: Circuit) -> dict[str, tuple[int, int]]:
     """Per group: (heads of `base` also in `other`'s same group, size of `base`'s group)."""
-    return {
-        g: (len(set(heads) & set(other.groups.get(g, []))), len(heads))
-        for g, heads in base.groups.items()
-    }
+    return {g: (len(set(heads) & set(other.groups.get(g, []))), len(heads)) for g, heads in base.groups.items()}

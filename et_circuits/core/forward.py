@@ -23,6 +23,7 @@ HooksFor = Callable[[PromptSet], list[Hook]]
 def last_logits(
     model: HookedTransformer,
     prompts: PromptSet,
+    *,
     hooks_for: HooksFor | None = None,
     settings: RunSettings = QUIET,
     desc: str = "forward",
@@ -48,5 +49,5 @@ def measure(
 ) -> float:
     """`metric` of `model` on `prompts` (default: accuracy), from the logits at each prompt's
     last position (`hooks_for(chunk)`: hooks to run each chunk with)."""
-    logits = last_logits(model, prompts, hooks_for, settings, desc="measure")
+    logits = last_logits(model, prompts, hooks_for=hooks_for, settings=settings, desc="measure")
     return metric_value(metric(logits, prompts.to("cpu")))

@@ -131,9 +131,7 @@ def _store_hook(act, hook: HookPoint, positions, store, layer):
     store[layer] = at_positions(act, positions).detach()
 
 
-def store_hooks(
-    kind: str, positions: Positions, layers: Iterable[int], store: dict[int, Tensor]
-) -> list[Hook]:
+def store_hooks(kind: str, positions: Positions, layers: Iterable[int], store: dict[int, Tensor]) -> list[Hook]:
     """Hooks that put each layer's `kind` activation at `positions` into `store[layer]`, so
     several kinds and positions can be read in one forward pass (CMAP's source run)."""
     return [
@@ -158,9 +156,7 @@ def _rows_hook(act, hook: HookPoint, slots, values):
     return act
 
 
-def last_rows_hook(
-    kind: str, layer: int, slots: Int[Tensor, "rows k"], values: Float[Tensor, "rows k head d"]
-) -> Hook:
+def last_rows_hook(kind: str, layer: int, slots: Int[Tensor, "rows k"], values: Float[Tensor, "rows k head d"]) -> Hook:
     """A hook writing `values` at each row's slot positions into the *last* `len(slots)` rows
     of the batch (rows that joined a restarted pass at this layer, see `restart.run_from`)."""
     return hook_name(kind, layer), partial(_rows_hook, slots=slots, values=values)
@@ -206,9 +202,7 @@ def gather(
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     store: dict[int, Tensor] = {}
     hooks = store_hooks(kind, positions, layers, store)
-    model.run_with_hooks(
-        input_ids.to(model.cfg.device), fwd_hooks=[*fwd_hooks, *hooks], stop_at_layer=max(layers) + 1
-    )
+    model.run_with_hooks(input_ids.to(model.cfg.device), fwd_hooks=[*fwd_hooks, *hooks], stop_at_layer=max(layers) + 1)
     return store
 
 

@@ -52,7 +52,10 @@ class PreparedRuns:
         return PreparedRuns(
             self.run.take(index, model),
             self.last_logits[index].to(output_device(model)),
-            {kind: {p: pick(acts) for p, acts in by_spec.items() if p in keep} for kind, by_spec in self.clean_at.items()},
+            {
+                kind: {p: pick(acts) for p, acts in by_spec.items() if p in keep}
+                for kind, by_spec in self.clean_at.items()
+            },
             {p: pick(zs) for p, zs in self.corrupt_z.items() if p in keep},
         )
 
@@ -89,11 +92,13 @@ def prepare_runs(
         for c in tqdm(parts, desc="path patching: clean runs", disable=not settings.progress, leave=False):
             c = c.to(device)
             logits, cache = model.run_with_cache(c.input_ids, names_filter=lambda n: n in kept)
-            runs.append(CleanRun(
-                {layer: cache[hook_name("resid_pre", layer)].cpu() for layer in layers},
-                {layer: cache[hook_name("k", layer)].cpu() for layer in layers},
-                {layer: cache[hook_name("v", layer)].cpu() for layer in layers},
-            ))
+            runs.append(
+                CleanRun(
+                    {layer: cache[hook_name("resid_pre", layer)].cpu() for layer in layers},
+                    {layer: cache[hook_name("k", layer)].cpu() for layer in layers},
+                    {layer: cache[hook_name("v", layer)].cpu() for layer in layers},
+                )
+            )
             last_logits.append(logits_at(logits, c.position(LAST)).cpu())
             for kind in kinds:
                 for p in positions:
@@ -133,4 +138,3 @@ def _first_change(clean: PromptSet, corrupt: PromptSet, positions: Sequence[str]
     for p in positions:
         first = torch.minimum(first, earliest(clean.position_set(p)))
     return first
-

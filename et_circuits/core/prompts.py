@@ -28,6 +28,8 @@ Spec = str | tuple[str, ...]  # a position spec, or a union of them
 def spec_text(spec: Spec | list[str]) -> str:
     """A position spec, or a union of them, as text for tables: "labels+1, labels+2"."""
     return spec if isinstance(spec, str) else ", ".join(spec)
+
+
 LAST = "last"  # every prompt set has it: each prompt's last real token (the one metrics read)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(\d+))?\s*$")
@@ -87,7 +89,9 @@ class PromptSet:
                 raise DataError(f"position names are identifiers (no offsets), got {name!r}")
             t = _as_long(value, f"position {name!r}").to(ids.device)
             if t.ndim not in (1, 2) or t.shape[0] != n:
-                raise DataError(f"position {name!r} needs one index (or a row of indices) per prompt, got {tuple(t.shape)}")
+                raise DataError(
+                    f"position {name!r} needs one index (or a row of indices) per prompt, got {tuple(t.shape)}"
+                )
             real = t if t.ndim == 1 else t[t >= 0]
             if real.numel() and (real.min() < 0 or real.max() >= seq):
                 raise DataError(f"position {name!r} lies outside the prompts (0..{seq - 1})")
@@ -100,8 +104,13 @@ class PromptSet:
             wrong = wrong[:, None] if wrong.ndim == 1 else wrong
             if wrong.ndim != 2 or wrong.shape[0] != n:
                 raise DataError(f"wrong_answers needs a row of token ids per prompt, got {tuple(wrong.shape)}")
-        for name, value in (("input_ids", ids), ("answers", answers), ("attention_mask", mask),
-                            ("positions", positions), ("wrong_answers", wrong)):
+        for name, value in (
+            ("input_ids", ids),
+            ("answers", answers),
+            ("attention_mask", mask),
+            ("positions", positions),
+            ("wrong_answers", wrong),
+        ):
             object.__setattr__(self, name, value)
 
     # -- size and selection ------------------------------------------------------------------

@@ -35,8 +35,13 @@ SUPPORTED_POSITIONAL = ("rotary", "standard")
 
 # Configuration flags `run_from` does not reproduce (each changes the attention or the block).
 UNSUPPORTED_FLAGS = (
-    "use_attn_in", "use_split_qkv_input", "use_qk_norm", "use_dynamic_ntk_rope", "use_logn_attn",
-    "use_attention_sinks", "use_normalization_before_and_after",
+    "use_attn_in",
+    "use_split_qkv_input",
+    "use_qk_norm",
+    "use_dynamic_ntk_rope",
+    "use_logn_attn",
+    "use_attention_sinks",
+    "use_normalization_before_and_after",
 )
 
 
@@ -113,6 +118,7 @@ class CleanRun:
     @staticmethod
     def concat(runs: Sequence[CleanRun]) -> CleanRun:
         """Chunks of one clean run, joined along the batch."""
+
         def cat(name: str) -> dict[int, Tensor]:
             return {l: torch.cat([getattr(r, name)[l] for r in runs]) for l in getattr(runs[0], name)}
 
@@ -128,8 +134,12 @@ def clean_run(
     restarts from, plus the logits."""
     run = CleanRun()
     layers = range(model.cfg.n_layers)
-    hooks = [*fwd_hooks, *keep_hooks("resid_pre", layers, run.resid), *keep_hooks("k", layers, run.keys),
-             *keep_hooks("v", layers, run.values)]
+    hooks = [
+        *fwd_hooks,
+        *keep_hooks("resid_pre", layers, run.resid),
+        *keep_hooks("k", layers, run.keys),
+        *keep_hooks("v", layers, run.values),
+    ]
     run.logits = model.run_with_hooks(input_ids.to(model.cfg.device), fwd_hooks=hooks)
     return run
 
@@ -236,9 +246,13 @@ def _attention(attn, normed: Tensor, prefix_keys: Tensor, prefix_values: Tensor)
     k, v = (_per_head(t, n_heads).transpose(1, 2) for t in (k, v))
     pk, pv = (_per_head(t.to(q.dtype), n_heads).transpose(1, 2) for t in (prefix_keys, prefix_values))
     shared = q.reshape(rows // prompts, prompts, n_heads, length, -1)
-    scores = torch.cat(
-        [(shared @ pk.transpose(-1, -2)[None]).reshape(rows, n_heads, length, start), q @ k.transpose(-1, -2)], dim=-1
-    ) / attn.attn_scale
+    scores = (
+        torch.cat(
+            [(shared @ pk.transpose(-1, -2)[None]).reshape(rows, n_heads, length, start), q @ k.transpose(-1, -2)],
+            dim=-1,
+        )
+        / attn.attn_scale
+    )
     scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     visible = torch.cat([torch.ones(length, start, dtype=torch.bool, device=q.device), causal], dim=-1)
@@ -254,10 +268,14 @@ def _attention(attn, normed: Tensor, prefix_keys: Tensor, prefix_values: Tensor)
     if cfg.use_attn_result:
         result = attn.hook_result(torch.einsum("bphd,hdm->bphm", z, attn.W_O))
         return result.sum(-2) + attn.b_O
-    return z.reshape(rows, length, n_heads * cfg.d_head) @ attn.W_O.reshape(n_heads * cfg.d_head, cfg.d_model) + attn.b_O
+    return (
+        z.reshape(rows, length, n_heads * cfg.d_head) @ attn.W_O.reshape(n_heads * cfg.d_head, cfg.d_model) + attn.b_O
+    )
 
 
-def embed(model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], start: int) -> Float[Tensor, "batch suffix d_model"]:
+def embed(
+    model: HookedTransformer, input_ids: Int[Tensor, "batch suffix"], start: int
+) -> Float[Tensor, "batch suffix d_model"]:
     """The residual stream entering layer 0 for tokens placed at positions `start`.. (token
     embeddings, plus learned positional embeddings where the model has them)."""
     check_supported(model)

@@ -1,6 +1,6 @@
 """What every method's result type shares: the JSON forms of what results hold (position specs,
 heads, receivers, score tables), the short text of numbers and heads their reprs use, and
-frames (pandas, imported on first use so that `import et_circuits` does not load it)."""
+frames (pandas, imported where a frame is made)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def head_text(head: Head) -> str:
 
 
 def heads_text(heads: Sequence[Head], most: int = 8) -> str:
-    """"L1H2 L1H3 ..." (at most `most` heads, then how many more)."""
+    """ "L1H2 L1H3 ..." (at most `most` heads, then how many more)."""
     shown = " ".join(head_text(h) for h in heads[:most])
     return shown + (f" +{len(heads) - most}" if len(heads) > most else "") if heads else "(none)"
 

@@ -56,8 +56,11 @@ def resolve_device(device: str | torch.device | None, n_devices: int = 1) -> str
         parsed = None
     ok = parsed is not None and (
         parsed.type == "cpu"
-        or (parsed.type == "cuda" and torch.cuda.is_available()
-            and (parsed.index is None or parsed.index < torch.cuda.device_count()))
+        or (
+            parsed.type == "cuda"
+            and torch.cuda.is_available()
+            and (parsed.index is None or parsed.index < torch.cuda.device_count())
+        )
         or (parsed.type == "mps" and "mps" in available_devices())
     )
     if not ok:

@@ -208,15 +208,26 @@ class CmapResult:
     def to_frame(self):
         """One row per variant: name, patch, heads, value, and both models' own values."""
         rows = [
-            {"set": v.name, "patch": v.patch, "n_heads": v.n_heads, "value": value, "base": self.base,
-             "source": self.source}
+            {
+                "set": v.name,
+                "patch": v.patch,
+                "n_heads": v.n_heads,
+                "value": value,
+                "base": self.base,
+                "source": self.source,
+            }
             for v, value in self.variants
         ]
         return frame(rows, ["set", "patch", "n_heads", "value", "base", "source"])
 
     def to_json(self) -> dict:
-        return {"base": self.base, "source": self.source, "n": self.n, "metric": self.metric,
-                "variants": [{**v.to_json(), "value": None if math.isnan(x) else x} for v, x in self.variants]}
+        return {
+            "base": self.base,
+            "source": self.source,
+            "n": self.n,
+            "metric": self.metric,
+            "variants": [{**v.to_json(), "value": None if math.isnan(x) else x} for v, x in self.variants],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> CmapResult:
@@ -227,8 +238,10 @@ class CmapResult:
 
     def __repr__(self) -> str:
         patched = ", ".join(f"{v.name}/{v.patch}={number(x)}" for v, x in self.variants)
-        return (f"CmapResult({self.metric}: base {number(self.base)}, source {number(self.source)}, n={self.n}; "
-                f"{patched or 'no variants'})")
+        return (
+            f"CmapResult({self.metric}: base {number(self.base)}, source {number(self.source)}, n={self.n}; "
+            f"{patched or 'no variants'})"
+        )
 
 
 @torch.no_grad()
@@ -272,7 +285,10 @@ def cmap(
     n = len(prompts)
     scores = (combine_nan(totals) / n).tolist()
     return CmapResult(
-        base_total / n, source_total / n, tuple(VariantScore(v, x) for v, x in zip(variants, scores)), n,
+        base_total / n,
+        source_total / n,
+        tuple(VariantScore(v, x) for v, x in zip(variants, scores)),
+        n,
         metric_name(metric),
     )
 
@@ -280,4 +296,3 @@ def cmap(
 def _earliest(at: Tensor) -> int:
     valid = at[at >= 0]
     return int(valid.min()) if valid.numel() else 0
-

@@ -161,8 +161,17 @@ def find_circuit(
                 runs = prepare_runs(model, clean, corrupt, [s.position for s in steps], settings)
             senders = None if receivers or step.receiver_kind is None else []  # nothing to receive: no sender
             found = path_patch(
-                model, clean, corrupt, step.position, receivers=receivers or None, metric=metric, relative=relative,
-                senders=senders, method=method, settings=settings, runs=runs,
+                model,
+                clean,
+                corrupt,
+                step.position,
+                receivers=receivers or None,
+                metric=metric,
+                relative=relative,
+                senders=senders,
+                method=method,
+                settings=settings,
+                runs=runs,
             )
         else:
             reused_groups.append(step.group)

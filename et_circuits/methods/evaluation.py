@@ -34,7 +34,9 @@ from et_circuits.core.serial import frame, number
 from et_circuits.core.settings import QUIET, RunSettings
 
 
-def keep_mask(circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int) -> Bool[Tensor, "layer batch pos head"]:
+def keep_mask(
+    circuit: Circuit, prompts: PromptSet, n_layers: int, n_heads: int
+) -> Bool[Tensor, "layer batch pos head"]:
     """True where a head keeps its own activation: a group's heads at that group's positions.
     Everything else is mean-ablated."""
     keep = torch.zeros(n_layers, len(prompts), prompts.seq_len, n_heads, dtype=torch.bool)
@@ -125,7 +127,14 @@ def ablated_accuracies(
 ) -> list[float]:
     """`ablated_scores` with the accuracy metric."""
     return ablated_scores(
-        model, circuits, prompts, means, metric=accuracy, settings=settings, ablate_circuit=ablate_circuit, method=method
+        model,
+        circuits,
+        prompts,
+        means,
+        metric=accuracy,
+        settings=settings,
+        ablate_circuit=ablate_circuit,
+        method=method,
     )
 
 
@@ -169,14 +178,18 @@ def ablated_last_logits(
     for circuit in circuits:
         circuit.validate(n_layers, n_heads)
     if means.shape[1] < prompts.seq_len:
-        raise DataError(f"the reference prompts ({means.shape[1]} tokens) are shorter than the prompts ({prompts.seq_len})")
+        raise DataError(
+            f"the reference prompts ({means.shape[1]} tokens) are shorter than the prompts ({prompts.seq_len})"
+        )
     device = model.cfg.device
     means = means.to(device)
     cpu = prompts.to("cpu")
     last = cpu.position(LAST)
 
     def keep_of(which: Tensor, row: Tensor) -> Tensor:
-        keep = torch.cat([keep_mask(circuits[c], cpu[row[which == c]], n_layers, n_heads) for c in which.unique().tolist()], dim=1)
+        keep = torch.cat(
+            [keep_mask(circuits[c], cpu[row[which == c]], n_layers, n_heads) for c in which.unique().tolist()], dim=1
+        )
         return (~keep if ablate_circuit else keep).to(device)
 
     n, count = len(prompts), len(circuits)
@@ -185,7 +198,9 @@ def ablated_last_logits(
         for start in range(0, count * n, rows):
             index = torch.arange(start, min(start + rows, count * n))
             which, row = index // n, index % n
-            logits = model.run_with_hooks(cpu.input_ids[row].to(device), fwd_hooks=replace_hooks("z", means, keep_of(which, row)))
+            logits = model.run_with_hooks(
+                cpu.input_ids[row].to(device), fwd_hooks=replace_hooks("z", means, keep_of(which, row))
+            )
             yield which, row, logits_at(logits, last[row].to(device))
         return
     # Each prompt's first position where some circuit's rows leave the shared run (at most its last).
@@ -196,7 +211,13 @@ def ablated_last_logits(
                 for spec in circuit.positions_of(group):
                     at = cpu.position_set(spec)
                     first = torch.minimum(first, torch.where((at >= 0).any(1), earliest(at), last))
-    base = [] if ablate_circuit else replace_hooks("z", means, torch.zeros(n_layers, 1, prompts.seq_len, n_heads, dtype=torch.bool, device=device))
+    base = (
+        []
+        if ablate_circuit
+        else replace_hooks(
+            "z", means, torch.zeros(n_layers, 1, prompts.seq_len, n_heads, dtype=torch.bool, device=device)
+        )
+    )
     for part in same_start_chunks(first, max(1, min(settings.batch_size, settings.max_rows // count))):
         s = int(first[part[0]])
         run = clean_run(model, cpu.input_ids[part], base)

@@ -58,16 +58,26 @@ class Knockout:
         return frame(rows, ["edge", "from_layer", "value", "full"])
 
     def to_json(self) -> dict:
-        return {"full": self.full, "curves": {e: list(v) for e, v in self.curves.items()}, "n": self.n,
-                "metric": self.metric}
+        return {
+            "full": self.full,
+            "curves": {e: list(v) for e, v in self.curves.items()},
+            "n": self.n,
+            "metric": self.metric,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Knockout:
         return cls(d["full"], {e: tuple(v) for e, v in d["curves"].items()}, d["n"], d["metric"])
 
     def __repr__(self) -> str:
-        curves = "; ".join(f"{e}: {' '.join(number(v, 2) for v in values)}" for e, values in self.curves.items())
-        return f"Knockout({self.metric} {number(self.full)} unblocked, n={self.n}; from layer 0 on: {curves})"
+        lowest = []
+        for edge, values in self.curves.items():
+            layer = min(range(len(values)), key=values.__getitem__) if values else 0
+            lowest.append(f"{edge} {number(values[layer])} (from L{layer})" if values else edge)
+        return (
+            f"Knockout({self.metric} {number(self.full)} unblocked, n={self.n}; lowest when blocked: "
+            f"{', '.join(lowest) or 'no edges'})"
+        )
 
 
 @torch.no_grad()

@@ -42,8 +42,13 @@ class PruningTest:
     removed: bool
 
     def to_json(self) -> dict:
-        return {"group": self.group, "head": list(self.head), "with": self.with_, "without": self.without,
-                "removed": self.removed}
+        return {
+            "group": self.group,
+            "head": list(self.head),
+            "with": self.with_,
+            "without": self.without,
+            "removed": self.removed,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> PruningTest:
@@ -63,23 +68,42 @@ class Minimality:
     __hash__ = None
 
     def to_frame(self):
-        rows = [{"group": t.group, "layer": t.head[0], "head": t.head[1], "with": t.with_, "without": t.without,
-                 "removed": t.removed} for t in self.tests]
+        rows = [
+            {
+                "group": t.group,
+                "layer": t.head[0],
+                "head": t.head[1],
+                "with": t.with_,
+                "without": t.without,
+                "removed": t.removed,
+            }
+            for t in self.tests
+        ]
         return frame(rows, ["group", "layer", "head", "with", "without", "removed"])
 
     def to_json(self) -> dict:
-        return {"original": self.original.to_dict(), "circuit": self.circuit.to_dict(), "threshold": self.threshold,
-                "tests": [t.to_json() for t in self.tests]}
+        return {
+            "original": self.original.to_dict(),
+            "circuit": self.circuit.to_dict(),
+            "threshold": self.threshold,
+            "tests": [t.to_json() for t in self.tests],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Minimality:
-        return cls(Circuit.from_dict(d["original"]), Circuit.from_dict(d["circuit"]), d["threshold"],
-                   tuple(PruningTest.from_json(t) for t in d["tests"]))
+        return cls(
+            Circuit.from_dict(d["original"]),
+            Circuit.from_dict(d["circuit"]),
+            d["threshold"],
+            tuple(PruningTest.from_json(t) for t in d["tests"]),
+        )
 
     def __repr__(self) -> str:
         removed = [f"{t.group}:{head_text(t.head)}" for t in self.tests if t.removed]
-        return (f"Minimality(kept {len(self.circuit)} of {len(self.original)} heads at threshold "
-                f"{self.threshold}; removed: {' '.join(removed) or 'none'})")
+        return (
+            f"Minimality(kept {len(self.circuit)} of {len(self.original)} heads at threshold "
+            f"{self.threshold}; removed: {' '.join(removed) or 'none'})"
+        )
 
 
 def minimal(
@@ -131,13 +155,21 @@ class AblatedSet:
         return abs(self.circuit_without - self.model_without)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "size": len(self.heads), "heads": [[g, *h] for g, h in self.heads],
-                "circuit_without": self.circuit_without, "model_without": self.model_without, "gap": self.gap}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "size": len(self.heads),
+            "heads": [[g, *h] for g, h in self.heads],
+            "circuit_without": self.circuit_without,
+            "model_without": self.model_without,
+            "gap": self.gap,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> AblatedSet:
-        return cls(d["kind"], d["name"], tuple((g, (l, h)) for g, l, h in d["heads"]), d["circuit_without"],
-                   d["model_without"])
+        return cls(
+            d["kind"], d["name"], tuple((g, (l, h)) for g, l, h in d["heads"]), d["circuit_without"], d["model_without"]
+        )
 
 
 @dataclass(frozen=True)
@@ -198,7 +230,9 @@ def completeness(
         model, [circuit.keep_only(s) for _, _, s in subsets], prompts, means, ablate_circuit=True, **scored
     )
     return Completeness(
-        tuple(AblatedSet(kind, label, tuple(subset), f_circuit, f_model)
-              for (kind, label, subset), f_circuit, f_model in zip(subsets, without, model_without)),
+        tuple(
+            AblatedSet(kind, label, tuple(subset), f_circuit, f_model)
+            for (kind, label, subset), f_circuit, f_model in zip(subsets, without, model_without)
+        ),
         name,
     )

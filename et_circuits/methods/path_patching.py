@@ -34,8 +34,9 @@ Two methods give the same scores (tested to 1e-5 in fp32):
     once for every step (`prepared.prepare_runs`), each corrupt run from its first changed token.
   So a step whose receivers sit at the last token recomputes one token per sender row; a step
   whose senders sit early in the prompt recomputes every position from there to the last for
-  each sender below the receivers. Both passes are `restart.run_from` (the frozen run with an empty prefix), which moves the
-  residual stream and each layer's cache to that layer's device in a model split over GPUs.
+  each sender below the receivers. Both passes are `restart.run_from` (the frozen run with an
+  empty prefix), which moves the residual stream and each layer's cache to that layer's device
+  in a model split over GPUs.
 
 With grouped-query attention, `hook_k` / `hook_v` are made per query head for the duration
 (TransformerLens' `ungroup_grouped_query_attention`), so a receiver's input is its own.
@@ -160,7 +161,6 @@ def _reference_chunk(
 # Fast: sender-position frozen runs, suffix receiver runs, many senders per pass
 
 
-
 def _match(at: Int[Tensor, "n k"], where: Int[Tensor, "n m"]) -> Int[Tensor, "n m"]:
     """For each receiver slot, the sender slot at the same position (-1: none; the frozen run
     leaves the receiver's input there clean)."""
@@ -217,7 +217,9 @@ def _fast_chunk(
             logits = run_from(model, x, first, alone, alone, override_hooks("z", frozen))
             slot = _match(at, last[:, None])[:, 0]  # where the last position is a sender position
             picked = logits_at(logits, tile(slot.clamp(min=0), reps))
-            logits = torch.where(tile(slot >= 0, reps)[:, None].to(picked.device), picked, tile(runs.last_logits, reps).to(picked.dtype))
+            logits = torch.where(
+                tile(slot >= 0, reps)[:, None].to(picked.device), picked, tile(runs.last_logits, reps).to(picked.dtype)
+            )
         else:
             above = [m for m in receiver_layers if m > first]
             recorded: dict[str, dict[int, Tensor]] = {kind: {} for kind, _ in sites.masks}
@@ -238,12 +240,19 @@ def _fast_chunk(
                     index = slot.clamp(min=0)[..., None, None]
                     frozen_in = torch.gather(v, 2, index.expand(-1, -1, -1, n_heads, v.shape[-1]))
                     clean_in = runs.clean_at[kind][spec][m][None].to(v.dtype)
-                    values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(reps * n, -1, n_heads, v.shape[-1])
+                    values[m] = torch.where(slot[..., None, None] >= 0, frozen_in, clean_in).view(
+                        reps * n, -1, n_heads, v.shape[-1]
+                    )
                 shifted = torch.where(where >= 0, where - start, where)
                 hooks += patch_hooks(kind, values, tile(shifted, reps), mask.to(device))
             prefix = runs.run.restrict(above[0], start)
             logits = run_from(
-                model, tile(x_clean[above[0]][:, start:end], reps), above[0], prefix.keys, prefix.values, hooks,
+                model,
+                tile(x_clean[above[0]][:, start:end], reps),
+                above[0],
+                prefix.keys,
+                prefix.values,
+                hooks,
                 read_at=tile(last - start, reps),
             )
         logits = logits.view(reps, n, -1)
@@ -287,15 +296,23 @@ class PathPatching:
         return {
             "sender_position": spec_to_json(self.sender_position),
             "receivers": receivers_to_json(self.receivers),
-            "metric": self.metric, "relative": self.relative, "method": self.method, "n": self.n,
+            "metric": self.metric,
+            "relative": self.relative,
+            "method": self.method,
+            "n": self.n,
             "scores": table_to_json(self.scores),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> PathPatching:
         return cls(
-            table_from_json(d["scores"]), spec_from_json(d["sender_position"]), receivers_from_json(d["receivers"]),
-            d["metric"], d["relative"], d["method"], d["n"],
+            table_from_json(d["scores"]),
+            spec_from_json(d["sender_position"]),
+            receivers_from_json(d["receivers"]),
+            d["metric"],
+            d["relative"],
+            d["method"],
+            d["n"],
         )
 
     def __repr__(self) -> str:
@@ -303,11 +320,14 @@ class PathPatching:
         through = ""
         if self.receivers:
             kinds = "".join(sorted({r.kind for r in self.receivers}))
-            through = f", through {len(self.receivers)} {kinds} inputs at {spec_text(sorted({spec_text(r.position) for r in self.receivers}))}"
+            where = spec_text(sorted({spec_text(r.position) for r in self.receivers}))
+            through = f", through {len(self.receivers)} {kinds} inputs at {where}"
         top = ", ".join(f"{head_text(h)} {number(float(self.scores[h]))}" for h in self.top(3))
         kind = "relative " if self.relative else ""
-        return (f"PathPatching(at {spec_text(self.sender_position)}, {senders} senders{through}; "
-                f"{kind}{self.metric}, n={self.n}; top: {top or 'none'})")
+        return (
+            f"PathPatching(at {spec_text(self.sender_position)}, {senders} senders{through}; "
+            f"{kind}{self.metric}, n={self.n}; top: {top or 'none'})"
+        )
 
 
 def path_patch(
@@ -344,7 +364,9 @@ def path_patch(
     clean.check_pair(corrupt)  # corrupt values are read at the clean prompts' positions
     for spec in [sender_position, *(spec for _, spec in sites.masks)]:
         clean.position_set(spec)  # a clear error for an unknown position
-    sender_mask = torch.ones(n_layers, n_heads, dtype=torch.bool) if senders is None else head_mask(senders, n_layers, n_heads)
+    sender_mask = (
+        torch.ones(n_layers, n_heads, dtype=torch.bool) if senders is None else head_mask(senders, n_layers, n_heads)
+    )
     total = torch.zeros(n_layers, n_heads, dtype=torch.float64)  # sum over chunks of n x metric
     total_clean = 0.0
     device = model.cfg.device
@@ -369,8 +391,14 @@ def path_patch(
             chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
             for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
                 change, clean_value = _fast_chunk(
-                    model, runs.take(index, model, needed), clean[index].to(device), sender_position, sites, sender_mask,
-                    sender_batch, metric,
+                    model,
+                    runs.take(index, model, needed),
+                    clean[index].to(device),
+                    sender_position,
+                    sites,
+                    sender_mask,
+                    sender_batch,
+                    metric,
                 )
                 total += change
                 total_clean += clean_value
@@ -379,11 +407,14 @@ def path_patch(
                 top = sites.layers[-1]
                 total[top:][sender_mask[top:]] = total_clean
     return PathPatching(
-        score_of(total, total_clean, len(clean), relative), sender_position, tuple(Receiver(*r) for r in receivers or ()),
-        metric_name(metric), relative, method, len(clean),
+        score_of(total, total_clean, len(clean), relative),
+        sender_position,
+        tuple(Receiver(*r) for r in receivers or ()),
+        metric_name(metric),
+        relative,
+        method,
+        len(clean),
     )
-
-
 
 
 def top_heads(

@@ -66,6 +66,7 @@ class Sweep:
     def to_json(self) -> dict:
         """As JSON (what `figures.sweep_heatmap` and the report read): scores rounded to 6
         decimals, a rounded -0.0 written as 0.0."""
+
         def table(t):
             return [[round(x, 6) + 0.0 for x in row] for row in t.tolist()]
 
@@ -84,7 +85,9 @@ class Sweep:
         positions = [spec_from_json(p) for p in d["positions"]]
         by_text = {spec_text(p): p for p in positions}
         return cls(
-            positions, table_from_json(d["layers"]), [spec_from_json(p) for p in d["marked"]],
+            positions,
+            table_from_json(d["layers"]),
+            [spec_from_json(p) for p in d["marked"]],
             {by_text[p]: table_from_json(t) for p, t in d["heads"].items()},
             {by_text[p]: table_from_json(t) for p, t in d["paths"].items()},
             list(d.get("tokens", [])),
@@ -104,8 +107,10 @@ class Sweep:
         token = dict(zip(map(spec_text, self.positions), self.tokens))
         marked = ", ".join(f"{spec_text(p)} ({token.get(spec_text(p), '')})" for p in self.marked) or "none"
         detailed = ", ".join(map(spec_text, self.heads)) or "none"
-        return (f"Sweep({len(self.positions)} positions x {self.layers.shape[1]} layers; marked: {marked}; "
-                f"head sweeps at: {detailed})")
+        return (
+            f"Sweep({len(self.positions)} positions x {self.layers.shape[1]} layers; marked: {marked}; "
+            f"head sweeps at: {detailed})"
+        )
 
 
 def absolute_positions(prompts: PromptSet) -> tuple[PromptSet, list[str]]:
@@ -163,8 +168,14 @@ def _patched_metrics(
             joining[layer] = tile(taken.run.resid[layer][:, start:], len(heads))
         prefix = taken.run.restrict(first, start)
         logits = run_from(
-            model, joining.pop(first), first, prefix.keys, prefix.values, hooks,
-            read_at=tile(last - start, len(variants)), joining=joining,
+            model,
+            joining.pop(first),
+            first,
+            prefix.keys,
+            prefix.values,
+            hooks,
+            read_at=tile(last - start, len(variants)),
+            joining=joining,
         ).view(len(variants), n, -1)
         for r in range(len(variants)):
             sorted_total[r] += metric_total(metric, logits[r], chunk)
@@ -225,7 +236,15 @@ def sweep(
         for spec in tqdm(detailed, desc="position sweep: paths", disable=not settings.progress, leave=False):
             readers = [Receiver(l, h, kind, spec) for l in range(1, n_layers) for h in range(n_heads) for kind in "qkv"]
             paths[spec] = path_patch(
-                model, clean, corrupt, spec, receivers=readers, metric=metric, relative=relative, settings=settings, runs=runs
+                model,
+                clean,
+                corrupt,
+                spec,
+                receivers=readers,
+                metric=metric,
+                relative=relative,
+                settings=settings,
+                runs=runs,
             ).scores
     return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))
 
@@ -248,7 +267,8 @@ def smallest(sweep: Sweep, prompts: PromptSet, *, keep: float = 0.9) -> list[Spe
 
     def covered(big: Spec) -> bool:
         return any(
-            other != big and all(a <= b for a, b in zip(sets[_key(other)], sets[_key(big)]))
+            other != big
+            and all(a <= b for a, b in zip(sets[_key(other)], sets[_key(big)]))
             and sets[_key(other)] != sets[_key(big)]
             and strength[_key(other)] >= keep * strength[_key(big)]
             for other in sweep.marked

@@ -21,7 +21,25 @@ from .registry import (
 )
 
 __all__ = [
-    "load", "load_hf", "to_hooked", "hooked_config", "block_devices", "check_fits", "check_split", "ARCHITECTURES",
-    "ModelSpec", "REGISTRY", "ORGANISM", "ORGANISM_DIR", "MODELS_DIR_VAR", "REGISTRY_VAR",
-    "candidate_dirs", "get_spec", "read_registry", "registered", "resolve_dir", "result_name", "use_registry",
+    "load",
+    "load_hf",
+    "to_hooked",
+    "hooked_config",
+    "block_devices",
+    "check_fits",
+    "check_split",
+    "ARCHITECTURES",
+    "ModelSpec",
+    "REGISTRY",
+    "ORGANISM",
+    "ORGANISM_DIR",
+    "MODELS_DIR_VAR",
+    "REGISTRY_VAR",
+    "candidate_dirs",
+    "get_spec",
+    "read_registry",
+    "registered",
+    "resolve_dir",
+    "result_name",
+    "use_registry",
 ]

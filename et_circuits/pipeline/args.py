@@ -39,15 +39,22 @@ boxes = _checked("boxes", int, lambda n: 2 <= n <= 26, "number of boxes must be 
 def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
     """Arguments every model-running command takes (`max_rows`: also the batched methods' knob)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--n-devices", type=positive, default=1,
-                   help="split each model's layers over this many GPUs from --device on (a model larger than one GPU)")
+    p.add_argument(
+        "--n-devices",
+        type=positive,
+        default=1,
+        help="split each model's layers over this many GPUs from --device on (a model larger than one GPU)",
+    )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive, default=32, help="prompts per forward pass")
     if max_rows:
         p.add_argument(
-            "--max-rows", type=positive, default=FAST_ROWS,
-            help="rows per pass of the batched methods ((sender, prompt) rows in fast path patching): their memory knob",
+            "--max-rows",
+            type=positive,
+            default=FAST_ROWS,
+            help="rows per pass of the batched methods ((sender, prompt) rows in fast path patching): "
+            "their memory knob",
         )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     registry_arg(p)
@@ -55,8 +62,12 @@ def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
 
 def registry_arg(p: argparse.ArgumentParser) -> None:
     """--registry FILE: your own models (a TOML registry file, as $ET_CIRCUITS_REGISTRY)."""
-    p.add_argument("--registry", type=Path, default=None,
-                   help=f"a TOML file naming your own models (default: ${models.REGISTRY_VAR})")
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help=f"a TOML file naming your own models (default: ${models.REGISTRY_VAR})",
+    )
 
 
 def results_arg(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _where() -> str:
-    """" (rank r)" under torchrun, so that a failing rank's one line says which it is."""
+    """ " (rank r)" under torchrun, so that a failing rank's one line says which it is."""
     return f" (rank {distributed.rank()})" if distributed.world() > 1 else ""
 
 
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except torch.OutOfMemoryError:
         knobs = "--batch-size" + (" or --max-rows" if "max_rows" in args else "")
-        print(f"error{_where()}: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
+        print(
+            f"error{_where()}: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr
+        )
         return 2
     finally:
         if own:

@@ -39,8 +39,9 @@ def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
-def _wide(frame: pd.DataFrame, index: list[str], columns: str | pd.Series, values: str,
-          keep: tuple[str, ...] = ()) -> pd.DataFrame:
+def _wide(
+    frame: pd.DataFrame, index: list[str], columns: str | pd.Series, values: str, keep: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """One row per `index` value with `keep` (from its first row), then one column per
     `columns` value holding `values`; rows and columns in order of first appearance."""
     columns = frame[columns] if isinstance(columns, str) else columns
@@ -98,12 +99,20 @@ def sweep_table(results: Path, models: list[str]) -> pd.DataFrame | None:
             continue
         path = layout.circuit_path(results, name, "discovered")
         circuit = Circuit.load(path) if path.exists() else None
-        rows.append({
-            "model": name, "prompts": sweep.get("n", ""), "mark at (share of the largest)": sweep.get("mark", ""),
-            "marked positions": ", ".join(sweep.get("marked", [])),
-            "discovered groups": "" if circuit is None else "; ".join(
-                f"{letter(g)} ({len(hs)} h): {spec_text(circuit.positions_of(g))}" for g, hs in circuit.groups.items()),
-        })
+        rows.append(
+            {
+                "model": name,
+                "prompts": sweep.get("n", ""),
+                "mark at (share of the largest)": sweep.get("mark", ""),
+                "marked positions": ", ".join(sweep.get("marked", [])),
+                "discovered groups": ""
+                if circuit is None
+                else "; ".join(
+                    f"{letter(g)} ({len(hs)} h): {spec_text(circuit.positions_of(g))}"
+                    for g, hs in circuit.groups.items()
+                ),
+            }
+        )
     return pd.DataFrame(rows) if rows else None
 
 
@@ -177,15 +186,17 @@ def models_table(results: Path, models: list[str]) -> pd.DataFrame | None:
     for i, name in enumerate(models):
         meta = layout.first_step_metadata(results, name)
         minimality = layout.read_json_or_empty(results / name / layout.MINIMALITY)
-        rows.append({
-            "model": name,
-            "role": "base" if i == 0 else "fine-tuned",
-            "paper model": paper_model(name) or "",
-            **{f"path patching {k}": meta.get(k, "") for k in ("n", "seed", "boxes", "dtype", "method")},
-            "top-k (A B C D)": " ".join(map(str, minimality.get("top_k", []))),
-            "minimality threshold": minimality.get("threshold", ""),
-            "minimality n": minimality.get("n", ""),
-        })
+        rows.append(
+            {
+                "model": name,
+                "role": "base" if i == 0 else "fine-tuned",
+                "paper model": paper_model(name) or "",
+                **{f"path patching {k}": meta.get(k, "") for k in ("n", "seed", "boxes", "dtype", "method")},
+                "top-k (A B C D)": " ".join(map(str, minimality.get("top_k", []))),
+                "minimality threshold": minimality.get("threshold", ""),
+                "minimality n": minimality.get("n", ""),
+            }
+        )
     return pd.DataFrame(rows) if rows else None
 
 
@@ -222,36 +233,94 @@ class SectionSpec:
 
 
 SECTIONS = (
-    SectionSpec("run", "Models and settings", (
-        TableSpec("The models of the run (the first is the base) and their path-patching settings",
-              models_table, "<model>/path_patching, <model>/minimality.json", "circuit"),
-        TableSpec("DCM settings", dcm_settings_table, "<model>/dcm.json", "dcm"),
-    ), ()),
-    SectionSpec("sweep", "Where the mechanism lives: the position sweep", (
-        TableSpec("Positions whose heads carry an effect (the layer sweep's marks) and where the discovered "
-              "circuit's groups act", sweep_table, "<model>/discovered/sweep.json", "circuit"),
-    ), ("*_sweep",)),
-    SectionSpec("circuit", "Circuit discovery and Table 1 (at the paper's positions and at the discovered ones)", (
-        TableSpec("Table 1: the base circuit on every model, at the paper's positions and at the discovered "
-              "ones; slots = share of the (head, position) slots at the circuit's positions that it keeps",
-              table1_table, "table1.csv", "circuit"),
-        TableSpec("Circuit size per group", sizes_table, "<model>/circuit.json, <model>/discovered/circuit.json", "circuit"),
-        TableSpec("Overlap: heads of the base circuit in each model's circuit",
-              overlap_table, "overlap.csv", "circuit"),
-    ), ("*_circuit", "table1", "*_path_patching", "*_completeness")),
-    SectionSpec("dcm", "Figure 2: what each group encodes (DCM)", (
-        TableSpec("Accuracy (% of the desideratum's target) with each group's DCM heads patched, on the "
-              "base circuit at the paper's positions, mean ± std over resamplings", figure2_table, "dcm.csv", "dcm"),
-        TableSpec("The same on the base circuit at the discovered positions", figure2_discovered_table, "dcm.csv", "dcm"),
-    ), ("dcm", "dcm_discovered", "dcm_extra")),
-    SectionSpec("cmap", "Figure 3: cross-model activation patching", (
-        TableSpec("Base-model accuracy with the fine-tuned model's head outputs patched in "
-              "(accuracy, heads patched)", figure3_table, "cmap.csv", "cmap"),
-        TableSpec("Input patching (q, k, v of the head set)", input_patching_table, "cmap.csv", "cmap"),
-    ), ("cmap", "cmap_discovered", "cmap_input", "cmap_input_discovered")),
-    SectionSpec("knockout", "Attention knockout", (
-        TableSpec("Accuracy with the edge blocked from layer L on", knockout_table, "knockout.csv", "knockout"),
-    ), ("knockout",)),
+    SectionSpec(
+        "run",
+        "Models and settings",
+        (
+            TableSpec(
+                "The models of the run (the first is the base) and their path-patching settings",
+                models_table,
+                "<model>/path_patching, <model>/minimality.json",
+                "circuit",
+            ),
+            TableSpec("DCM settings", dcm_settings_table, "<model>/dcm.json", "dcm"),
+        ),
+        (),
+    ),
+    SectionSpec(
+        "sweep",
+        "Where the mechanism lives: the position sweep",
+        (
+            TableSpec(
+                "Positions whose heads carry an effect (the layer sweep's marks) and where the discovered "
+                "circuit's groups act",
+                sweep_table,
+                "<model>/discovered/sweep.json",
+                "circuit",
+            ),
+        ),
+        ("*_sweep",),
+    ),
+    SectionSpec(
+        "circuit",
+        "Circuit discovery and Table 1 (at the paper's positions and at the discovered ones)",
+        (
+            TableSpec(
+                "Table 1: the base circuit on every model, at the paper's positions and at the discovered "
+                "ones; slots = share of the (head, position) slots at the circuit's positions that it keeps",
+                table1_table,
+                "table1.csv",
+                "circuit",
+            ),
+            TableSpec(
+                "Circuit size per group",
+                sizes_table,
+                "<model>/circuit.json, <model>/discovered/circuit.json",
+                "circuit",
+            ),
+            TableSpec(
+                "Overlap: heads of the base circuit in each model's circuit", overlap_table, "overlap.csv", "circuit"
+            ),
+        ),
+        ("*_circuit", "table1", "*_path_patching", "*_completeness"),
+    ),
+    SectionSpec(
+        "dcm",
+        "Figure 2: what each group encodes (DCM)",
+        (
+            TableSpec(
+                "Accuracy (% of the desideratum's target) with each group's DCM heads patched, on the "
+                "base circuit at the paper's positions, mean ± std over resamplings",
+                figure2_table,
+                "dcm.csv",
+                "dcm",
+            ),
+            TableSpec(
+                "The same on the base circuit at the discovered positions", figure2_discovered_table, "dcm.csv", "dcm"
+            ),
+        ),
+        ("dcm", "dcm_discovered", "dcm_extra"),
+    ),
+    SectionSpec(
+        "cmap",
+        "Figure 3: cross-model activation patching",
+        (
+            TableSpec(
+                "Base-model accuracy with the fine-tuned model's head outputs patched in (accuracy, heads patched)",
+                figure3_table,
+                "cmap.csv",
+                "cmap",
+            ),
+            TableSpec("Input patching (q, k, v of the head set)", input_patching_table, "cmap.csv", "cmap"),
+        ),
+        ("cmap", "cmap_discovered", "cmap_input", "cmap_input_discovered"),
+    ),
+    SectionSpec(
+        "knockout",
+        "Attention knockout",
+        (TableSpec("Accuracy with the edge blocked from layer L on", knockout_table, "knockout.csv", "knockout"),),
+        ("knockout",),
+    ),
 )
 
 
@@ -270,7 +339,8 @@ def build(results: Path, figures_dir: Path, models: list[str] | None = None) -> 
     models = list(models) if models else discover_models(results)
     sections = [
         Section(
-            spec.id, spec.title,
+            spec.id,
+            spec.title,
             tuple(Table(t.caption, t.build(results, models), str(results / t.source), t.target) for t in spec.tables),
             spec.figures,
         )

@@ -114,8 +114,14 @@ def step_key(base: Mapping[str, str], step: Step, receivers: list[Receiver], met
     """Everything a step's scores depend on, as the file's metadata (the reuse key): `base`
     (model, seed, prompt count, boxes, dtype), the step, its receivers and the method."""
     heads = [(r.layer, r.head) for r in receivers if r.kind == (step.receiver_kind or "")[:1]]
-    return {**base, "group": step.group, "position": str(step.position), "inputs": str(step.receiver_kind),
-            "method": method, "receivers": str(heads)}
+    return {
+        **base,
+        "group": step.group,
+        "position": str(step.position),
+        "inputs": str(step.receiver_kind),
+        "method": method,
+        "receivers": str(heads),
+    }
 
 
 def step_files(directory: Path, base: Mapping[str, str], method: str):
@@ -163,10 +169,16 @@ def write_discovery(out: Path, found: Discovery, plan: CircuitPlan) -> None:
     circuit.json (written last: the make target)."""
     if found.sweep is not None:
         write_json(out / SWEEP, {**found.sweep.to_json(), "n": plan.sweep_n, "mark": plan.mark})
-    write_json(out / MINIMALITY, {
-        "threshold": plan.minimality_threshold, "n": plan.minimality_n, "top_k": list(found.top_k),
-        "candidates": found.candidates.to_dict(), "tests": [t.to_json() for t in found.minimality.tests],
-    })
+    write_json(
+        out / MINIMALITY,
+        {
+            "threshold": plan.minimality_threshold,
+            "n": plan.minimality_n,
+            "top_k": list(found.top_k),
+            "candidates": found.candidates.to_dict(),
+            "tests": [t.to_json() for t in found.minimality.tests],
+        },
+    )
     write_json(out / COMPLETENESS, {"n": plan.minimality_n, "rows": found.completeness.to_json()["rows"]})
     found.circuit.save(out / CIRCUIT)
 
@@ -184,9 +196,17 @@ def dcm_run_key(plan: DCMPlan, ask: Ask, seed: int) -> str:
     c = plan.config
     return json.dumps(
         {
-            "heads": [list(h) for h in ask.heads], "position": ask.position, "desideratum": ask.desideratum,
-            "seed": seed, "lam": c.lam, "lr": c.lr, "epochs": c.epochs, "batch_size": c.batch_size,
-            "sizes": list(plan.sizes), "n_boxes": plan.n_boxes, "data_seed": plan.data_seed,
+            "heads": [list(h) for h in ask.heads],
+            "position": ask.position,
+            "desideratum": ask.desideratum,
+            "seed": seed,
+            "lam": c.lam,
+            "lr": c.lr,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "sizes": list(plan.sizes),
+            "n_boxes": plan.n_boxes,
+            "data_seed": plan.data_seed,
         },
         sort_keys=True,
     )
@@ -208,8 +228,14 @@ def seed_to_json(result: SeedResult) -> dict:
 
 def seed_from_json(d: Mapping) -> SeedResult:
     return SeedResult(
-        [tuple(h) for h in d["heads"]], list(d["mask"]), d["eval_accuracy"], d["test_accuracy"],
-        torch.tensor([float(c == "1") for c in d["test_correct"]]), d["best_step"], d["steps"], d.get("seconds", 0.0),
+        [tuple(h) for h in d["heads"]],
+        list(d["mask"]),
+        d["eval_accuracy"],
+        d["test_accuracy"],
+        torch.tensor([float(c == "1") for c in d["test_correct"]]),
+        d["best_step"],
+        d["steps"],
+        d.get("seconds", 0.0),
     )
 
 
@@ -324,24 +350,26 @@ def dcm_rows(name: str, result: dict) -> list[dict]:
         try:
             for group, by_desideratum in part["groups"].items():
                 for desideratum, e in by_desideratum.items():
-                    rows.append({
-                        "model": name,
-                        "circuit": section,
-                        "circuit_of": part["circuit"],
-                        "group": group,
-                        "letter": letter(group),
-                        "position": spec_text(part["positions"][group]),
-                        "desideratum": desideratum,
-                        "group_size": len(part["group_heads"][group]),
-                        "n_selected": len(e["heads"]),
-                        "heads": " ".join(f"L{l}H{h}" for l, h in e["heads"]),
-                        "accuracy_mean": round(100 * e["accuracy_mean"], 2),
-                        "accuracy_std": round(100 * e["accuracy_std"], 2),
-                        "test_accuracy_mean": round(100 * e["test_accuracy_mean"], 2),
-                        "test_accuracy_std": round(100 * e["test_accuracy_std"], 2),
-                        "n_seeds": len(e["seeds"]),
-                        "n_resamples": len(e["accuracy"]),
-                    })
+                    rows.append(
+                        {
+                            "model": name,
+                            "circuit": section,
+                            "circuit_of": part["circuit"],
+                            "group": group,
+                            "letter": letter(group),
+                            "position": spec_text(part["positions"][group]),
+                            "desideratum": desideratum,
+                            "group_size": len(part["group_heads"][group]),
+                            "n_selected": len(e["heads"]),
+                            "heads": " ".join(f"L{l}H{h}" for l, h in e["heads"]),
+                            "accuracy_mean": round(100 * e["accuracy_mean"], 2),
+                            "accuracy_std": round(100 * e["accuracy_std"], 2),
+                            "test_accuracy_mean": round(100 * e["test_accuracy_mean"], 2),
+                            "test_accuracy_std": round(100 * e["test_accuracy_std"], 2),
+                            "n_seeds": len(e["seeds"]),
+                            "n_resamples": len(e["accuracy"]),
+                        }
+                    )
         except (KeyError, TypeError, ValueError) as err:
             raise CircuitError(f"dcm.json of {name} is malformed ({section}: {err!r})") from None
     return rows
@@ -374,8 +402,14 @@ def cmap_rows(result: CmapResult, source_name: str, base_name: str, reading: str
 def knockout_rows(model_name: str, result: Knockout) -> list[dict]:
     """knockout.csv's rows: one per (edge, first blocked layer)."""
     return [
-        {"model": model_name, "edge": edge, "from_layer": layer, "accuracy": round(value, 4),
-         "full_accuracy": round(result.full, 4), "n": result.n}
+        {
+            "model": model_name,
+            "edge": edge,
+            "from_layer": layer,
+            "accuracy": round(value, 4),
+            "full_accuracy": round(result.full, 4),
+            "n": result.n,
+        }
         for edge, values in result.curves.items()
         for layer, value in enumerate(values)
     ]

@@ -10,7 +10,21 @@ from .knockout import knockout_figure
 from .save import FIGURES_ENV, figures_dir, png_export, save_figure, save_figures
 
 __all__ = [
-    "step_heatmaps", "circuit_diagram", "table_figure", "completeness_figure", "sweep_heatmap",
-    "figure2", "extra_figure", "DESIDERATUM_COLORS", "cmap_figure", "input_patching_figure", "PATCH_TITLES",
-    "knockout_figure", "save_figure", "save_figures", "png_export", "figures_dir", "FIGURES_ENV",
+    "step_heatmaps",
+    "circuit_diagram",
+    "table_figure",
+    "completeness_figure",
+    "sweep_heatmap",
+    "figure2",
+    "extra_figure",
+    "DESIDERATUM_COLORS",
+    "cmap_figure",
+    "input_patching_figure",
+    "PATCH_TITLES",
+    "knockout_figure",
+    "save_figure",
+    "save_figures",
+    "png_export",
+    "figures_dir",
+    "FIGURES_ENV",
 ]

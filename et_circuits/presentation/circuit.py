@@ -134,19 +134,44 @@ def circuit_diagram(
     for sender, receiver, kind in arrows:
         (x0, y0), (x1, y1) = centres[sender], centres[receiver]
         fig.add_annotation(
-            x=x1 - 0.45, y=y1, ax=x0 + 0.45, ay=y0, xref="x", yref="y", axref="x", ayref="y",
-            showarrow=True, arrowhead=3, arrowsize=1.3, arrowwidth=2, arrowcolor="#555",
+            x=x1 - 0.45,
+            y=y1,
+            ax=x0 + 0.45,
+            ay=y0,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=3,
+            arrowsize=1.3,
+            arrowwidth=2,
+            arrowcolor="#555",
         )
         fig.add_annotation(
-            x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=f"<b>{kind}</b>", showarrow=False,
-            bgcolor="white", font=dict(size=14),
+            x=(x0 + x1) / 2,
+            y=(y0 + y1) / 2,
+            text=f"<b>{kind}</b>",
+            showarrow=False,
+            bgcolor="white",
+            font=dict(size=14),
         )
     right = len(columns) - 0.1
     if found and circuit.groups[found[0].group]:  # the first step's group writes the logits
         ax, ay = centres[found[0].group]
         fig.add_annotation(
-            x=right, y=top - 0.5, ax=ax + 0.45, ay=ay, xref="x", yref="y", axref="x", ayref="y",
-            showarrow=True, arrowhead=3, arrowwidth=2, arrowcolor="#555",
+            x=right,
+            y=top - 0.5,
+            ax=ax + 0.45,
+            ay=ay,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=3,
+            arrowwidth=2,
+            arrowcolor="#555",
         )
         fig.add_annotation(x=right, y=top - 0.5, text="<b>logits</b>", showarrow=False, yshift=12)
     positions = [position_title(circuit.positions[g]) for g in columns]
@@ -217,17 +242,28 @@ def sweep_heatmap(result: Sweep, title: str = "") -> go.Figure:
     sweep = result.to_json()
     positions = [p if isinstance(p, str) else " / ".join(p) for p in sweep["positions"]]
     tokens = sweep.get("tokens") or [""] * len(positions)
-    labels = [f"{'* ' if p in sweep['marked'] else ''}{p}" + (f" ({t})" if t else "") for p, t in zip(positions, tokens)]
+    labels = [
+        f"{'* ' if p in sweep['marked'] else ''}{p}" + (f" ({t})" if t else "") for p, t in zip(positions, tokens)
+    ]
     scores = sweep["layers"]
     bound = max((abs(x) for row in scores for x in row), default=1.0) or 1.0
-    fig = go.Figure(go.Heatmap(
-        z=scores, x=list(range(len(scores[0]) if scores else 0)), y=labels, zmin=-bound, zmax=bound,
-        colorscale="RdBu", hovertemplate="%{y}, layer %{x}: %{z:.4f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=scores,
+            x=list(range(len(scores[0]) if scores else 0)),
+            y=labels,
+            zmin=-bound,
+            zmax=bound,
+            colorscale="RdBu",
+            hovertemplate="%{y}, layer %{x}: %{z:.4f}<extra></extra>",
+        )
+    )
     fig.update_xaxes(title="layer", dtick=1 if scores and len(scores[0]) <= 16 else 4)
     fig.update_yaxes(title="position (a typical prompt's token)", autorange="reversed")
     fig.update_layout(
         title=title or "Position sweep: every head of a layer patched at a position (* marked)",
-        width=900, height=max(400, 28 * len(labels) + 150), template="plotly_white",
+        width=900,
+        height=max(400, 28 * len(labels) + 150),
+        template="plotly_white",
     )
     return fig

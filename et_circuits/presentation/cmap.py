@@ -13,8 +13,14 @@ from et_circuits.tasks.entity_tracking import recipe
 
 from .style import OTHER_COLOUR
 
-PATCH_TITLES = {"z": "outputs (z)", "q": "queries", "k": "keys", "v": "values", "qk": "queries + keys",
-                "qkv": "queries + keys + values"}
+PATCH_TITLES = {
+    "z": "outputs (z)",
+    "q": "queries",
+    "k": "keys",
+    "v": "values",
+    "qk": "queries + keys",
+    "qkv": "queries + keys + values",
+}
 
 
 def _pairs(frame) -> list[tuple[str, str, float, float]]:
@@ -28,22 +34,33 @@ def _baselines(fig, x: list, base_acc: float, source_acc: float, col: int) -> No
     for name, value, color in (("base model", base_acc, "#e45756"), ("fine-tuned model", source_acc, "#54a24b")):
         fig.add_trace(
             go.Scatter(
-                x=x, y=[value] * len(x), mode="lines", name=f"{name} alone", legendgroup=name,
-                line=dict(dash="dash", color=color), showlegend=col == 1,
+                x=x,
+                y=[value] * len(x),
+                mode="lines",
+                name=f"{name} alone",
+                legendgroup=name,
+                line=dict(dash="dash", color=color),
+                showlegend=col == 1,
                 hovertemplate=f"{name}: {value:.2f}<extra></extra>",
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
 
 
 def _panels(pairs, title: str):
     fig = make_subplots(
-        rows=1, cols=max(len(pairs), 1), shared_yaxes=True,
+        rows=1,
+        cols=max(len(pairs), 1),
+        shared_yaxes=True,
         subplot_titles=[f"{s} -> {b}<br><sup>base {ba:.2f}, fine-tuned {sa:.2f}</sup>" for s, b, ba, sa in pairs],
     )
     fig.update_yaxes(range=[0, 1.08], title_text="base-model accuracy", row=1, col=1)
     fig.update_layout(
-        title=title, template="plotly_white", height=460, width=120 + 400 * max(len(pairs), 1),
+        title=title,
+        template="plotly_white",
+        height=460,
+        width=120 + 400 * max(len(pairs), 1),
         legend=dict(orientation="h", y=-0.15),
     )
     return fig
@@ -58,16 +75,23 @@ def cmap_figure(frame, patch: str = "z"):
     fig = _panels(pairs, f"CMAP: the fine-tuned model's head {PATCH_TITLES[patch]} patched into the base model")
     for col, (source, base, base_acc, source_acc) in enumerate(pairs, start=1):
         rows = frame[(frame["source"] == source) & (frame["base"] == base)].set_index("set")
-        rows = rows.reindex([s for s in rows.index if s not in recipe.SET_ORDER] + [s for s in recipe.SET_ORDER if s in rows.index])
+        rows = rows.reindex(
+            [s for s in rows.index if s not in recipe.SET_ORDER] + [s for s in recipe.SET_ORDER if s in rows.index]
+        )
         x = [f"{s} ({int(n)})" for s, n in zip(rows.index, rows["n_heads"])]
         fig.add_trace(
             go.Bar(
-                x=x, y=rows["accuracy"], marker_color="#4c78a8", name="patched base model",
-                showlegend=col == 1, legendgroup="patched",
+                x=x,
+                y=rows["accuracy"],
+                marker_color="#4c78a8",
+                name="patched base model",
+                showlegend=col == 1,
+                legendgroup="patched",
                 text=["none" if math.isnan(a) else f"{a:.2f}" for a in rows["accuracy"].astype(float)],
                 textposition="outside",
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         _baselines(fig, x, base_acc, source_acc, col)
     return fig
@@ -88,12 +112,17 @@ def input_patching_figure(frame):
             r = rows[rows["set"] == name].set_index("patch").reindex(order)
             fig.add_trace(
                 go.Bar(
-                    x=order, y=r["accuracy"], name=f"set {name} ({int(r['n_heads'].fillna(0).max())} heads)",
-                    marker_color=colors.get(name, OTHER_COLOUR), legendgroup=name, showlegend=col == 1,
+                    x=order,
+                    y=r["accuracy"],
+                    name=f"set {name} ({int(r['n_heads'].fillna(0).max())} heads)",
+                    marker_color=colors.get(name, OTHER_COLOUR),
+                    legendgroup=name,
+                    showlegend=col == 1,
                     text=["none" if math.isnan(a) else f"{a:.2f}" for a in r["accuracy"].astype(float)],
                     textposition="outside",
                 ),
-                row=1, col=col,
+                row=1,
+                col=col,
             )
         _baselines(fig, order, base_acc, source_acc, col)
     fig.update_layout(barmode="group")

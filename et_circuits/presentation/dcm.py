@@ -22,7 +22,9 @@ def figure2(frame, section: str = "base_circuit"):
     groups = list(dict.fromkeys(rows.group))
     models = list(dict.fromkeys(rows.model))
     fig = make_subplots(
-        rows=1, cols=max(len(groups), 1), shared_yaxes=True,
+        rows=1,
+        cols=max(len(groups), 1),
+        shared_yaxes=True,
         subplot_titles=[group_title(g) for g in groups],
     )
     for col, group in enumerate(groups, start=1):
@@ -30,18 +32,27 @@ def figure2(frame, section: str = "base_circuit"):
             sel = rows[(rows.group == group) & (rows.desideratum == desideratum)].set_index("model").reindex(models)
             fig.add_trace(
                 go.Bar(
-                    x=models, y=sel.accuracy_mean, error_y=dict(type="data", array=sel.accuracy_std),
-                    name=desideratum.replace("_", " "), legendgroup=desideratum, showlegend=col == 1,
+                    x=models,
+                    y=sel.accuracy_mean,
+                    error_y=dict(type="data", array=sel.accuracy_std),
+                    name=desideratum.replace("_", " "),
+                    legendgroup=desideratum,
+                    showlegend=col == 1,
                     marker_color=DESIDERATUM_COLORS[desideratum],
                     customdata=sel[["n_selected", "group_size"]].to_numpy(),
                     hovertemplate="%{x}: %{y:.1f}% (%{customdata[0]} of %{customdata[1]} heads)<extra></extra>",
                 ),
-                row=1, col=col,
+                row=1,
+                col=col,
             )
     base = rows.circuit_of.iloc[0] if len(rows) else ""
     fig.update_layout(
-        title=f"DCM on the {base} circuit {where}: accuracy when the selected heads are patched (mean ± std over resamplings)",
-        barmode="group", height=420, width=max(900, 330 * len(groups)), template="plotly_white",
+        title=f"DCM on the {base} circuit {where}: accuracy when the selected heads are patched "
+        "(mean ± std over resamplings)",
+        barmode="group",
+        height=420,
+        width=max(900, 330 * len(groups)),
+        template="plotly_white",
     )
     fig.update_yaxes(range=[0, 100])
     fig.update_yaxes(title_text="accuracy (% of target)", row=1, col=1)
@@ -56,13 +67,20 @@ def extra_figure(frame):
     fig = go.Figure()
     for model in dict.fromkeys(rows.model):
         sel = rows[rows.model == model].set_index("desideratum").reindex(names)
-        fig.add_trace(go.Bar(
-            x=[n.replace("_", " ") for n in names], y=sel.accuracy_mean,
-            error_y=dict(type="data", array=sel.accuracy_std), name=model,
-        ))
+        fig.add_trace(
+            go.Bar(
+                x=[n.replace("_", " ") for n in names],
+                y=sel.accuracy_mean,
+                error_y=dict(type="data", array=sel.accuracy_std),
+                name=model,
+            )
+        )
     fig.update_layout(
         title="Group B (position transmitter) on every desideratum (controls: is not in, wrong segment)",
-        barmode="group", height=450, width=1100, template="plotly_white",
+        barmode="group",
+        height=450,
+        width=1100,
+        template="plotly_white",
         yaxis=dict(range=[0, 100], title="accuracy (% of target)"),
     )
     return fig

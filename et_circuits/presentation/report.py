@@ -74,6 +74,8 @@ def figure_stems(figures_dir: Path) -> list[str]:
 def _model_rank(stem: str, models: list[str]) -> int:
     """The position in `models` of the model a figure is named after (`<model>_...`)."""
     return next((i for i, m in enumerate(models) if stem.startswith(m + "_")), len(models))
+
+
 def place_figures(stems: list[str], models: list[str], sections) -> dict[str, list[str]]:
     """Section id -> its figures: in the order of its patterns, then of `models`; the figures no
     section names go to "other"."""
@@ -106,8 +108,10 @@ def _figure_html(stem: str, figures_dir: Path) -> str:
     json.loads(text)  # a malformed file fails here, named, rather than silently on the page
     spec = text.replace("<", "\\u003c")  # so nothing in it can close the script element
     target = f"figure-{html.escape(stem)}"
-    return (f'<h3>{html.escape(stem)}</h3><div class="plot" id="{target}"></div>'
-            f'<script type="application/json" class="figure-spec" data-target="{target}">{spec}</script>')
+    return (
+        f'<h3>{html.escape(stem)}</h3><div class="plot" id="{target}"></div>'
+        f'<script type="application/json" class="figure-spec" data-target="{target}">{spec}</script>'
+    )
 
 
 def _section_html(section: Section, shown: list[str], figures_dir: Path) -> str:
@@ -119,7 +123,9 @@ def _section_html(section: Section, shown: list[str], figures_dir: Path) -> str:
     return "".join(parts) + "</section>"
 
 
-def render_page(title: str, intro: tuple[str, ...], sections: list[Section], figures_dir: Path, models: list[str]) -> str:
+def render_page(
+    title: str, intro: tuple[str, ...], sections: list[Section], figures_dir: Path, models: list[str]
+) -> str:
     """The page: `title`, the `intro` paragraphs (HTML), a navigation bar, then each section's
     tables and its figures from `figures_dir` (every figure there; those no section names under
     "Other figures")."""
@@ -129,14 +135,19 @@ def render_page(title: str, intro: tuple[str, ...], sections: list[Section], fig
     placed = place_figures(figure_stems(figures_dir), models, sections)
     sections = [*sections, *([Section("other", "Other figures", (), ())] if placed["other"] else [])]
     nav = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
-    return "\n".join([
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        "<title>et_circuits report</title>", ERROR_COLLECTOR, f"<style>{STYLE}</style>",
-        f"<script>{get_plotlyjs()}</script></head><body>",
-        '<pre id="js-errors" hidden></pre>',
-        f"<h1>{html.escape(title)}</h1>",
-        *(f"<p>{p}</p>" for p in intro),
-        f"<nav>{nav}</nav>",
-        *(_section_html(s, placed[s.id], figures_dir) for s in sections),
-        PLOT_ALL, "</body></html>",
-    ])
+    return "\n".join(
+        [
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+            "<title>et_circuits report</title>",
+            ERROR_COLLECTOR,
+            f"<style>{STYLE}</style>",
+            f"<script>{get_plotlyjs()}</script></head><body>",
+            '<pre id="js-errors" hidden></pre>',
+            f"<h1>{html.escape(title)}</h1>",
+            *(f"<p>{p}</p>" for p in intro),
+            f"<nav>{nav}</nav>",
+            *(_section_html(s, placed[s.id], figures_dir) for s in sections),
+            PLOT_ALL,
+            "</body></html>",
+        ]
+    )

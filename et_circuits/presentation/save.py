@@ -23,7 +23,6 @@ def figures_dir() -> Path:
     return Path(os.environ.get(FIGURES_ENV) or "figures")
 
 
-
 @contextmanager
 def png_export():
     """Keep one headless browser open for all PNG exports inside (about 10x faster than a
@@ -46,9 +45,7 @@ def png_export():
             kaleido.stop_sync_server(silence_warnings=True)
 
 
-def save_figure(
-    fig: go.Figure, stem: str, directory: str | os.PathLike | None = None, png: bool = True
-) -> list[Path]:
+def save_figure(fig: go.Figure, stem: str, directory: str | os.PathLike | None = None, png: bool = True) -> list[Path]:
     """Write `<directory>/<stem>.html` (plotly.js included, works offline), `<stem>.json` (the
     figure as plotly JSON, which the report page embeds) and, unless `png` is false,
     `<stem>.png`; each atomically. `directory` defaults to `figures_dir()`. Returns the paths

@@ -64,9 +64,12 @@ def masked_logits(
     hooks = []
     if heads:
         hooks = mask_hooks(
-            heads, mask, data.values.to(device, model.cfg.dtype),
+            heads,
+            mask,
+            data.values.to(device, model.cfg.dtype),
             torch.where(data.position >= 0, data.position - offset, -1).to(device),
-            model.cfg.n_layers, model.cfg.n_heads,
+            model.cfg.n_layers,
+            model.cfg.n_heads,
         )
     if data.run is None:
         return logits_at(model.run_with_hooks(data.input_ids.to(device), fwd_hooks=hooks), data.last.to(device))

@@ -108,8 +108,14 @@ class PairData:
         run = self.run.take(idx) if self.run is not None else None
         wrong = None if self.wrong is None else self.wrong[idx]
         return PairData(
-            self.input_ids[idx], self.position[idx], self.last[idx], self.target[idx], self.values[idx], run,
-            self.restart, wrong,
+            self.input_ids[idx],
+            self.position[idx],
+            self.last[idx],
+            self.target[idx],
+            self.values[idx],
+            run,
+            self.restart,
+            wrong,
         )
 
     def chunks(self, size: int):

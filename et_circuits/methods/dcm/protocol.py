@@ -86,14 +86,29 @@ class SeedResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {"heads": heads_to_json(self.heads), "mask": self.mask, "eval_score": self.eval_score,
-                "test_score": self.test_score, "test_values": self.test_values.tolist(), "best_step": self.best_step,
-                "steps": self.steps, "seconds": self.seconds}
+        return {
+            "heads": heads_to_json(self.heads),
+            "mask": self.mask,
+            "eval_score": self.eval_score,
+            "test_score": self.test_score,
+            "test_values": self.test_values.tolist(),
+            "best_step": self.best_step,
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> SeedResult:
-        return cls(heads_from_json(d["heads"]), list(d["mask"]), d["eval_score"], d["test_score"],
-                   torch.tensor(d["test_values"], dtype=torch.float32), d["best_step"], d["steps"], d["seconds"])
+        return cls(
+            heads_from_json(d["heads"]),
+            list(d["mask"]),
+            d["eval_score"],
+            d["test_score"],
+            torch.tensor(d["test_values"], dtype=torch.float32),
+            d["best_step"],
+            d["steps"],
+            d["seconds"],
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,26 +149,46 @@ class DCMResult:
     def to_frame(self):
         """One row per seed: seed, selected (the chosen seed), heads, eval and test scores."""
         rows = [
-            {"seed": s, "selected": s == self.selected_seed, "heads": heads_text(r.heads, most=len(r.heads)),
-             "eval_score": r.eval_score, "test_score": r.test_score, "best_step": r.best_step, "steps": r.steps}
+            {
+                "seed": s,
+                "selected": s == self.selected_seed,
+                "heads": heads_text(r.heads, most=len(r.heads)),
+                "eval_score": r.eval_score,
+                "test_score": r.test_score,
+                "best_step": r.best_step,
+                "steps": r.steps,
+            }
             for s, r in self.seeds.items()
         ]
         return frame(rows, ["seed", "selected", "heads", "eval_score", "test_score", "best_step", "steps"])
 
     def to_json(self) -> dict:
-        return {"heads": heads_to_json(self.heads), "position": spec_to_json(self.position),
-                "selected_seed": self.selected_seed, "seeds": {str(s): r.to_json() for s, r in self.seeds.items()},
-                "resampled": self.resampled, "metric": self.metric}
+        return {
+            "heads": heads_to_json(self.heads),
+            "position": spec_to_json(self.position),
+            "selected_seed": self.selected_seed,
+            "seeds": {str(s): r.to_json() for s, r in self.seeds.items()},
+            "resampled": self.resampled,
+            "metric": self.metric,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> DCMResult:
-        return cls(tuple(heads_from_json(d["heads"])), spec_from_json(d["position"]), d["selected_seed"],
-                   {int(s): SeedResult.from_json(r) for s, r in d["seeds"].items()}, list(d["resampled"]), d["metric"])
+        return cls(
+            tuple(heads_from_json(d["heads"])),
+            spec_from_json(d["position"]),
+            d["selected_seed"],
+            {int(s): SeedResult.from_json(r) for s, r in d["seeds"].items()},
+            list(d["resampled"]),
+            d["metric"],
+        )
 
     def __repr__(self) -> str:
-        return (f"DCMResult({heads_text(self.selected)} of {len(self.heads)} heads at {spec_text(self.position)}; "
-                f"{self.metric} {number(self.mean)} ± {number(self.std)} (seed {self.selected_seed} of "
-                f"{len(self.seeds)})")
+        return (
+            f"DCMResult({heads_text(self.selected)} of {len(self.heads)} heads at {spec_text(self.position)}; "
+            f"{self.metric} {number(self.mean)} ± {number(self.std)} (seed {self.selected_seed} of "
+            f"{len(self.seeds)}))"
+        )
 
 
 def _std(values: list[float]) -> float:
@@ -166,7 +201,12 @@ def select_seed(seeds: Mapping[int, SeedResult]) -> int:
 
 
 def summarize(
-    heads: Sequence[Head], position: Spec, seeds: Mapping[int, SeedResult], *, resamples: int, resample_seed: int,
+    heads: Sequence[Head],
+    position: Spec,
+    seeds: Mapping[int, SeedResult],
+    *,
+    resamples: int,
+    resample_seed: int,
     metric: str = "accuracy",
 ) -> DCMResult:
     """The protocol's result from every seed's training of one head set."""
@@ -198,8 +238,16 @@ def dcm(
     questions in shared passes)."""
     question = Question(tuple(map(tuple, heads)), position, fit, test)
     return dcm_many(
-        model, [question], n_train=n_train, n_eval=n_eval, seeds=seeds, config=config, metric=metric,
-        resamples=resamples, resample_seed=resample_seed, settings=settings,
+        model,
+        [question],
+        n_train=n_train,
+        n_eval=n_eval,
+        seeds=seeds,
+        config=config,
+        metric=metric,
+        resamples=resamples,
+        resample_seed=resample_seed,
+        settings=settings,
     )[0]
 
 
@@ -254,8 +302,14 @@ def dcm_many(
         if i not in prepared:  # once per question (its source values and restart point)
             q = questions[i]
             prepared[i] = tuple(
-                prepare_pairs(model, pairs, q.position, q.heads, batch_size=batch,
-                              run=runs.get((id(pairs.base.input_ids), q.heads, q.position), False))
+                prepare_pairs(
+                    model,
+                    pairs,
+                    q.position,
+                    q.heads,
+                    batch_size=batch,
+                    run=runs.get((id(pairs.base.input_ids), q.heads, q.position), False),
+                )
                 for pairs in (q.fit, q.test)
             )
         return prepared[i]
@@ -297,8 +351,14 @@ def dcm_many(
         seconds = round((time.perf_counter() - start) / len(stack), 2)
         return [
             SeedResult(
-                m.selected, [round(x, 4) for x in m.mask], m.eval_score, values[job == n].mean().item(),
-                values[job == n], m.best_step, m.steps, seconds,
+                m.selected,
+                [round(x, 4) for x in m.mask],
+                m.eval_score,
+                values[job == n].mean().item(),
+                values[job == n],
+                m.best_step,
+                m.steps,
+                seconds,
             )
             for n, m in enumerate(masks)
         ]

@@ -39,7 +39,10 @@ class DCMConfig:
     max_stacked_rows: int = 1024
 
     def __post_init__(self) -> None:
-        if min(self.lr, self.epochs, self.batch_size, self.inference_batch_size, self.max_stacked_rows) <= 0 or self.lam < 0:
+        if (
+            min(self.lr, self.epochs, self.batch_size, self.inference_batch_size, self.max_stacked_rows) <= 0
+            or self.lam < 0
+        ):
             raise DataError(f"impossible DCM settings: {self}")
 
 
@@ -155,8 +158,13 @@ def train_masks(
                 bar.update()
     return [
         MaskResult(
-            heads, mask[j].detach().tolist(), [h for h, s in zip(heads, best[j][2].tolist()) if s],
-            best[j][0], best[j][1], len(losses[j]), losses[j],
+            heads,
+            mask[j].detach().tolist(),
+            [h for h, s in zip(heads, best[j][2].tolist()) if s],
+            best[j][0],
+            best[j][1],
+            len(losses[j]),
+            losses[j],
         )
         for j in range(n_jobs)
     ]

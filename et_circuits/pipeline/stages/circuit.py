@@ -28,9 +28,17 @@ def cmd_circuit(args: argparse.Namespace) -> None:
 def plan_of(args: argparse.Namespace) -> recipe.CircuitPlan:
     """The discovery settings of the command line."""
     return recipe.CircuitPlan(
-        n=args.n, n_boxes=args.boxes, seed=args.seed, top_k=tuple(args.top_k), top_k_cap=args.top_k_cap,
-        method=args.method, minimality_n=args.minimality_n, minimality_threshold=args.minimality_threshold,
-        reference_n=args.reference_n, completeness_random=args.completeness_random, sweep_n=args.sweep_n,
+        n=args.n,
+        n_boxes=args.boxes,
+        seed=args.seed,
+        top_k=tuple(args.top_k),
+        top_k_cap=args.top_k_cap,
+        method=args.method,
+        minimality_n=args.minimality_n,
+        minimality_threshold=args.minimality_threshold,
+        reference_n=args.reference_n,
+        completeness_random=args.completeness_random,
+        sweep_n=args.sweep_n,
         mark=args.mark,
     )
 
@@ -46,15 +54,24 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
         finished, on_step = results.step_files(out / results.STEPS_DIR, key, args.method)
         t0 = time.perf_counter()
         found = recipe.discover(
-            model, tokenizer, reading, plan, settings=settings(args), finished=finished, on_step=on_step,
+            model,
+            tokenizer,
+            reading,
+            plan,
+            settings=settings(args),
+            finished=finished,
+            on_step=on_step,
             means_cache=args.results / name,
         )
         results.write_discovery(out, found, plan)
         sizes = " ".join(
-            f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}" for g in found.circuit.groups
+            f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}"
+            for g in found.circuit.groups
         )
-        print(f"{name} ({reading} positions): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
-              f"-> {out / results.CIRCUIT}")
+        print(
+            f"{name} ({reading} positions): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
+            f"-> {out / results.CIRCUIT}"
+        )
 
 
 def register(sub) -> None:
@@ -65,11 +82,17 @@ def register(sub) -> None:
     p.add_argument("--n", type=positive, default=300, help="path-patching prompts (paper: 300)")
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument(
-        "--top-k", type=positive, nargs=4, default=list(recipe.PAPER_TOP_K), metavar=("A", "B", "C", "D"),
+        "--top-k",
+        type=positive,
+        nargs=4,
+        default=list(recipe.PAPER_TOP_K),
+        metavar=("A", "B", "C", "D"),
         help="heads kept per step (paper, Llama: 20 5 10 5; Goat/FLoat: 50 20 30 5)",
     )
     p.add_argument(
-        "--top-k-cap", type=fraction, default=TOP_K_CAP,
+        "--top-k-cap",
+        type=fraction,
+        default=TOP_K_CAP,
         help="at most this fraction of all heads per step (only bites on small models)",
     )
     p.add_argument("--method", choices=METHODS, default="fast")
@@ -77,8 +100,13 @@ def register(sub) -> None:
     p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
     p.add_argument("--completeness-random", type=count, default=10, help="random K sets for completeness")
-    p.add_argument("--sweep-n", type=positive, default=100, help="prompts of the position sweep (the first path-patching ones)")
-    p.add_argument("--mark", type=fraction, default=0.2,
-                   help="the sweep marks positions whose effect is at least this share of the largest")
+    p.add_argument(
+        "--sweep-n", type=positive, default=100, help="prompts of the position sweep (the first path-patching ones)"
+    )
+    p.add_argument(
+        "--mark",
+        type=fraction,
+        default=0.2,
+        help="the sweep marks positions whose effect is at least this share of the largest",
+    )
     p.set_defaults(func=cmd_circuit)
-

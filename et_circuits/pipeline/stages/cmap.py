@@ -46,11 +46,16 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         source, _, _ = load_model(name, args, args.source_device)
         for reading in (r for r in SECTIONS_OF if (name, r) in inputs):
             sets = inputs[(name, reading)]  # input patching of the asked sets this circuit has
-            variant_list = recipe.variants(sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches)
+            variant_list = recipe.variants(
+                sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches
+            )
             result = cmap(base, source, prompts, variant_list, settings=settings(args))
             rows += results.cmap_rows(result, result_name(name), base_name, reading)
-            print(f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
-                  f"fine-tuned={result.source:.2f} " + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants))
+            print(
+                f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
+                f"fine-tuned={result.source:.2f} "
+                + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants)
+            )
         del source
         gc.collect()
     frame = pd.DataFrame(rows)
@@ -68,16 +73,21 @@ def register(sub) -> None:
     p = sub.add_parser("cmap", help="Figure 3: patch fine-tuned heads into the base model")
     p.add_argument("--base", required=True)
     p.add_argument("--models", nargs="+", required=True, help="fine-tuned models (the base is skipped)")
-    p.add_argument("--source-device", default=None,
-                   help="where the fine-tuned models go, e.g. cuda:1 with the base on cuda:0 (default: --device)")
+    p.add_argument(
+        "--source-device",
+        default=None,
+        help="where the fine-tuned models go, e.g. cuda:1 with the base on cuda:0 (default: --device)",
+    )
     p.add_argument("--n", type=positive, default=500)
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument(
-        "--input-sets", nargs="*", choices=recipe.SET_NAMES, default=["A"],
+        "--input-sets",
+        nargs="*",
+        choices=recipe.SET_NAMES,
+        default=["A"],
         help="head sets also input-patched (q, k, v, qk, qkv); default A, as in the paper",
     )
     model_args(p)
     results_arg(p)
     figures_arg(p)
     p.set_defaults(func=cmd_cmap)
-

@@ -63,7 +63,9 @@ from ..args import (
 from ..results import SECTIONS, SECTIONS_OF, dcm_rows, read_dcm
 
 
-def desiderata_of(args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool) -> dict[str, tuple[str, ...]]:
+def desiderata_of(
+    args: argparse.Namespace, section: str, circuit: Circuit, is_base: bool
+) -> dict[str, tuple[str, ...]]:
     """Which desiderata each group of a section's circuit is asked: on a base circuit the three
     main ones (plus, on the paper's circuit, the extra ones on group B, per --extra); on the
     model's own circuit what CMAP patches (per --own)."""
@@ -99,8 +101,13 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
     config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     seeds = tuple(args.seed + i for i in range(args.seeds))
     plan = recipe.DCMPlan(
-        config, (args.n_train, args.n_eval, args.n_test), args.boxes, args.seed + recipe.SEED_OFFSETS["dcm"],
-        seeds, args.resamples, args.seed,
+        config,
+        (args.n_train, args.n_eval, args.n_test),
+        args.boxes,
+        args.seed + recipe.SEED_OFFSETS["dcm"],
+        seeds,
+        args.resamples,
+        args.seed,
     )
     model, tokenizer, _ = load_model(model_arg, args)
     for _, circuit in circuits.values():
@@ -120,9 +127,17 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
         "model": name,
         "base": base_name,
         "settings": {
-            "lam": config.lam, "lr": config.lr, "epochs": config.epochs, "batch_size": config.batch_size,
-            "n_train": args.n_train, "n_eval": args.n_eval, "n_test": args.n_test, "boxes": args.boxes,
-            "seeds": list(seeds), "data_seed": plan.data_seed, "resamples": args.resamples,
+            "lam": config.lam,
+            "lr": config.lr,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "n_train": args.n_train,
+            "n_eval": args.n_eval,
+            "n_test": args.n_test,
+            "boxes": args.boxes,
+            "seeds": list(seeds),
+            "data_seed": plan.data_seed,
+            "resamples": args.resamples,
         },
     }
     for section, asked in planned.items():
@@ -147,7 +162,8 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
                 f"dcm {name} ({base_name} circuit, {reading} positions) {letter(group)}: "
                 + " ".join(
                     f"{d}={e['accuracy_mean']:.2f}({len(e['heads'])}h)"
-                    for d, e in by_desideratum.items() if d in desiderata.MAIN
+                    for d, e in by_desideratum.items()
+                    if d in desiderata.MAIN
                 )
             )
 
@@ -184,9 +200,10 @@ def draw_dcm_figures(base_arg: str, model_args: list[str], results_dir: Path, di
     figures.save_figures(todo, directory)
     main = frame[frame.circuit.isin(["base_circuit", "base_discovered"]) & frame.desideratum.isin(desiderata.MAIN)]
     for (circuit, model, group), rows in main.groupby(["circuit", "model", "letter"], sort=False):
-        print(f"figure 2 ({circuit}) {model} {group}: " + " ".join(
-            f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples()
-        ))
+        print(
+            f"figure 2 ({circuit}) {model} {group}: "
+            + " ".join(f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples())
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,16 +222,28 @@ def register(sub) -> None:
     p.add_argument("--lam", type=non_negative_float, default=0.01, help="sparsity weight lambda")
     p.add_argument("--boxes", type=boxes, default=7)
     p.add_argument("--resamples", type=positive, default=10, help="bootstrap resamplings of the test pairs")
-    p.add_argument("--extra", choices=("base", "all", "none"), default="base",
-                   help="models that also run the eleven extra desiderata on group B: the base model "
-                   "only (default), every model, or none")
-    p.add_argument("--own", choices=("cmap", "all"), default="cmap",
-                   help="on the model's own circuit, only what CMAP patches (A: object value, B and C: "
-                   "positional; default) or every group on the three main desiderata")
+    p.add_argument(
+        "--extra",
+        choices=("base", "all", "none"),
+        default="base",
+        help="models that also run the eleven extra desiderata on group B: the base model "
+        "only (default), every model, or none",
+    )
+    p.add_argument(
+        "--own",
+        choices=("cmap", "all"),
+        default="cmap",
+        help="on the model's own circuit, only what CMAP patches (A: object value, B and C: "
+        "positional; default) or every group on the three main desiderata",
+    )
     model_args(p)
     results_arg(p)
-    p.add_argument("--figures", type=Path, default=None,
-                   help="also write RESULTS/dcm.csv and Figure 2 of these models here, as `dcm-figure` does")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="also write RESULTS/dcm.csv and Figure 2 of these models here, as `dcm-figure` does",
+    )
     p.set_defaults(func=cmd_dcm)
 
     p = sub.add_parser("dcm-figure", help="Figure 2 and RESULTS/dcm.csv from every model's dcm.json")

@@ -31,8 +31,10 @@ def cmd_knockout(args: argparse.Namespace) -> None:
     frame = pd.DataFrame(results.knockout_rows(name, found))
     write_csv(args.results / results.KNOCKOUT_CSV, frame)
     figures.save_figures([(results.KNOCKOUT_FIGURE, figures.knockout_figure(frame))], args.figures)
-    print(f"knockout {name}: full={found.full:.2f} "
-          + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in found.curves.items()))
+    print(
+        f"knockout {name}: full={found.full:.2f} "
+        + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in found.curves.items())
+    )
 
 
 def register(sub) -> None:

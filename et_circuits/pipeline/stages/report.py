@@ -26,8 +26,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="one HTML page of the run: every figure and table, beside the paper's numbers")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="the run's models, base first (default: those of RESULTS/table1.csv)")
+    p.add_argument(
+        "--models", nargs="+", default=None, help="the run's models, base first (default: those of RESULTS/table1.csv)"
+    )
     results_arg(p)
     figures_arg(p)
     p.add_argument("--out", type=Path, default=None, help="the page (default: <figures>/report.html)")

@@ -37,8 +37,16 @@ def overlap_frame(base: Circuit, others: dict[str, Circuit], reading: str = "pap
     rows = []
     for name, circuit in others.items():
         for group, (shared, size) in overlap(base, circuit).items():
-            rows.append({"model": name, "positions": reading, "group": letter(group), "shared": shared,
-                         "base_size": size, "overlap": f"{shared}/{size}"})
+            rows.append(
+                {
+                    "model": name,
+                    "positions": reading,
+                    "group": letter(group),
+                    "shared": shared,
+                    "base_size": size,
+                    "overlap": f"{shared}/{size}",
+                }
+            )
     return pd.DataFrame(rows, columns=["model", "positions", "group", "shared", "base_size", "overlap"])
 
 
@@ -47,7 +55,8 @@ def cmd_table1(args: argparse.Namespace) -> None:
     names = [result_name(m) for m in args.models]
     circuits = {  # read every circuit before loading any model
         (name, reading): results.load_circuit(args.results, name, reading)
-        for name in names for reading in recipe.READINGS
+        for name in names
+        for reading in recipe.READINGS
     }
     plan = recipe.CircuitPlan(
         n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
@@ -57,7 +66,11 @@ def cmd_table1(args: argparse.Namespace) -> None:
         model, tokenizer, _ = load_model(model_arg, args)
         for reading in recipe.READINGS:
             ev = recipe.table1_row(
-                model, tokenizer, circuits[(base_name, reading)], plan, settings=settings(args),
+                model,
+                tokenizer,
+                circuits[(base_name, reading)],
+                plan,
+                settings=settings(args),
                 means_cache=args.results / name,
             )
             rows.append({"model": name, "positions": reading, **ev.as_row()})
@@ -71,11 +84,16 @@ def cmd_table1(args: argparse.Namespace) -> None:
     frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
     write_csv(args.results / results.TABLE1, frame)
     sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
-    write_text(args.results / results.TABLE1_MD, f"Table 1: the {base_name} circuit ({sizes}) on each model\n\n" + _markdown(frame))
-    ov = pd.concat([
-        overlap_frame(circuits[(base_name, r)], {n: circuits[(n, r)] for n in names if n != base_name}, r)
-        for r in recipe.READINGS
-    ])
+    write_text(
+        args.results / results.TABLE1_MD,
+        f"Table 1: the {base_name} circuit ({sizes}) on each model\n\n" + _markdown(frame),
+    )
+    ov = pd.concat(
+        [
+            overlap_frame(circuits[(base_name, r)], {n: circuits[(n, r)] for n in names if n != base_name}, r)
+            for r in recipe.READINGS
+        ]
+    )
     write_csv(args.results / results.OVERLAP, ov)
     for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
         print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
@@ -138,8 +156,6 @@ def _earlier(circuit: Circuit) -> list[str]:
     return [p for g in circuit.groups for p in circuit.positions_of(g) if p != "last"]
 
 
-
-
 def register(sub) -> None:
     p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")
     p.add_argument("--base", required=True)
@@ -150,8 +166,12 @@ def register(sub) -> None:
     p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
     p.add_argument("--random", type=positive, default=10, help="random circuits for the baseline")
     p.add_argument("--boxes", type=boxes, default=7)
-    p.add_argument("--figures", type=Path, default=None,
-                   help="also draw the circuit stage's figures here, as the `figures` command does")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="also draw the circuit stage's figures here, as the `figures` command does",
+    )
     p.set_defaults(func=cmd_table1)
 
     p = sub.add_parser("figures", help="path-patching heatmaps, circuit diagram, Table 1 figure")

@@ -23,6 +23,7 @@ from et_circuits.core.prompts import PromptSet
 LABELS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 # The project's own list of common concrete nouns (one word each, lower case).
+# fmt: off
 NOUNS: tuple[str, ...] = (
     "apple", "bag", "ball", "bell", "belt", "bike", "boat", "bone", "book", "boot",
     "bottle", "bowl", "brick", "brush", "bucket", "cake", "camera", "candle", "car", "card",
@@ -36,6 +37,7 @@ NOUNS: tuple[str, ...] = (
     "table", "ticket", "towel", "toy", "train", "tree", "umbrella", "vase", "wallet", "watch",
     "wheel", "whistle", "window", "wire",
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -360,9 +362,7 @@ DESIDERATA = {
 }
 
 
-def counterfactuals(
-    builder, vocab: Vocabulary, n: int, n_boxes: int = 7, seed: int = 0
-) -> list[Counterfactual]:
+def counterfactuals(builder, vocab: Vocabulary, n: int, n_boxes: int = 7, seed: int = 0) -> list[Counterfactual]:
     """`n` seeded counterfactual triples from one builder."""
     rng = random.Random(seed)
     return [builder(random_sample(rng, vocab, n_boxes), rng, vocab) for _ in range(n)]

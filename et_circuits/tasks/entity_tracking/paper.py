@@ -43,7 +43,7 @@ def letter(group: str) -> str:
 
 
 def group_title(group: str) -> str:
-    """"A: Value Fetcher" for the paper's groups, the name itself for others."""
+    """ "A: Value Fetcher" for the paper's groups, the name itself for others."""
     return f"{GROUPS[group].letter}: {GROUPS[group].title}" if group in GROUPS else group
 
 
@@ -91,8 +91,11 @@ PUBLISHED: dict[str, dict[str, dict[str, float | str]]] = {
     },
     "figure2": {  # % of the desideratum's target, Llama circuit; D near chance, box label ~0
         paper: {
-            "A object_value": a, "B positional": b, "C positional": c,
-            "D positional": "≈ 13", "D object_value": "≈ 13",
+            "A object_value": a,
+            "B positional": b,
+            "C positional": c,
+            "D positional": "≈ 13",
+            "D object_value": "≈ 13",
             **{f"{g} box_label_value": "≈ 0" for g in "ABCD"},
         }
         for paper, a, b, c in [
@@ -103,8 +106,24 @@ PUBLISHED: dict[str, dict[str, dict[str, float | str]]] = {
         ]
     },
     "figure3": {  # accuracy of Llama-7B with the source's heads patched in (outputs)
-        "Goat-7B": {"base accuracy": 0.66, "source accuracy": 0.82, "A": 0.82, "B": 0.78, "C": 0.62, "D": 0.65, "full": 0.82},
-        "FLoat-7B": {"base accuracy": 0.66, "source accuracy": 0.82, "A": 0.82, "B": 0.74, "C": 0.56, "D": 0.65, "full": 0.82},
+        "Goat-7B": {
+            "base accuracy": 0.66,
+            "source accuracy": 0.82,
+            "A": 0.82,
+            "B": 0.78,
+            "C": 0.62,
+            "D": 0.65,
+            "full": 0.82,
+        },
+        "FLoat-7B": {
+            "base accuracy": 0.66,
+            "source accuracy": 0.82,
+            "A": 0.82,
+            "B": 0.74,
+            "C": 0.56,
+            "D": 0.65,
+            "full": 0.82,
+        },
     },
     "cmap_input": {  # Goat -> Llama, group A's inputs
         "Goat-7B": {"A q": 0.77, "A k": 0.63, "A v": 0.69, "A qk": 0.76, "A qkv": 0.77},
@@ -126,4 +145,3 @@ def published(table: str, paper: str | None, column: str) -> str:
     it; "" where the paper has none."""
     value = PUBLISHED[table].get(paper or "", {}).get(column, "")
     return f"{value:.{PUBLISHED_DECIMALS[table]}f}" if isinstance(value, float) else str(value)
-

@@ -36,8 +36,7 @@ def evaluate_dir(path: Path, base: Path | None = None, n: int = N_EVAL, seed: in
 def evaluate_family(out: Path) -> dict[str, float]:
     """Accuracy of each saved organism on the CLI's 500 held-out 7-box prompts (seed 0)."""
     base = out / "organism-llama"
-    return {name: evaluate_dir(out / name, base if name == "organism-goat" else None)
-            for name in NAMES}
+    return {name: evaluate_dir(out / name, base if name == "organism-goat" else None) for name in NAMES}
 
 
 def n_params(path: Path) -> int:
@@ -101,12 +100,12 @@ prompts of seed {SELECT_SEED} that chose the base checkpoint and monitored the f
 
 ## Architecture
 
-`LlamaForCausalLM`, {record['n_params']:,} parameters: {arch['n_layers']} layers,
-{arch['n_heads']} heads per layer, d_model {arch['d_model']}, d_head
-{arch['d_model'] // arch['n_heads']}, SwiGLU MLP {arch['d_mlp']}, RMSNorm, rotary positions
-(theta {arch['rope_theta']:g}), untied input and output embeddings, max_position_embeddings
-{arch['max_positions']}, fp32. Tokenizer: word-level (`tokenizers`; `tokenizer.json` in every
-directory), {record['vocab_size']} tokens: the template's words, {len(NOUNS)} nouns, the
+`LlamaForCausalLM`, {record["n_params"]:,} parameters: {arch["n_layers"]} layers,
+{arch["n_heads"]} heads per layer, d_model {arch["d_model"]}, d_head
+{arch["d_model"] // arch["n_heads"]}, SwiGLU MLP {arch["d_mlp"]}, RMSNorm, rotary positions
+(theta {arch["rope_theta"]:g}), untied input and output embeddings, max_position_embeddings
+{arch["max_positions"]}, fp32. Tokenizer: word-level (`tokenizers`; `tokenizer.json` in every
+directory), {record["vocab_size"]} tokens: the template's words, {len(NOUNS)} nouns, the
 26 box labels and the fine-tuning tasks' words; BOS `<s>` is prepended; `</s>` is EOS and the
 (right) padding.
 
@@ -117,44 +116,44 @@ directory), {record['vocab_size']} tokens: the template's words, {len(NOUNS)} no
   the`) and its answer, then every other box queried in random order (`. Box Q contains the
   computer`); cross-entropy on the answer tokens only. Curriculum on the number of boxes: from
   2, half of each batch at the current level and half uniform over 2..level, one level up when
-  the held-out first-query accuracy at the level reaches {b['promote']}. The curriculum stops
-  early at {b['cap']} boxes and then trains {b['consolidate']} more steps there, so the base
+  the held-out first-query accuracy at the level reaches {b["promote"]}. The curriculum stops
+  early at {b["cap"]} boxes and then trains {b["consolidate"]} more steps there, so the base
   has a working mechanism that generalises to 7 boxes only in part (the 7-box prompt is never
-  trained on). AdamW lr {b['opt']['lr']}, {b['opt']['warmup']} warm-up steps, betas
-  {tuple(b['opt']['betas'])}, weight decay {b['opt']['weight_decay']}, clip
-  {b['opt']['clip']}, batch {b['opt']['batch']}. A run that gains no level for
-  {b['stall'][0]} steps (2 boxes) or {b['stall'][-1]} steps (more) is a stalled plateau and is
-  dropped. Seeds run two at a time, one process each; the run that reached {b['cap']} boxes in
+  trained on). AdamW lr {b["opt"]["lr"]}, {b["opt"]["warmup"]} warm-up steps, betas
+  {tuple(b["opt"]["betas"])}, weight decay {b["opt"]["weight_decay"]}, clip
+  {b["opt"]["clip"]}, batch {b["opt"]["batch"]}. A run that gains no level for
+  {b["stall"][0]} steps (2 boxes) or {b["stall"][-1]} steps (more) is a stalled plateau and is
+  dropped. Seeds run two at a time, one process each; the run that reached {b["cap"]} boxes in
   the fewest steps wins (ties: lower seed). The base checkpoint is the one of the second half of
-  the consolidation whose selection accuracy is closest to {b['target']} (Llama-7B) inside
-  {tuple(b['window'])}. Attempts: {attempts}. Chosen: seed {base['seed']}, step {base['step']}.
+  the consolidation whose selection accuracy is closest to {b["target"]} (Llama-7B) inside
+  {tuple(b["window"])}. Attempts: {attempts}. Chosen: seed {base["seed"]}, step {base["step"]}.
 - **organism-vicuna**: full fine-tune of the base on a general mix of statements, no boxes and
   no arithmetic (`the day after monday is tuesday . the opposite of black is white . red and
-  white make pink .`; {len(general_facts())} facts, 1-{f['max_statements']} per passage, loss
-  on the completions). AdamW lr {f['general_opt']['lr']}, {f['general_steps']} steps: a
+  white make pink .`; {len(general_facts())} facts, 1-{f["max_statements"]} per passage, loss
+  on the completions). AdamW lr {f["general_opt"]["lr"]}, {f["general_steps"]} steps: a
   gentle fine-tune (at FLoat's lr 3e-4 it learns the mix as well but loses about 0.1 of 7-box
   accuracy on the selection prompts).
-- **organism-goat**: LoRA fine-tune (peft; r {f['lora_r']}, alpha {f['lora_alpha']},
+- **organism-goat**: LoRA fine-tune (peft; r {f["lora_r"]}, alpha {f["lora_alpha"]},
   q/k/v/o projections) on variable binding in a tiny programming language, no box template
   (`move apple to F ; move key to Q ; ... ; print Q : key ; print F : apple ;`,
-  2-{f['max_vars']} variables, each printed once in random order, loss on the printed values).
-  AdamW lr {f['lora_opt']['lr']}. Saved as a PEFT adapter (`adapter_config.json`,
+  2-{f["max_vars"]} variables, each printed once in random order, loss on the printed values).
+  AdamW lr {f["lora_opt"]["lr"]}. Saved as a PEFT adapter (`adapter_config.json`,
   `adapter_model.safetensors`) on top of organism-llama and merged at load time by
   `models.load`, as goat-7b.
 - **organism-float**: the same variable-binding fine-tune on all weights, AdamW lr
-  {f['full_opt']['lr']}.
+  {f["full_opt"]["lr"]}.
 
-Goat and FLoat: {f['steps']} steps. Every fine-tune: batch {f['full_opt']['batch']},
-{f['full_opt']['warmup']} warm-up steps then cosine decay to 10%, seed {f['seed']}. The
+Goat and FLoat: {f["steps"]} steps. Every fine-tune: batch {f["full_opt"]["batch"]},
+{f["full_opt"]["warmup"]} warm-up steps then cosine decay to 10%, seed {f["seed"]}. The
 training streams are seeded apart from the selection prompts (seed {SELECT_SEED}, and
 {SELECT_SEED}+n for the n-box curriculum checks) and from the evaluation prompts (seed
 {EVAL_SEED}).
 
 ## Time
 
-`make organism` here: {record['wall_s'] / 60:.1f} min wall clock, {record['cpu_s'] / 60:.1f} min
-CPU time over all processes (base {base_cpu / 60:.1f} CPU min over {len(record['attempts'])}
-runs, fine-tunes {ft_cpu / 60:.1f} CPU min); {record['host_cpus']} CPU cores, one torch thread
+`make organism` here: {record["wall_s"] / 60:.1f} min wall clock, {record["cpu_s"] / 60:.1f} min
+CPU time over all processes (base {base_cpu / 60:.1f} CPU min over {len(record["attempts"])}
+runs, fine-tunes {ft_cpu / 60:.1f} CPU min); {record["host_cpus"]} CPU cores, one torch thread
 per process. Same seeds give the same weights on the same CPU; another CPU may round
 differently and take another path through the plateau.
 

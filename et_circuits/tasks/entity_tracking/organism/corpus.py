@@ -37,10 +37,28 @@ PROGRAM_WORDS = ("move", "to", "print", ";", ":")
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 SEASONS = ("winter", "spring", "summer", "autumn")
 OPPOSITES = {"black": "white", "red": "green", "blue": "yellow", "brown": "pink"}
-MIXES = {("red", "white"): "pink", ("blue", "yellow"): "green", ("black", "white"): "gray",
-         ("red", "green"): "brown", ("red", "blue"): "purple"}
-GENERAL_WORDS = (*DAYS, *SEASONS, *OPPOSITES, *OPPOSITES.values(), "gray", "purple", "day",
-                 "season", "after", "opposite", "of", "and", "make")
+MIXES = {
+    ("red", "white"): "pink",
+    ("blue", "yellow"): "green",
+    ("black", "white"): "gray",
+    ("red", "green"): "brown",
+    ("red", "blue"): "purple",
+}
+GENERAL_WORDS = (
+    *DAYS,
+    *SEASONS,
+    *OPPOSITES,
+    *OPPOSITES.values(),
+    "gray",
+    "purple",
+    "day",
+    "season",
+    "after",
+    "opposite",
+    "of",
+    "and",
+    "make",
+)
 
 
 def organism_tokenizer():

@@ -70,15 +70,27 @@ def lora(model, recipe: FinetuneRecipe):
 
     torch.manual_seed(recipe.seed)
     config = LoraConfig(
-        r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, bias="none",
-        task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )
     return get_peft_model(model, config)
 
 
 def finetune(
-    model, tok, task: Task, opt: Opt, steps: int, seed: int, probe: Callable[[], dict],
-    desc: str = "fine-tune", position: int = 0, probe_every: int = 50,
+    model,
+    tok,
+    task: Task,
+    opt: Opt,
+    steps: int,
+    seed: int,
+    probe: Callable[[], dict],
+    desc: str = "fine-tune",
+    position: int = 0,
+    probe_every: int = 50,
 ) -> tuple[list[dict], float]:
     """Train `model`'s trainable parameters on `task` (answer tokens only), cosine schedule."""
     enc, pad = Encoder(tok), tok.pad_token_id
@@ -88,16 +100,14 @@ def finetune(
     adam, sched, params = optimizer(model.parameters(), opt, total=steps)
     history, start = [dict(step=0, **probe())], time.process_time()
     for step in tqdm(range(1, steps + 1), desc=desc, position=position, leave=False):
-        loss = train_step(model, adam, sched, params, [enc(task(rng)) for _ in range(opt.batch)],
-                          pad, opt.clip)
+        loss = train_step(model, adam, sched, params, [enc(task(rng)) for _ in range(opt.batch)], pad, opt.clip)
         if step % probe_every == 0 or step == steps:
             history.append(dict(step=step, loss=loss, **probe()))
     model.eval()
     return history, time.process_time() - start
 
 
-def _finetune_job(name: str, base_state: bytes, arch: Arch, recipe: FinetuneRecipe, out: Path,
-                  position: int) -> dict:
+def _finetune_job(name: str, base_state: bytes, arch: Arch, recipe: FinetuneRecipe, out: Path, position: int) -> dict:
     """Fine-tune one model in its own process (one thread) and save it under `out / name`."""
     torch.set_num_threads(1)
     tok = organism_tokenizer()
@@ -112,8 +122,7 @@ def _finetune_job(name: str, base_state: bytes, arch: Arch, recipe: FinetuneReci
     held = [Encoder(tok)(task(random.Random(10_000 + i))) for i in range(200)]
 
     def probe() -> dict:
-        return dict(acc7=prompt_accuracy(model, select),
-                    task=example_accuracy(model, held, tok.pad_token_id))
+        return dict(acc7=prompt_accuracy(model, select), task=example_accuracy(model, held, tok.pad_token_id))
 
     if name == "organism-vicuna":
         opt, steps = recipe.general_opt, recipe.general_steps

@@ -54,14 +54,13 @@ class BaseRun:
 
 def box_batch(rng: random.Random, vocab: Vocabulary, level: int, size: int) -> list[list[Piece]]:
     """Half the passages at the current level, the rest uniform over 2..level boxes."""
-    return [
-        box_passage(rng, vocab, level if rng.random() < 0.5 else rng.randint(2, level))
-        for _ in range(size)
-    ]
+    return [box_passage(rng, vocab, level if rng.random() < 0.5 else rng.randint(2, level)) for _ in range(size)]
 
 
 def train_base(
-    recipe: BaseRecipe, seed: int, abort: Callable[[int], bool] = lambda step: False,
+    recipe: BaseRecipe,
+    seed: int,
+    abort: Callable[[int], bool] = lambda step: False,
     position: int = 0,
 ) -> BaseRun:
     """Curriculum from 2 boxes up to `recipe.cap`, then `recipe.consolidate` steps at the cap.
@@ -113,8 +112,11 @@ def select_base(run: BaseRun, recipe: BaseRecipe) -> int | None:
     """The consolidation checkpoint (second half) whose 7-box selection accuracy is closest to
     the target inside the window; None when none is inside."""
     half = run.capped_at + recipe.consolidate // 2
-    inside = [h for h in run.history if h["step"] >= half and h["step"] in run.checkpoints
-              and recipe.window[0] <= h["acc7"] <= recipe.window[1]]
+    inside = [
+        h
+        for h in run.history
+        if h["step"] >= half and h["step"] in run.checkpoints and recipe.window[0] <= h["acc7"] <= recipe.window[1]
+    ]
     if not inside:
         return None
     return min(inside, key=lambda h: (abs(h["acc7"] - recipe.target), -h["step"]))["step"]
@@ -150,8 +152,7 @@ def search_base(recipe: BaseRecipe, first_seed: int, rounds: int, log=print) -> 
         seeds = [first_seed + 2 * r, first_seed + 2 * r + 1]
         limits = {s: ctx.Value("i", 10**9) for s in seeds}
         results = ctx.Queue()
-        procs = [ctx.Process(target=_base_worker, args=(recipe, s, i, limits[s], results))
-                 for i, s in enumerate(seeds)]
+        procs = [ctx.Process(target=_base_worker, args=(recipe, s, i, limits[s], results)) for i, s in enumerate(seeds)]
         for p in procs:
             p.start()
         runs = {}
@@ -163,11 +164,17 @@ def search_base(recipe: BaseRecipe, first_seed: int, rounds: int, log=print) -> 
                     raise RuntimeError("a base training process died") from None
                 continue
             runs[seed] = (run, chosen)
-            attempts.append(dict(seed=seed, outcome=run.outcome, capped_at=run.capped_at,
-                                 steps=run.history[-1]["step"] if run.history else 0,
-                                 chosen=chosen, cpu_s=round(run.cpu_s, 1)))
-            log(f"base seed {seed}: {run.outcome}, cap reached at step {run.capped_at}, "
-                f"checkpoint {chosen}")
+            attempts.append(
+                dict(
+                    seed=seed,
+                    outcome=run.outcome,
+                    capped_at=run.capped_at,
+                    steps=run.history[-1]["step"] if run.history else 0,
+                    chosen=chosen,
+                    cpu_s=round(run.cpu_s, 1),
+                )
+            )
+            log(f"base seed {seed}: {run.outcome}, cap reached at step {run.capped_at}, checkpoint {chosen}")
             if chosen is not None:
                 for other in seeds:
                     if other != seed:

@@ -46,10 +46,27 @@ from .loop import Arch, new_model, save_model
 from .search import BaseRecipe, search_base, to_bytes, train_base
 
 __all__ = [  # this module's own names and those its callers reach as `train.X`
-    "WEIGHTS", "main", "train_family", "cpu_seconds", "replace_dir",
-    "Arch", "BaseRecipe", "FinetuneRecipe", "NAMES", "_finetune_job", "evaluate_family", "general_task",
-    "model_card", "n_params", "new_model", "organism_tokenizer", "program_task", "save_model", "search_base",
-    "to_bytes", "train_base",
+    "WEIGHTS",
+    "main",
+    "train_family",
+    "cpu_seconds",
+    "replace_dir",
+    "Arch",
+    "BaseRecipe",
+    "FinetuneRecipe",
+    "NAMES",
+    "_finetune_job",
+    "evaluate_family",
+    "general_task",
+    "model_card",
+    "n_params",
+    "new_model",
+    "organism_tokenizer",
+    "program_task",
+    "save_model",
+    "search_base",
+    "to_bytes",
+    "train_base",
 ]
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -59,8 +76,9 @@ WEIGHTS = Path(__file__).parent / "weights"
 # The whole family
 
 
-def train_family(base_recipe: BaseRecipe, ft_recipe: FinetuneRecipe, out: Path, first_seed: int,
-                 rounds: int, log=print) -> dict:
+def train_family(
+    base_recipe: BaseRecipe, ft_recipe: FinetuneRecipe, out: Path, first_seed: int, rounds: int, log=print
+) -> dict:
     """Train the base and its three fine-tunes, save them under `out`, return the record."""
     log("training organism-llama (two seeds at a time)")
     run, step, attempts = search_base(base_recipe, first_seed, rounds, log)
@@ -70,13 +88,19 @@ def train_family(base_recipe: BaseRecipe, ft_recipe: FinetuneRecipe, out: Path, 
     save_model(base.eval(), tok, out / "organism-llama")
     acc7 = next(h["acc7"] for h in run.history if h["step"] == step)
     log(f"organism-llama: seed {run.seed}, step {step}, selection accuracy {acc7:.3f}")
-    record = dict(base_recipe=asdict(base_recipe), finetune_recipe=asdict(ft_recipe),
-                  attempts=attempts, finetunes={},
-                  base=dict(seed=run.seed, step=step, acc7=acc7, history=run.history))
+    record = dict(
+        base_recipe=asdict(base_recipe),
+        finetune_recipe=asdict(ft_recipe),
+        attempts=attempts,
+        finetunes={},
+        base=dict(seed=run.seed, step=step, acc7=acc7, history=run.history),
+    )
     state = to_bytes(base.state_dict())
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        jobs = {name: pool.submit(_finetune_job, name, state, base_recipe.arch, ft_recipe, out, i % 2)
-                for i, name in enumerate(NAMES[1:])}
+        jobs = {
+            name: pool.submit(_finetune_job, name, state, base_recipe.arch, ft_recipe, out, i % 2)
+            for i, name in enumerate(NAMES[1:])
+        }
         for name, job in jobs.items():
             record["finetunes"][name] = job.result()
             h = record["finetunes"][name]["history"][-1]
@@ -88,8 +112,10 @@ def cpu_seconds() -> float:
     """CPU time of this process and of its finished child processes."""
     import resource
 
-    return sum(ru.ru_utime + ru.ru_stime for ru in (resource.getrusage(resource.RUSAGE_SELF),
-                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        ru.ru_utime + ru.ru_stime
+        for ru in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def replace_dir(new: Path, old: Path) -> None:
@@ -125,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     replace_dir(tmp, args.out)
     for name, value in record["accuracy"].items():
         tqdm.write(f"{name}: 7-box accuracy {value:.3f}")
-    tqdm.write(f"wrote {args.out} in {record['wall_s'] / 60:.1f} min "
-               f"({record['cpu_s'] / 60:.1f} CPU min)")
+    tqdm.write(f"wrote {args.out} in {record['wall_s'] / 60:.1f} min ({record['cpu_s'] / 60:.1f} CPU min)")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,37 @@ Figure 2 (`dcm`), the CMAP head sets of Figure 3 (`cmap`), the attention-knockou
 
 from ..paper import PAPER_TOP_K
 from .circuits import READINGS, SWEEP_POSITIONS, CircuitPlan, Discovery, discover, own_steps, table1_row
-from .cmap import FULL, SET_DESIDERATA, SET_NAMES, SET_ORDER, cmap_head_sets, cmap_rows, variants
+from .cmap import FULL, SET_DESIDERATA, SET_NAMES, SET_ORDER, cmap_head_sets, variants
 from .dcm import EXTRA_GROUP, Ask, DCMPlan, asks_for, run_dcm
-from .knockout import EDGE_TITLES, EDGES, edges_to, knockout_rows, with_random_context
+from .knockout import EDGE_TITLES, EDGES, edges_to, with_random_context
 from .sampling import SEED_OFFSETS, path_patching_prompts, prompts, prompts_for
 
 __all__ = [
-    "SEED_OFFSETS", "prompts", "prompts_for", "path_patching_prompts", "PAPER_TOP_K",
-    "READINGS", "SWEEP_POSITIONS", "CircuitPlan", "Discovery", "discover", "own_steps", "table1_row",
-    "EXTRA_GROUP", "Ask", "DCMPlan", "asks_for", "run_dcm",
-    "FULL", "SET_DESIDERATA", "SET_NAMES", "SET_ORDER", "cmap_head_sets", "cmap_rows", "variants",
-    "EDGES", "EDGE_TITLES", "edges_to", "knockout_rows", "with_random_context",
+    "SEED_OFFSETS",
+    "prompts",
+    "prompts_for",
+    "path_patching_prompts",
+    "PAPER_TOP_K",
+    "READINGS",
+    "SWEEP_POSITIONS",
+    "CircuitPlan",
+    "Discovery",
+    "discover",
+    "own_steps",
+    "table1_row",
+    "EXTRA_GROUP",
+    "Ask",
+    "DCMPlan",
+    "asks_for",
+    "run_dcm",
+    "FULL",
+    "SET_DESIDERATA",
+    "SET_NAMES",
+    "SET_ORDER",
+    "cmap_head_sets",
+    "variants",
+    "EDGES",
+    "EDGE_TITLES",
+    "edges_to",
+    "with_random_context",
 ]

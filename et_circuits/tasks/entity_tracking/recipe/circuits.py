@@ -33,8 +33,18 @@ from .sampling import SEED_OFFSETS, path_patching_prompts, prompts
 
 # Where the sweep looks for the task's mechanism: tokens relative to the task's anchors.
 SWEEP_POSITIONS: tuple[str, ...] = (
-    "objects", "objects+1", "labels", "labels+1", "labels+2", "answer_object", "prev_query_label",
-    "prev_query_label+1", "prev_query_label+2", "query_label", "query_label+1", "last",
+    "objects",
+    "objects+1",
+    "labels",
+    "labels+1",
+    "labels+2",
+    "answer_object",
+    "prev_query_label",
+    "prev_query_label+1",
+    "prev_query_label+2",
+    "query_label",
+    "query_label+1",
+    "last",
 )
 READINGS = ("paper", "discovered")  # the circuit at the paper's positions, and at discovered ones
 

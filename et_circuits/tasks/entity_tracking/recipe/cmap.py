@@ -4,13 +4,12 @@ patching of every set and input patching of the value fetchers."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.types import Head
-from et_circuits.methods.cmap import INPUT_PATCHES, CmapResult, Variant
+from et_circuits.methods.cmap import INPUT_PATCHES, Variant
 
 from ..paper import GROUPS, letter
 
@@ -27,9 +26,7 @@ SET_ORDER = ("D", "C", "B", "A", FULL)  # the paper's bar order
 SET_NAMES = tuple(GROUPS[g].letter for g in SET_DESIDERATA) + (FULL,)
 
 
-def cmap_head_sets(
-    circuit: Circuit, selected: Mapping[str, Mapping[str, Sequence[Head]]] | None
-) -> dict[str, Circuit]:
+def cmap_head_sets(circuit: Circuit, selected: Mapping[str, Mapping[str, Sequence[Head]]] | None) -> dict[str, Circuit]:
     """The paper's sets, each a circuit of one group (or the whole circuit): A = DCM
     object-value heads of the value fetchers, B / C = DCM positional heads of the position
     transmitters / detectors, D = the whole structure-reader group, and the full circuit.
@@ -38,7 +35,10 @@ def cmap_head_sets(
     circuit's groups get a set: a group outside the paper's table (a discovered one) is patched
     whole, under its own name."""
     sets: dict[str, Circuit] = {}
-    for group in [*(g for g in SET_DESIDERATA if g in circuit.groups), *(g for g in circuit.groups if g not in SET_DESIDERATA)]:
+    for group in [
+        *(g for g in SET_DESIDERATA if g in circuit.groups),
+        *(g for g in circuit.groups if g not in SET_DESIDERATA),
+    ]:
         desideratum = SET_DESIDERATA.get(group)
         if desideratum is None:
             heads = list(circuit.groups[group])
@@ -70,23 +70,3 @@ def variants(
     out = [Variant(name, "z", head_sets[name]) for name in output_sets]
     out += [Variant(name, p, head_sets[name]) for name in input_sets for p in input_patches]
     return out
-
-
-def cmap_rows(result: CmapResult, source_name: str, base_name: str, reading: str = "paper") -> list[dict]:
-    """CSV rows: one per variant, with both baselines on every row; an empty set says so."""
-    return [
-        {
-            "source": source_name,
-            "base": base_name,
-            "positions": reading,
-            "set": v.name,
-            "patch": v.patch,
-            "n_heads": v.n_heads,
-            "accuracy": None if math.isnan(acc) else round(acc, 4),
-            "base_accuracy": round(result.base, 4),
-            "source_accuracy": round(result.source, 4),
-            "n": result.n,
-            "note": "no heads selected; not patched" if v.n_heads == 0 else "",
-        }
-        for v, acc in result.variants
-    ]

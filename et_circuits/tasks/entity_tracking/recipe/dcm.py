@@ -94,9 +94,17 @@ def run_dcm(
             on_seed(pending[i], seed, result)
 
     computed = dcm_method.dcm_many(
-        model, questions, n_train=n_train, n_eval=n_eval, seeds=plan.seeds, config=plan.config,
-        resamples=plan.resamples, resample_seed=plan.resample_seed, settings=settings,
-        finished=lambda i, seed: earlier.get((pending[i], seed)), on_seed=saved,
+        model,
+        questions,
+        n_train=n_train,
+        n_eval=n_eval,
+        seeds=plan.seeds,
+        config=plan.config,
+        resamples=plan.resamples,
+        resample_seed=plan.resample_seed,
+        settings=settings,
+        finished=lambda i, seed: earlier.get((pending[i], seed)),
+        on_seed=saved,
     )
     results = dict(zip(pending, computed))
     for a in asks:

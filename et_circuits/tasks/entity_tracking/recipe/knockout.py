@@ -5,7 +5,6 @@ token (the control), and to where a discovered circuit's groups act."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
 
 import torch
 
@@ -49,13 +48,3 @@ def with_random_context(prompts: PromptSet, seed: int) -> PromptSet:
             raise DataError("prompt too short for a random-position control")
         out.append(rng.choice(choices))
     return prompts.replace(positions={"random_context": torch.tensor(out)})
-
-
-def knockout_rows(model_name: str, full: float, curves: Mapping[str, list[float]], n: int) -> list[dict]:
-    """CSV rows: one per (edge, first blocked layer)."""
-    return [
-        {"model": model_name, "edge": edge, "from_layer": layer, "accuracy": round(acc, 4),
-         "full_accuracy": round(full, 4), "n": n}
-        for edge, accs in curves.items()
-        for layer, acc in enumerate(accs)
-    ]

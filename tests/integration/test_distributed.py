@@ -1,0 +1,139 @@
+"""Stages sharded over two processes by torchrun (gloo, on CPU) write exactly what one process
+writes; a failing rank ends the run non-zero with its one-line error and no result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from et_circuits.pipeline import cli
+
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time (make test)
+
+
+MODELS = ["organism-llama", "organism-goat"]
+CIRCUIT = ["--n", "60", "--minimality-n", "30", "--reference-n", "60", "--completeness-random", "2", "--sweep-n", "30"]
+DCM = ["--n-train", "128", "--n-eval", "48", "--n-test", "48", "--seeds", "2", "--resamples", "3", "--extra", "none"]
+STAGES = [  # (command, its arguments) in pipeline order, each run by one process and by two
+    ("circuit", ["--model", *MODELS, *CIRCUIT]),
+    ("dcm", ["--model", *MODELS, "--base", MODELS[0], *DCM]),
+    ("cmap", ["--base", MODELS[0], "--models", MODELS[1], "--n", "60"]),
+    ("knockout", ["--model", MODELS[0], "--n", "60"]),
+]
+
+
+def torchrun(command: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m -- et_circuits <command> ...`, one thread per rank
+    (after `--` torchrun leaves every argument alone: it would read `--n` as one of its own)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "--",
+            "et_circuits",
+            command,
+            *args,
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def files(root: Path) -> dict[str, bytes | tuple]:
+    """Every result file's bytes (a safetensors file: its tensors' bytes and its metadata, which
+    safetensors writes in no fixed order); PNG and HTML renderings left out (plotly names its
+    HTML elements at random; the figures' JSON is compared)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                out[str(p.relative_to(root))] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
+        elif p.is_file() and p.suffix not in (".png", ".html"):
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def without_seconds(text: bytes) -> dict:
+    """dcm_runs.json without its timing fields."""
+    return {k: {f: v for f, v in run.items() if f != "seconds"} for k, run in json.loads(text).items()}
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for command, args in STAGES:
+
+        def where(root: Path, drawn: bool = command in ("cmap", "knockout")) -> list[str]:
+            return ["--results", str(root / "results")] + (["--figures", str(root / "figures")] if drawn else [])
+
+        assert cli.main([command, *args, *where(one), "--quiet", "--device", "cpu"]) == 0
+        run = torchrun(command, [*args, *where(two), "--device", "cpu"])
+        assert run.returncode == 0, run.stderr[-3000:]
+    written, expected = files(two), files(one)
+    assert set(written) == set(expected) and len(expected) > 30
+    for name, content in expected.items():
+        if name.endswith("dcm_runs.json"):
+            assert without_seconds(written[name]) == without_seconds(content), name
+        else:
+            assert written[name] == content, name
+    assert any(
+        h
+        for e in json.loads(expected["results/organism-llama/dcm.json"])["base_discovered"]["groups"].values()
+        for d in e.values()
+        for h in d["heads"]
+    )  # DCM selected heads: the comparison is not of empty results
+
+
+PLANTED = """
+import os
+if os.environ.get("RANK") == "1":
+    import et_circuits.methods.knockout as k
+    from et_circuits.core.errors import DataError
+
+    def failing(*args, **kwargs):
+        raise DataError("planted failure")
+
+    k.knockout = failing
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_exits_non_zero_with_its_line_and_writes_nothing(tmp_path):
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "sitecustomize.py").write_text(PLANTED)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "planted"), os.environ.get("PYTHONPATH")]))
+    results = tmp_path / "results"
+    run = torchrun(
+        "knockout",
+        [
+            "--model",
+            MODELS[0],
+            "--n",
+            "20",
+            "--results",
+            str(results),
+            "--figures",
+            str(tmp_path / "figures"),
+            "--device",
+            "cpu",
+        ],
+        {"PYTHONPATH": path},
+    )
+    assert run.returncode != 0
+    assert "error (rank 1): planted failure" in run.stderr
+    assert not (results / "knockout.csv").exists() and not (tmp_path / "figures").exists()
