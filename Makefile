@@ -92,7 +92,7 @@ lint: $(STAMP)
 # One process per stage for all models (each loaded once): starting Python with torch and
 # TransformerLens costs seconds, which would be most of an organism stage.
 $(CIRCUITS) &: | $(STAMP)
-	$(SHARDED) circuit --model $(MODELS) --results $(RESULTS) $(CIRCUIT_ARGS)
+	$(SHARDED) circuit --models $(MODELS) --results $(RESULTS) $(CIRCUIT_ARGS)
 
 # Table 1 and DCM draw their figures in the same process (--figures): one start less each.
 $(TABLE1) $(CIRCUIT_FIGURES) &: $(CIRCUITS) | $(STAMP)
@@ -101,7 +101,7 @@ $(TABLE1) $(CIRCUIT_FIGURES) &: $(CIRCUITS) | $(STAMP)
 # A rerun of DCM reuses every finished mask training (dcm_runs.json), so a changed circuit
 # retrains only the masks that depend on it (and a missing figure costs no training).
 $(DCMS) $(DCM_FIGURES) &: $(CIRCUITS) | $(STAMP)
-	$(SHARDED) dcm --model $(MODELS) --base $(BASE) --results $(RESULTS) --figures $(FIGURES) $(DCM_ARGS)
+	$(SHARDED) dcm --models $(MODELS) --base $(BASE) --results $(RESULTS) --figures $(FIGURES) $(DCM_ARGS)
 
 # CMAP reads each fine-tuned model's circuit.json and dcm.json.
 $(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/discovered/circuit.json) \
@@ -110,7 +110,7 @@ $(CMAP) &: $(FINETUNED:%=$(RESULTS)/%/circuit.json) $(FINETUNED:%=$(RESULTS)/%/d
 
 # Knockout also blocks the last token's reads at the base's discovered positions.
 $(KNOCKOUT) &: $(RESULTS)/$(BASE)/discovered/circuit.json | $(STAMP)
-	$(SHARDED) knockout --model $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
+	$(SHARDED) knockout --models $(BASE) --results $(RESULTS) --figures $(FIGURES) $(KNOCKOUT_ARGS)
 
 $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(STAMP)
 	$(CLI) report --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)

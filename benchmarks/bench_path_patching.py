@@ -24,7 +24,7 @@ from et_circuits.core.settings import RunSettings  # noqa: E402
 from et_circuits.methods import discovery  # noqa: E402
 from et_circuits.methods import path_patching as pp  # noqa: E402
 from et_circuits.methods.sweep import sweep  # noqa: E402
-from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
+from et_circuits.tasks.entity_tracking import data, paper, recipe  # noqa: E402
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> float:
         raise SystemExit(2) from None
     vocab = data.vocabulary(tok, min_objects=args.boxes, min_labels=args.boxes + 1)
     clean, corrupt = recipe.path_patching_prompts(tok, vocab, args.n, args.boxes, args.seed)
-    top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads)
+    top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads, paper.TOP_K_CAP)
     quiet = RunSettings(args.batch_size, progress=False)
     print(
         f"{spec.name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "

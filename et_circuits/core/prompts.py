@@ -21,8 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .errors import DataError
-
-Spec = str | tuple[str, ...]  # a position spec, or a union of them
+from .types import Spec
 
 
 def spec_text(spec: Spec | list[str]) -> str:

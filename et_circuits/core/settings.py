@@ -1,14 +1,17 @@
 """`RunSettings`: how a method runs (chunk sizes, progress bars), in one small object that the
-CLI, the stages, the recipes and the methods pass down unchanged. None of it changes a result."""
+CLI, the stages, the recipes and the methods pass down unchanged. None of it changes a result.
+Also which devices this machine has. Importing this module loads no torch (the command line's
+parser reads its defaults); the device functions import it when called."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from .distributed import local_device
 from .errors import SetupError
+
+if TYPE_CHECKING:
+    import torch
 
 FAST_ROWS = 4096  # default rows per forward pass of the batched (fast) methods
 
@@ -33,6 +36,8 @@ QUIET = RunSettings(progress=False)
 
 def available_devices() -> list[str]:
     """The devices this machine can run on, e.g. ['cpu', 'cuda:0', 'cuda:1']."""
+    import torch
+
     found = ["cpu"]
     if torch.cuda.is_available():
         found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -45,6 +50,10 @@ def resolve_device(device: str | torch.device | None, n_devices: int = 1) -> str
     """`device` checked against this machine (default: the first GPU if any, else the CPU).
     SetupError naming the available devices when torch cannot use it. Under torchrun, "cuda"
     is this rank's (first) GPU, for models split over `n_devices` GPUs each."""
+    import torch
+
+    from .distributed import local_device
+
     if device is None:
         return local_device(n_devices) if torch.cuda.is_available() else "cpu"
     if str(device) == "cuda" and torch.cuda.is_available():

@@ -15,14 +15,12 @@ from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.metrics import Metric
 from et_circuits.core.prepared import prepare_runs
-from et_circuits.core.prompts import PromptSet, Spec
+from et_circuits.core.prompts import PromptSet
 from et_circuits.core.serial import frame, spec_from_json, spec_to_json
 from et_circuits.core.settings import QUIET, RunSettings
-from et_circuits.core.types import Head, Receiver
+from et_circuits.core.types import Head, Receiver, Step
 
 from .path_patching import PathPatching, path_patch
-
-TOP_K_CAP = 0.25  # at most this fraction of all heads per step (matters only for small models)
 
 
 def reachable(receivers: Sequence[Receiver], n_layers: int, n_heads: int) -> list[Head]:
@@ -32,9 +30,9 @@ def reachable(receivers: Sequence[Receiver], n_layers: int, n_heads: int) -> lis
     return [(l, h) for l in range(min(top, n_layers)) for h in range(n_heads)]
 
 
-def effective_top_k(top_k: Sequence[int], n_layers: int, n_heads: int, cap: float = TOP_K_CAP) -> tuple[int, ...]:
-    """`top_k` capped to `cap` of all heads (at least 1): the paper's 20/5/10/5 out of 1024 heads
-    would take most of a 16-head model, so small models keep at most a quarter per step."""
+def effective_top_k(top_k: Sequence[int], n_layers: int, n_heads: int, cap: float) -> tuple[int, ...]:
+    """`top_k` capped to `cap` of all heads (at least 1), e.g. so that top-k numbers meant for
+    1024 heads do not take most of a 16-head model."""
     if any(k <= 0 for k in top_k):
         raise CircuitError(f"top-k needs positive numbers, got {list(top_k)}")
     if not 0 < cap <= 1:
@@ -45,18 +43,6 @@ def effective_top_k(top_k: Sequence[int], n_layers: int, n_heads: int, cap: floa
 
 # ---------------------------------------------------------------------------------------------
 # Circuit discovery: steps of path patching, each step's receivers the previous step's top heads
-
-
-@dataclass(frozen=True)
-class Step:
-    """One discovery step: the group it finds, the sender position (a spec or a union of specs),
-    and the input kinds ("q", "k", "v", or several: "kv") through which its senders are scored
-    on the previous group's heads (None: on the metric)."""
-
-    group: str
-    position: Spec
-    receiver_kind: str | None
-    receivers_from: str | None = None  # the group whose heads receive (default: the step before's)
 
 
 StepLookup = Callable[[Step, list[Receiver]], "PathPatching | None"]  # a step's earlier result, if any

@@ -82,9 +82,9 @@ from et_circuits.core.serial import (
     table_to_json,
 )
 from et_circuits.core.settings import QUIET, RunSettings
-from et_circuits.core.types import INPUT_KINDS, Head, Receiver
+from et_circuits.core.types import INPUT_KINDS, PATH_PATCHING_METHODS, Head, Receiver
 
-METHODS = ("fast", "reference")
+METHODS = PATH_PATCHING_METHODS
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""What every stage's command line shares: argument groups, checked argument types, and loading
-a model with the command's device, dtype and run settings."""
+"""What every command line shares: checked argument types and argument groups, with one
+vocabulary for models (`--models`, alias `--model`; `--base`). Importing this module loads no
+torch, so `--help` and argument errors answer at once."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from et_circuits.core.settings import FAST_ROWS
 
-from et_circuits import models
-from et_circuits.core.settings import FAST_ROWS, RunSettings, resolve_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+REGISTRY_VAR = "ET_CIRCUITS_REGISTRY"  # as models.registry reads it (checked by a test)
 
 
 def _checked(name: str, convert: Callable[[str], float], ok: Callable[[float], bool], rule: str):
@@ -36,6 +35,21 @@ non_negative_float = _checked("non_negative_float", float, lambda x: not x < 0, 
 boxes = _checked("boxes", int, lambda n: 2 <= n <= 26, "number of boxes must be between 2 and 26")
 
 
+def models_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """--models M [M ...] (also spelled --model): registry names or HF model directories."""
+    p.add_argument("--models", "--model", dest="models", nargs="+", required=True, metavar="MODEL", help=help)
+
+
+def base_arg(p: argparse.ArgumentParser, help: str = "the base model (registry name or directory)") -> None:
+    p.add_argument("--base", required=True, metavar="MODEL", help=help)
+
+
+def prompts_args(p: argparse.ArgumentParser, n: int, what: str) -> None:
+    """--n (how many prompts) and --boxes (boxes per prompt)."""
+    p.add_argument("--n", type=positive, default=n, help=f"{what} (default %(default)s)")
+    p.add_argument("--boxes", type=boxes, default=7, help="boxes per prompt (default %(default)s, the paper's)")
+
+
 def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
     """Arguments every model-running command takes (`max_rows`: also the batched methods' knob)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -45,16 +59,18 @@ def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
         default=1,
         help="split each model's layers over this many GPUs from --device on (a model larger than one GPU)",
     )
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive, default=32, help="prompts per forward pass")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPE_NAMES, help="weights and activations (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every prompt set and training (default %(default)s)")
+    p.add_argument("--batch-size", type=positive, default=32, help="prompts per forward pass (default %(default)s)")
     if max_rows:
         p.add_argument(
             "--max-rows",
             type=positive,
             default=FAST_ROWS,
             help="rows per pass of the batched methods ((sender, prompt) rows in fast path patching): "
-            "their memory knob",
+            "their memory knob; results do not depend on it (default %(default)s)",
         )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     registry_arg(p)
@@ -63,28 +79,15 @@ def model_args(p: argparse.ArgumentParser, max_rows: bool = False) -> None:
 def registry_arg(p: argparse.ArgumentParser) -> None:
     """--registry FILE: your own models (a TOML registry file, as $ET_CIRCUITS_REGISTRY)."""
     p.add_argument(
-        "--registry",
-        type=Path,
-        default=None,
-        help=f"a TOML file naming your own models (default: ${models.REGISTRY_VAR})",
+        "--registry", type=Path, default=None, help=f"a TOML file naming your own models (default: ${REGISTRY_VAR})"
     )
 
 
 def results_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--results", type=Path, default=Path("results"), help="result files (default %(default)s/)")
 
 
-def figures_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--figures", type=Path, default=None, help="output directory (default: figures/)")
-
-
-def settings(args: argparse.Namespace) -> RunSettings:
-    """The run settings of a command's arguments."""
-    return RunSettings(args.batch_size, getattr(args, "max_rows", FAST_ROWS), progress=not args.quiet)
-
-
-def load_model(name: str, args: argparse.Namespace, device: str | None = None):
-    """(model, tokenizer, spec) for a command, on its device (or `device`), split over its
-    --n-devices GPUs, in its dtype."""
-    device = resolve_device(device or args.device, args.n_devices)
-    return models.load(name, device=device, dtype=DTYPES[args.dtype], n_devices=args.n_devices)
+def figures_arg(p: argparse.ArgumentParser, also: str = "") -> None:
+    p.add_argument(
+        "--figures", type=Path, default=None, help=f"{also}figures go here (default: $ET_CIRCUITS_FIGURES or figures/)"
+    )

@@ -57,3 +57,4 @@ def test_accuracy_line(tiny_dir, capsys):
     code, out, err = run(capsys, "accuracy", "--model", str(tiny_dir), "--n", "16", "--device", "cpu", "--quiet")
     assert code == 0, err
     assert re.fullmatch(rf"{tiny_dir.name} accuracy=\d\.\d{{3}} n=16", out.strip().splitlines()[-1])
+    assert "Loading" not in err and "%|" not in err  # --quiet: not even the weight-loading bar

@@ -34,10 +34,10 @@ def outputs(a: argparse.Namespace) -> list[str]:
     dcm_figures = [f"{r}/dcm.csv", f"{f}/dcm.json", f"{f}/dcm_discovered.json"]
     drawn = f is not None
     return {
-        "circuit": [f"{r}/{m}/{sub}circuit.json" for m in a.model or [] for sub in ("", "discovered/")],
+        "circuit": [f"{r}/{m}/{sub}circuit.json" for m in a.models or [] for sub in ("", "discovered/")],
         "table1": [f"{r}/table1.csv", f"{r}/table1.md", f"{r}/overlap.csv"] + (circuit_figures if drawn else []),
         "figures": circuit_figures,
-        "dcm": [f"{r}/{m}/dcm.json" for m in a.model or []] + (dcm_figures if drawn else []),
+        "dcm": [f"{r}/{m}/dcm.json" for m in a.models or []] + (dcm_figures if drawn else []),
         "dcm-figure": dcm_figures,
         "cmap": [f"{r}/cmap.csv", f"{f}/cmap.json", f"{f}/cmap_discovered.json"],
         "knockout": [f"{r}/knockout.csv", f"{f}/knockout.json"],
@@ -51,11 +51,11 @@ def stub(log: str, argv: list[str]) -> None:
     p.add_argument("command")
     for name in ("--base", "--results", "--figures"):
         p.add_argument(name)
-    p.add_argument("--model", nargs="+")  # circuit and dcm take several
-    p.add_argument("--models", nargs="+")
+    p.add_argument("--models", "--model", dest="models", nargs="+")
     a, _ = p.parse_known_args(argv)
+    run_on = a.models if a.command in ("circuit", "dcm", "knockout") else []  # the models a stage runs on
     with open(log, "a") as f:
-        f.write(" ".join([a.command] + (a.model or [])) + "\n")
+        f.write(" ".join([a.command] + (run_on or [])) + "\n")
     for path in outputs(a):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(a.command)

@@ -9,18 +9,16 @@ import argparse
 import gc
 import time
 
-from et_circuits.methods.discovery import TOP_K_CAP
-from et_circuits.methods.path_patching import METHODS
 from et_circuits.models import result_name
 from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import letter
 
 from .. import results
-from ..args import boxes, count, fraction, load_model, model_args, positive, results_arg, settings
+from ..running import load_model, settings
 
 
 def cmd_circuit(args: argparse.Namespace) -> None:
-    for model_arg in args.model:  # one process for several models, each loaded once
+    for model_arg in args.models:  # one process for several models, each loaded once
         circuit_of(model_arg, args)
         gc.collect()
 
@@ -72,41 +70,3 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
             f"{name} ({reading} positions): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
             f"-> {out / results.CIRCUIT}"
         )
-
-
-def register(sub) -> None:
-    p = sub.add_parser("circuit", help="path patching, top-k and minimality: RESULTS/<model>/circuit.json")
-    p.add_argument("--model", required=True, nargs="+", help="one or more models, in turn in one process")
-    results_arg(p)
-    model_args(p, max_rows=True)
-    p.add_argument("--n", type=positive, default=300, help="path-patching prompts (paper: 300)")
-    p.add_argument("--boxes", type=boxes, default=7)
-    p.add_argument(
-        "--top-k",
-        type=positive,
-        nargs=4,
-        default=list(recipe.PAPER_TOP_K),
-        metavar=("A", "B", "C", "D"),
-        help="heads kept per step (paper, Llama: 20 5 10 5; Goat/FLoat: 50 20 30 5)",
-    )
-    p.add_argument(
-        "--top-k-cap",
-        type=fraction,
-        default=TOP_K_CAP,
-        help="at most this fraction of all heads per step (only bites on small models)",
-    )
-    p.add_argument("--method", choices=METHODS, default="fast")
-    p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (paper: 100)")
-    p.add_argument("--minimality-threshold", type=fraction, default=0.03, help="accuracy change that counts")
-    p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
-    p.add_argument("--completeness-random", type=count, default=10, help="random K sets for completeness")
-    p.add_argument(
-        "--sweep-n", type=positive, default=100, help="prompts of the position sweep (the first path-patching ones)"
-    )
-    p.add_argument(
-        "--mark",
-        type=fraction,
-        default=0.2,
-        help="the sweep marks positions whose effect is at least this share of the largest",
-    )
-    p.set_defaults(func=cmd_circuit)

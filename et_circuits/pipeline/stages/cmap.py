@@ -19,8 +19,8 @@ from et_circuits.models import result_name
 from et_circuits.tasks.entity_tracking import recipe
 
 from .. import results
-from ..args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
 from ..results import SECTIONS_OF, check_dcm_matches, read_dcm, readings_in, selected_heads
+from ..running import load_model, settings
 
 
 def cmd_cmap(args: argparse.Namespace) -> None:
@@ -67,27 +67,3 @@ def cmd_cmap(args: argparse.Namespace) -> None:
         if args.input_sets:
             todo.append((results.stage_stem(results.CMAP_INPUT_FIGURE, reading), figures.input_patching_figure(part)))
     figures.save_figures(todo, args.figures)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("cmap", help="Figure 3: patch fine-tuned heads into the base model")
-    p.add_argument("--base", required=True)
-    p.add_argument("--models", nargs="+", required=True, help="fine-tuned models (the base is skipped)")
-    p.add_argument(
-        "--source-device",
-        default=None,
-        help="where the fine-tuned models go, e.g. cuda:1 with the base on cuda:0 (default: --device)",
-    )
-    p.add_argument("--n", type=positive, default=500)
-    p.add_argument("--boxes", type=boxes, default=7)
-    p.add_argument(
-        "--input-sets",
-        nargs="*",
-        choices=recipe.SET_NAMES,
-        default=["A"],
-        help="head sets also input-patched (q, k, v, qk, qkv); default A, as in the paper",
-    )
-    model_args(p)
-    results_arg(p)
-    figures_arg(p)
-    p.set_defaults(func=cmd_cmap)

@@ -48,19 +48,8 @@ from et_circuits.tasks.entity_tracking import desiderata, recipe
 from et_circuits.tasks.entity_tracking.paper import letter
 
 from .. import results
-from ..args import (
-    boxes,
-    figures_arg,
-    load_model,
-    model_args,
-    non_negative_float,
-    positive,
-    positive_float,
-    registry_arg,
-    results_arg,
-    settings,
-)
 from ..results import SECTIONS, SECTIONS_OF, dcm_rows, read_dcm
+from ..running import load_model, settings
 
 
 def desiderata_of(
@@ -80,10 +69,10 @@ def desiderata_of(
 
 
 def cmd_dcm(args: argparse.Namespace) -> None:
-    for model_arg in args.model:  # one process for several models, each loaded once
+    for model_arg in args.models:  # one process for several models, each loaded once
         dcm_of(model_arg, args)
     if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
-        draw_dcm_figures(args.base, args.model, args.results, args.figures)
+        draw_dcm_figures(args.base, args.models, args.results, args.figures)
 
 
 def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
@@ -204,52 +193,3 @@ def draw_dcm_figures(base_arg: str, model_args: list[str], results_dir: Path, di
             f"figure 2 ({circuit}) {model} {group}: "
             + " ".join(f"{r.desideratum}={r.accuracy_mean:.1f}±{r.accuracy_std:.1f}%" for r in rows.itertuples())
         )
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def register(sub) -> None:
-    p = sub.add_parser("dcm", help="DCM masks of one model on the base circuit's and its own circuit's groups")
-    p.add_argument("--model", required=True, nargs="+", help="one or more models, in turn in one process")
-    p.add_argument("--base", required=True, help="the model whose circuit Figure 2 uses")
-    p.add_argument("--seeds", type=positive, default=3, help="mask trainings per group and desideratum")
-    p.add_argument("--n-train", type=positive, default=desiderata.SPLIT_SIZES[0])
-    p.add_argument("--n-eval", type=positive, default=desiderata.SPLIT_SIZES[1])
-    p.add_argument("--n-test", type=positive, default=desiderata.SPLIT_SIZES[2])
-    p.add_argument("--epochs", type=positive, default=2)
-    p.add_argument("--lr", type=positive_float, default=0.1)
-    p.add_argument("--lam", type=non_negative_float, default=0.01, help="sparsity weight lambda")
-    p.add_argument("--boxes", type=boxes, default=7)
-    p.add_argument("--resamples", type=positive, default=10, help="bootstrap resamplings of the test pairs")
-    p.add_argument(
-        "--extra",
-        choices=("base", "all", "none"),
-        default="base",
-        help="models that also run the eleven extra desiderata on group B: the base model "
-        "only (default), every model, or none",
-    )
-    p.add_argument(
-        "--own",
-        choices=("cmap", "all"),
-        default="cmap",
-        help="on the model's own circuit, only what CMAP patches (A: object value, B and C: "
-        "positional; default) or every group on the three main desiderata",
-    )
-    model_args(p)
-    results_arg(p)
-    p.add_argument(
-        "--figures",
-        type=Path,
-        default=None,
-        help="also write RESULTS/dcm.csv and Figure 2 of these models here, as `dcm-figure` does",
-    )
-    p.set_defaults(func=cmd_dcm)
-
-    p = sub.add_parser("dcm-figure", help="Figure 2 and RESULTS/dcm.csv from every model's dcm.json")
-    p.add_argument("--base", required=True)
-    p.add_argument("--models", nargs="+", required=True)
-    results_arg(p)
-    figures_arg(p)
-    registry_arg(p)
-    p.set_defaults(func=cmd_dcm_figure)

@@ -9,18 +9,21 @@ import argparse
 import pandas as pd
 
 from et_circuits import presentation as figures
+from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import write_csv
 from et_circuits.methods.knockout import knockout
 from et_circuits.models import result_name
 from et_circuits.tasks.entity_tracking import recipe
 
 from .. import results
-from ..args import boxes, figures_arg, load_model, model_args, positive, results_arg, settings
+from ..running import load_model, settings
 
 
 def cmd_knockout(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = load_model(args.model, args)
-    name = result_name(args.model)
+    if len(args.models) != 1:
+        raise CircuitError(f"knockout runs on one model; got {len(args.models)}: {' '.join(args.models)}")
+    model, tokenizer, _ = load_model(args.models[0], args)
+    name = result_name(args.models[0])
     prompts = recipe.prompts_for("knockout", tokenizer, args.n, args.boxes, args.seed)
     prompts = recipe.with_random_context(prompts, args.seed)
     edges = list(recipe.EDGES)
@@ -35,14 +38,3 @@ def cmd_knockout(args: argparse.Namespace) -> None:
         f"knockout {name}: full={found.full:.2f} "
         + " ".join(f"{e}=[{', '.join(f'{a:.2f}' for a in accs)}]" for e, accs in found.curves.items())
     )
-
-
-def register(sub) -> None:
-    p = sub.add_parser("knockout", help="attention knockout: accuracy vs first blocked layer")
-    p.add_argument("--model", required=True)
-    p.add_argument("--n", type=positive, default=500)
-    p.add_argument("--boxes", type=boxes, default=7)
-    model_args(p)
-    results_arg(p)
-    figures_arg(p)
-    p.set_defaults(func=cmd_knockout)

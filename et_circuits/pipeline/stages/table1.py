@@ -21,7 +21,7 @@ from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 
 from .. import results
-from ..args import boxes, figures_arg, load_model, model_args, positive, registry_arg, results_arg, settings
+from ..running import load_model, settings
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -154,30 +154,3 @@ def draw_figures(
 def _earlier(circuit: Circuit) -> list[str]:
     """The discovered circuit's positions other than the last token (what `own_steps` took)."""
     return [p for g in circuit.groups for p in circuit.positions_of(g) if p != "last"]
-
-
-def register(sub) -> None:
-    p = sub.add_parser("table1", help="base circuit on every model (Table 1) and circuit overlap")
-    p.add_argument("--base", required=True)
-    p.add_argument("--models", nargs="+", required=True)
-    results_arg(p)
-    model_args(p)
-    p.add_argument("--n", type=positive, default=500, help="evaluation prompts (paper: 500)")
-    p.add_argument("--reference-n", type=positive, default=500, help="prompts for the ablation means")
-    p.add_argument("--random", type=positive, default=10, help="random circuits for the baseline")
-    p.add_argument("--boxes", type=boxes, default=7)
-    p.add_argument(
-        "--figures",
-        type=Path,
-        default=None,
-        help="also draw the circuit stage's figures here, as the `figures` command does",
-    )
-    p.set_defaults(func=cmd_table1)
-
-    p = sub.add_parser("figures", help="path-patching heatmaps, circuit diagram, Table 1 figure")
-    p.add_argument("--base", required=True)
-    p.add_argument("--models", nargs="+", required=True)
-    results_arg(p)
-    figures_arg(p)
-    registry_arg(p)
-    p.set_defaults(func=cmd_figures)

@@ -42,6 +42,7 @@ from .data import (
     positional,
     random_sample,
 )
+from .paper import DCM_SPLIT_SIZES
 
 Builder = Callable[[Sample, random.Random, Vocabulary], Counterfactual]
 
@@ -172,7 +173,7 @@ def builder(name: str) -> Builder:
 # ---------------------------------------------------------------------------------------------
 # Splits
 
-SPLIT_SIZES: tuple[int, int, int] = (1000, 500, 500)  # the paper's train / eval / test
+SPLIT_SIZES = DCM_SPLIT_SIZES  # the paper's train / eval / test
 
 
 @dataclass(frozen=True)

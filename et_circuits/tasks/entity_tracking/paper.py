@@ -1,6 +1,7 @@
 """What the entity-tracking paper says, in one place: its citation, its four circuit groups
-(name, letter, title, position, colour, receiver input), its discovery steps and top-k, the
-numbers it published, and a reader of the authors' circuit format.
+(name, letter, title, position, colour, receiver input), its discovery steps and top-k, its DCM
+split sizes and CMAP head sets, the numbers it published, and a reader of the authors' circuit
+format. Importing it loads no torch (the command line's parser reads its defaults).
 
 Prakash, Rott Shaham, Haklay, Belinkov, Bau. Fine-Tuning Enhances Existing Mechanisms: A Case
 Study on Entity Tracking. ICLR 2024.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from et_circuits.core.circuit import Circuit, head_lists, read_circuit_json
 from et_circuits.core.errors import CircuitError
-from et_circuits.core.types import GroupSpec
-from et_circuits.methods.discovery import Step
+from et_circuits.core.types import GroupSpec, Step
+
+if TYPE_CHECKING:
+    from et_circuits.core.circuit import Circuit
 
 # The paper's four groups, in the order path patching finds them (Figure 1, Section 3).
 PAPER_GROUPS: tuple[GroupSpec, ...] = (
@@ -28,6 +31,24 @@ GROUPS: dict[str, GroupSpec] = {g.name: g for g in PAPER_GROUPS}
 # The paper's discovery: each group's path-patching step, at its position, through its input.
 PAPER_STEPS: tuple[Step, ...] = tuple(Step(g.name, g.position, g.receiver_kind) for g in PAPER_GROUPS)
 PAPER_TOP_K = (20, 5, 10, 5)  # Llama-7B; Goat and FLoat used (50, 20, 30, 5)
+# Not the paper's: 20/5/10/5 of 1024 heads would take most of a 16-head model, so the recipe caps
+# each step's top-k at this fraction of all heads (it only bites on small models).
+TOP_K_CAP = 0.25
+
+# DCM's pairs per desideratum: train / eval (mask selection) / test (the reported accuracy).
+DCM_SPLIT_SIZES: tuple[int, int, int] = (1000, 500, 500)
+
+# Figure 3's head sets: per group, the DCM desideratum whose selected heads are patched (None:
+# the whole group), plus the full circuit; the bars in the paper's order.
+CMAP_SET_DESIDERATA: dict[str, str | None] = {
+    "value_fetcher": "object_value",
+    "pos_transmitter": "positional",
+    "pos_detector": "positional",
+    "struct_reader": None,
+}
+FULL = "full"
+CMAP_SET_ORDER = ("D", "C", "B", "A", FULL)
+CMAP_SETS = tuple(GROUPS[g].letter for g in CMAP_SET_DESIDERATA) + (FULL,)
 
 # How figures name the task's positions.
 POSITION_TITLES: dict[str, str] = {
@@ -52,6 +73,8 @@ def paper_circuit(groups: Mapping) -> Circuit:
     "pos_transmitter": ..., "pos_detector": ..., "struct_reader": ...}, at the paper's positions."""
     if not isinstance(groups, Mapping):
         raise CircuitError("a circuit in the authors' format is a JSON object of groups")
+    from et_circuits.core.circuit import Circuit, head_lists
+
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise CircuitError(f"group {unknown[0]!r} is not one of the paper's groups ({', '.join(GROUPS)})")
@@ -60,6 +83,8 @@ def paper_circuit(groups: Mapping) -> Circuit:
 
 def load_paper_circuit(path: str | os.PathLike) -> Circuit:
     """`paper_circuit` of a JSON file in the authors' format."""
+    from et_circuits.core.circuit import read_circuit_json
+
     return paper_circuit(read_circuit_json(path))
 
 

@@ -128,11 +128,11 @@ def test_steps_are_checked(scaled):
 
 
 def test_effective_top_k():
-    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 32, 32) == (20, 5, 10, 5)
-    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 4, 4) == (4, 4, 4, 4)
-    assert discovery.effective_top_k((20, 1, 10, 5), 2, 2) == (1, 1, 1, 1)
+    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 32, 32, 0.25) == (20, 5, 10, 5)
+    assert discovery.effective_top_k(recipe.PAPER_TOP_K, 4, 4, 0.25) == (4, 4, 4, 4)
+    assert discovery.effective_top_k((20, 1, 10, 5), 2, 2, 0.25) == (1, 1, 1, 1)
     with pytest.raises(CircuitError):
-        discovery.effective_top_k((1, 2, 3, 0), 4, 4)
+        discovery.effective_top_k((1, 2, 3, 0), 4, 4, 0.25)
 
 
 def test_reachable_and_step_receivers():

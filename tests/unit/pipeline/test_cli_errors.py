@@ -7,6 +7,7 @@ import torch
 
 from et_circuits.models import result_name
 from et_circuits.pipeline import cli
+from et_circuits.pipeline.stages import accuracy as accuracy_stage
 from et_circuits.pipeline.stages import circuit as circuit_stage
 
 
@@ -97,7 +98,7 @@ def _out_of_memory(args):
     ],
 )
 def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys, command, knobs):
-    monkeypatch.setattr(cli, "cmd_accuracy", _out_of_memory)
+    monkeypatch.setattr(accuracy_stage, "cmd_accuracy", _out_of_memory)
     monkeypatch.setattr(circuit_stage, "cmd_circuit", _out_of_memory)
     assert cli.main(command) == 2
     err = capsys.readouterr().err.strip()

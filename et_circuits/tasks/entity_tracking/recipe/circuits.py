@@ -15,7 +15,6 @@ from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.methods.discovery import (
-    TOP_K_CAP,
     FoundCircuit,
     Step,
     StepDone,
@@ -28,7 +27,7 @@ from et_circuits.methods.minimality import Completeness, Minimality, completenes
 from et_circuits.methods.sweep import Sweep, smallest, sweep
 
 from .. import data
-from ..paper import PAPER_STEPS, PAPER_TOP_K
+from ..paper import PAPER_STEPS, PAPER_TOP_K, TOP_K_CAP
 from .sampling import SEED_OFFSETS, path_patching_prompts, prompts
 
 # Where the sweep looks for the task's mechanism: tokens relative to the task's anchors.

@@ -11,19 +11,8 @@ from et_circuits.core.errors import CircuitError
 from et_circuits.core.types import Head
 from et_circuits.methods.cmap import INPUT_PATCHES, Variant
 
-from ..paper import GROUPS, letter
-
-# The paper's head sets: per group, the DCM desideratum whose selected heads are patched
-# (None: the whole group), plus the full circuit.
-SET_DESIDERATA: dict[str, str | None] = {
-    "value_fetcher": "object_value",
-    "pos_transmitter": "positional",
-    "pos_detector": "positional",
-    "struct_reader": None,
-}
-FULL = "full"
-SET_ORDER = ("D", "C", "B", "A", FULL)  # the paper's bar order
-SET_NAMES = tuple(GROUPS[g].letter for g in SET_DESIDERATA) + (FULL,)
+from ..paper import CMAP_SET_DESIDERATA as SET_DESIDERATA
+from ..paper import FULL, letter
 
 
 def cmap_head_sets(circuit: Circuit, selected: Mapping[str, Mapping[str, Sequence[Head]]] | None) -> dict[str, Circuit]:
