@@ -29,6 +29,7 @@ def last_logits(
     desc: str = "forward",
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at each prompt's last position (on CPU); `hooks_for(chunk)` gives each chunk's hooks."""
+    prompts.check_vocab(model.cfg.d_vocab)
     out = []
     chunks = list(prompts.chunks(settings.batch_size))
     for chunk in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):

@@ -79,6 +79,7 @@ def prepare_runs(
     check_supported(model)
     positions = list(dict.fromkeys(positions))
     clean.check_pair(corrupt)
+    clean.check_vocab(model.cfg.d_vocab), corrupt.check_vocab(model.cfg.d_vocab)
     n_layers, device = model.cfg.n_layers, model.cfg.device
     layers = range(n_layers)
     kinds = ("z", *INPUT_KINDS)

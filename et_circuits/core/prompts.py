@@ -190,6 +190,19 @@ class PromptSet:
             at = torch.where(real, moved, at)
         return at
 
+    def check_vocab(self, d_vocab: int) -> PromptSet:
+        """DataError unless every token id (input, answer, wrong answer) is a token of a
+        vocabulary of `d_vocab`; returns the prompts."""
+        for what, ids in (
+            ("input_ids", self.input_ids),
+            ("answers", self.answers),
+            ("wrong_answers", self.wrong_answers),
+        ):
+            if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+                bad = int(ids.max()) if int(ids.max()) >= d_vocab else int(ids.min())
+                raise DataError(f"token id {bad} in {what} is outside the model's vocabulary (0..{d_vocab - 1})")
+        return self
+
     def check_pair(self, other: PromptSet, specs: Sequence[str] = (LAST,)) -> None:
         """DataError unless `other` (e.g. the corrupt prompts) pairs with these prompts one to
         one: same shape, and the same indices for every position in `specs`."""

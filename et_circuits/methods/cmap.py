@@ -257,6 +257,7 @@ def cmap(
     """`metric` (default accuracy) of the base model, of the source model, and of the base model
     with each variant's heads patched from the source, all on `prompts`."""
     check_geometry(base, source)
+    prompts.check_vocab(base.cfg.d_vocab)
     n_layers, n_heads = base.cfg.n_layers, base.cfg.n_heads
     masks = []
     for v in variants:

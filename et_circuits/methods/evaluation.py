@@ -59,10 +59,11 @@ def position_means(
     settings: RunSettings = QUIET,
     cache_dir: str | os.PathLike | None = None,
 ) -> Float[Tensor, "layer pos head d"]:
-    """Position-wise mean of every head's hook_z over the reference prompts (which must be as
-    long as the prompts they ablate). With `cache_dir`, the means are kept there as
+    """Position-wise mean of every head's hook_z over the reference prompts (which must be in
+    the layout of the prompts they ablate: as long, the same template). With `cache_dir`, the means are kept there as
     `means-<digest>.safetensors`, the digest naming the model's weights, the prompts and the
     batch size, so that stages computing the same means share one computation."""
+    reference.check_vocab(model.cfg.d_vocab)
     if cache_dir is None:
         return mean_activations(model, reference.input_ids, "z", settings.batch_size)
     path = Path(cache_dir) / f"means-{_means_digest(model, reference, settings.batch_size)}.safetensors"
@@ -177,10 +178,12 @@ def ablated_last_logits(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     for circuit in circuits:
         circuit.validate(n_layers, n_heads)
-    if means.shape[1] < prompts.seq_len:
+    if means.shape[1] != prompts.seq_len:
         raise DataError(
-            f"the reference prompts ({means.shape[1]} tokens) are shorter than the prompts ({prompts.seq_len})"
+            f"the ablation means are over {means.shape[1]} positions, the prompts have {prompts.seq_len}: "
+            "position-wise means need reference prompts in the prompts' layout"
         )
+    prompts.check_vocab(model.cfg.d_vocab)
     device = model.cfg.device
     means = means.to(device)
     cpu = prompts.to("cpu")

@@ -93,6 +93,7 @@ def knockout(
     from layer L on, for L = 0 .. n_layers - 1. Each blocked run recomputes only layers >= L at
     positions from the edge's query on (`restart.run_suffix`): nothing else can change."""
     n_layers = model.cfg.n_layers
+    prompts.check_vocab(model.cfg.d_vocab)
     where = {e.name: (prompts.position(e.query), prompts.position(e.key)) for e in edges}
     totals = torch.full((len(edges) * n_layers,), float("nan"), dtype=torch.float64)  # n x metric, this rank's
     full = 0.0

@@ -44,6 +44,7 @@ With grouped-query attention, `hook_k` / `hook_v` are made per query head for th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from et_circuits.core import serial
 from et_circuits.core.circuit import head_mask
 from et_circuits.core.distributed import combine_nan, mine
 from et_circuits.core.errors import CircuitError
@@ -70,17 +72,6 @@ from et_circuits.core.metrics import Metric, answer_prob, metric_name, metric_to
 from et_circuits.core.prepared import PreparedRuns, prepare_runs
 from et_circuits.core.prompts import LAST, PromptSet, Spec, spec_text
 from et_circuits.core.restart import earliest, run_from, same_start_chunks, tile
-from et_circuits.core.serial import (
-    frame,
-    head_text,
-    number,
-    receivers_from_json,
-    receivers_to_json,
-    spec_from_json,
-    spec_to_json,
-    table_from_json,
-    table_to_json,
-)
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.core.types import INPUT_KINDS, PATH_PATCHING_METHODS, Head, Receiver
 
@@ -290,25 +281,25 @@ class PathPatching:
             {"layer": layer, "head": head, "score": float(self.scores[layer, head])}
             for layer, head in self.top(self.scores.numel())
         ]
-        return frame(rows, ["layer", "head", "score"])
+        return serial.frame(rows, ["layer", "head", "score"])
 
     def to_json(self) -> dict:
         return {
-            "sender_position": spec_to_json(self.sender_position),
-            "receivers": receivers_to_json(self.receivers),
+            "sender_position": serial.spec_to_json(self.sender_position),
+            "receivers": serial.receivers_to_json(self.receivers),
             "metric": self.metric,
             "relative": self.relative,
             "method": self.method,
             "n": self.n,
-            "scores": table_to_json(self.scores),
+            "scores": serial.table_to_json(self.scores),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> PathPatching:
         return cls(
-            table_from_json(d["scores"]),
-            spec_from_json(d["sender_position"]),
-            receivers_from_json(d["receivers"]),
+            serial.table_from_json(d["scores"]),
+            serial.spec_from_json(d["sender_position"]),
+            serial.receivers_from_json(d["receivers"]),
             d["metric"],
             d["relative"],
             d["method"],
@@ -322,7 +313,7 @@ class PathPatching:
             kinds = "".join(sorted({r.kind for r in self.receivers}))
             where = spec_text(sorted({spec_text(r.position) for r in self.receivers}))
             through = f", through {len(self.receivers)} {kinds} inputs at {where}"
-        top = ", ".join(f"{head_text(h)} {number(float(self.scores[h]))}" for h in self.top(3))
+        top = ", ".join(f"{serial.head_text(h)} {serial.number(float(self.scores[h]))}" for h in self.top(3))
         kind = "relative " if self.relative else ""
         return (
             f"PathPatching(at {spec_text(self.sender_position)}, {senders} senders{through}; "
@@ -362,8 +353,10 @@ def path_patch(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     sites = _Sites.of(receivers or [], n_layers, n_heads)
     clean.check_pair(corrupt)  # corrupt values are read at the clean prompts' positions
+    clean.check_vocab(model.cfg.d_vocab), corrupt.check_vocab(model.cfg.d_vocab)
     for spec in [sender_position, *(spec for _, spec in sites.masks)]:
         clean.position_set(spec)  # a clear error for an unknown position
+    _warn_if_unreachable(clean, sender_position, [spec for _, spec in sites.masks])
     sender_mask = (
         torch.ones(n_layers, n_heads, dtype=torch.bool) if senders is None else head_mask(senders, n_layers, n_heads)
     )
@@ -415,6 +408,25 @@ def path_patch(
         method,
         len(clean),
     )
+
+
+def _warn_if_unreachable(prompts: PromptSet, sender_position: Spec, receiver_positions: list[Spec]) -> None:
+    """Warn when no sender slot of any prompt comes at or before what it should reach (the last
+    token, or some receiver): causal attention then leaves every score 0."""
+    at = prompts.position_set(sender_position)
+    first = torch.where(at >= 0, at, torch.full_like(at, torch.iinfo(at.dtype).max)).min(1).values
+    targets = (
+        [prompts.position(LAST)[:, None]]
+        if not receiver_positions
+        else [prompts.position_set(spec) for spec in receiver_positions]
+    )
+    reach = torch.cat(targets, dim=1).max(1).values  # the latest position a sender could still affect
+    if bool((first > reach).all()):
+        what = "every receiver" if receiver_positions else "the last token"
+        warnings.warn(
+            f"senders at {spec_text(sender_position)} come after {what} in every prompt, so every score is 0",
+            stacklevel=3,
+        )
 
 
 def top_heads(

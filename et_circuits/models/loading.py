@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from et_circuits.core.errors import SetupError
+from et_circuits.core.settings import resolve_device
 
 from .convert import ARCHITECTURES, check_split, rope, to_hooked
 from .registry import get_spec, resolve_dir
@@ -45,11 +47,13 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _supported_config(Path(path))
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+    with _readable(path):
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, local_files_only=True)
+        with _readable(adapter):
+            model = PeftModel.from_pretrained(model, adapter, local_files_only=True)
         model = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
@@ -58,20 +62,52 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, adapter: Path | None
     return model.eval(), tokenizer
 
 
+@contextmanager
+def _readable(path: Path):
+    """Turn a checkpoint that cannot be read (truncated or corrupt safetensors, missing weight
+    files) into one SetupError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise SetupError(f"{path}: a corrupt or truncated weight file ({e}); copy or download it again") from None
+    except OSError as e:
+        raise SetupError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype, from itself or its name ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise SetupError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
 def load(
     name_or_path: str | os.PathLike,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     path: str | os.PathLike | None = None,
     n_devices: int = 1,
 ):
     """Load a registered model or an HF directory as (HookedTransformer, tokenizer, spec).
 
-    `path` overrides where the weights are looked for (for an adapter spec: the adapter
+    `device`: "cpu", "cuda", "cuda:1", ... (default: the first GPU if any, else the CPU; one
+    that this machine lacks is a SetupError naming those it has). `dtype`: a torch dtype or its
+    name. `path` overrides where the weights are looked for (for an adapter spec: the adapter
     directory; its base is resolved through the registry). `n_devices` > 1 splits the layers
     over that many GPUs from `device` on (a model larger than one GPU).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = as_dtype(dtype)
+    if n_devices == 1:
+        device = resolve_device(device)
+    else:  # check_split below says what is wrong with a split
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = get_spec(name_or_path)
     own_dir = Path(path) if path is not None else resolve_dir(spec)
     base_dir = resolve_dir(get_spec(spec.base)) if spec.is_adapter else own_dir

@@ -60,7 +60,12 @@ def circuit_path(results: Path, name: str, reading: str) -> Path:
 
 
 def load_circuit(results: Path, name: str, reading: str) -> Circuit:
-    return Circuit.load(circuit_path(results, name, reading))
+    """A model's circuit of one reading (CircuitError saying to run the circuit stage first
+    when it is not there)."""
+    path = circuit_path(results, name, reading)
+    if not path.exists():
+        raise CircuitError(f"no circuit at {path}; run `make circuit` (python -m et_circuits circuit) first")
+    return Circuit.load(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from et_circuits import models
 from et_circuits.core.settings import FAST_ROWS, RunSettings, resolve_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def settings(args: argparse.Namespace) -> RunSettings:
@@ -26,4 +22,4 @@ def load_model(name: str, args: argparse.Namespace, device: str | None = None):
 
         logging.disable_progress_bar()
     device = resolve_device(device or args.device, args.n_devices)
-    return models.load(name, device=device, dtype=DTYPES[args.dtype], n_devices=args.n_devices)
+    return models.load(name, device=device, dtype=args.dtype, n_devices=args.n_devices)

@@ -134,4 +134,4 @@ def test_dcm_commands(tmp_path, tiny_dir, monkeypatch, capsys):
     assert len(err) == 1 and "circuit" in err[0]
     assert main(["dcm", "--model", str(tiny_dir), "--base", "missing", "--results", str(results)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no circuit file" in err[0]
+    assert len(err) == 1 and "no circuit at" in err[0]

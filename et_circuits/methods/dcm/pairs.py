@@ -155,6 +155,7 @@ def prepare_pairs(
     `run=True` also makes the base prompts' restricted clean run (if it fits in memory), or
     uses the given one (`run=False`: full forwards)."""
     heads = [tuple(map(int, h)) for h in heads]
+    pairs.base.check_vocab(model.cfg.d_vocab), pairs.source.check_vocab(model.cfg.d_vocab)
     if values is None:
         values = source_values(model, pairs.source, {position: heads}, batch_size)[position]
     base = pairs.base

@@ -28,7 +28,9 @@ def cmd_knockout(args: argparse.Namespace) -> None:
     prompts = recipe.with_random_context(prompts, args.seed)
     edges = list(recipe.EDGES)
     if results.circuit_path(args.results, name, "discovered").exists():  # also where the discovered groups act
-        discovered = results.load_circuit(args.results, name, "discovered")
+        discovered = results.load_circuit(args.results, name, "discovered").validate(
+            model.cfg.n_layers, model.cfg.n_heads
+        )
         edges += [e for e in recipe.edges_to(discovered) if e.name not in {x.name for x in edges}]
     found = knockout(model, prompts, edges, settings=settings(args))
     frame = pd.DataFrame(results.knockout_rows(name, found))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from et_circuits.core.errors import SetupError
 from et_circuits.core.io import atomic_path
 from et_circuits.presentation import figures_dir, report
 
@@ -13,6 +14,8 @@ from .. import report_tables
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    if not args.results.is_dir():
+        raise SetupError(f"no results at {args.results}; run `make all` first, or give --results the folder of a run")
     folder = args.figures or figures_dir()
     out = args.out or folder / "report.html"
     page = report_tables.build(args.results, folder, args.models)

@@ -5,10 +5,12 @@ and running out of memory all end in one line on stderr and exit 2, through `cli
 import pytest
 import torch
 
+from et_circuits.core.circuit import Circuit
 from et_circuits.models import result_name
 from et_circuits.pipeline import cli
 from et_circuits.pipeline.stages import accuracy as accuracy_stage
 from et_circuits.pipeline.stages import circuit as circuit_stage
+from tests import checkpoints
 
 
 def run(capsys, *args):
@@ -73,7 +75,7 @@ def test_commands_fail_with_one_line(tmp_path, capsys, tiny_dir):
     base, name = str(tiny_dir), result_name(str(tiny_dir))
     assert cli.main(["table1", "--base", base, "--models", base, "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no circuit file") and "\n" not in err
+    assert err.startswith("error: no circuit at") and "\n" not in err
     (tmp_path / name).mkdir()
     (tmp_path / name / "circuit.json").write_text("{not json")
     assert cli.main(["figures", "--base", base, "--models", base, "--results", str(tmp_path)]) == 2
@@ -107,3 +109,36 @@ def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys, command
         assert part in err
     if command[0] == "accuracy":
         assert "--max-rows" not in err
+
+
+def test_a_truncated_checkpoint_is_named_in_one_line(tmp_path, capsys):
+    checkpoints.make(tmp_path / "m")
+    capsys.readouterr()  # the factory's own progress bar
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run(capsys, "accuracy", "--model", str(tmp_path / "m"), "--device", "cpu", "--quiet")
+    assert_one_line_error(result, str(tmp_path / "m"), "corrupt or truncated")
+
+
+def test_report_on_a_missing_results_folder_writes_no_page(tmp_path, capsys):
+    page = tmp_path / "figures" / "report.html"
+    result = run(capsys, "report", "--results", str(tmp_path / "resluts"), "--figures", str(tmp_path / "figures"))
+    assert_one_line_error(result, str(tmp_path / "resluts"), "make all")
+    assert not page.exists()
+
+
+def test_dcm_before_the_circuit_stage_says_to_run_it(tmp_path, capsys, tiny_dir):
+    (tmp_path / "results").mkdir()
+    result = run(
+        capsys, "dcm", "--models", str(tiny_dir), "--base", str(tiny_dir), "--results", str(tmp_path / "results")
+    )
+    assert_one_line_error(result, "no circuit at", "run `make circuit`")
+
+
+def test_knockout_refuses_a_circuit_with_heads_outside_the_model(tmp_path, capsys, tiny_dir):
+    name = result_name(str(tiny_dir))
+    out = tmp_path / "results" / name / "discovered"
+    Circuit({"a": [(7, 0)]}, {"a": "query_label"}).save(out / "circuit.json")  # the tiny model has 2 layers
+    result = run(capsys, "knockout", "--models", str(tiny_dir), "--results", str(tmp_path / "results"), "--quiet")
+    assert_one_line_error(result, "L7H0", "outside the model")
+    assert not (tmp_path / "results" / "knockout.csv").exists()
