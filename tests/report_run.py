@@ -91,6 +91,9 @@ def write_run(results: Path, figures: Path) -> None:
                 "desideratum": "object_value",
                 "accuracy_mean": [50.0, 60.0, 70.0, 80.0],
                 "accuracy_std": [1.0, 2.0, 3.0, 4.0],
+                "circuit_of": "organism-llama",
+                "group_size": 1,
+                "n_selected": 1,
             }
         ),
     )
@@ -126,3 +129,7 @@ def write_run(results: Path, figures: Path) -> None:
     )
     for stem in FIGURES:
         save_figure(go.Figure(go.Bar(x=["a", "b"], y=[1, 2]), layout={"title": stem}), stem, figures, png=False)
+    # One figure drawn wider than the page, with a legend, as Figure 3 is for three fine-tunes:
+    # the page must still fit a 1400 px window.
+    wide = go.Figure([go.Bar(x=["A", "B"], y=[0.5, 0.7], name=f"patched from model {i}") for i in range(3)])
+    save_figure(wide.update_layout(title="cmap", width=1800, legend=dict(orientation="h")), "cmap", figures, png=False)

@@ -14,9 +14,10 @@ import pandas as pd
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.prompts import spec_text
-from et_circuits.presentation.report import Section, Table, figure_stems, render_page
+from et_circuits.presentation.report import Section, Table, render_page
 from et_circuits.tasks.entity_tracking.paper import CITATION, PUBLISHED, letter, paper_model, published
 
+from . import report_figures, report_story
 from . import results as layout
 
 
@@ -77,7 +78,12 @@ def sizes_table(results: Path, models: list[str]) -> pd.DataFrame | None:
                 sizes = {letter(g): len(heads) for g, heads in circuit.groups.items()}
                 where = "; ".join(f"{letter(g)}: {spec_text(circuit.positions_of(g))}" for g in circuit.groups)
                 rows.append({"model": name, "positions": reading, **sizes, "total": len(circuit), "acting at": where})
-    return paper_rows_only(with_paper(pd.DataFrame(rows), "circuit_size")) if rows else None
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    counts = [c for c in frame.columns if c not in ("model", "positions", "acting at")]
+    frame[counts] = frame[counts].map(lambda v: "–" if pd.isna(v) else str(int(v)))  # a group a reading lacks: –
+    return paper_rows_only(with_paper(frame, "circuit_size"))
 
 
 def overlap_table(results: Path, models: list[str]) -> pd.DataFrame | None:
@@ -126,7 +132,10 @@ def figure2_table(results: Path, models: list[str], section: str = "base_circuit
     if rows.empty:
         return rows
     rows = rows.assign(
-        cell=[f"{m:.1f} ± {s:.1f}" for m, s in zip(rows.accuracy_mean, rows.accuracy_std)],
+        cell=[
+            f"{m:.1f} ± {s:.1f}" if size else "no heads"  # an empty group patches nothing: no number to show
+            for m, s, size in zip(rows.accuracy_mean, rows.accuracy_std, rows.group_size)
+        ],
         row=rows.letter + " " + rows.desideratum,
     )
     wide = _wide(rows, ["row"], "model", "cell")
@@ -234,20 +243,6 @@ class SectionSpec:
 
 SECTIONS = (
     SectionSpec(
-        "run",
-        "Models and settings",
-        (
-            TableSpec(
-                "The models of the run (the first is the base) and their path-patching settings",
-                models_table,
-                "<model>/path_patching, <model>/minimality.json",
-                "circuit",
-            ),
-            TableSpec("DCM settings", dcm_settings_table, "<model>/dcm.json", "dcm"),
-        ),
-        (),
-    ),
-    SectionSpec(
         "sweep",
         "Where the mechanism lives: the position sweep",
         (
@@ -263,7 +258,7 @@ SECTIONS = (
     ),
     SectionSpec(
         "circuit",
-        "Circuit discovery and Table 1 (at the paper's positions and at the discovered ones)",
+        "The circuit and Table 1 (at the discovered positions and at the paper's)",
         (
             TableSpec(
                 "Table 1: the base circuit on every model, at the paper's positions and at the discovered "
@@ -282,7 +277,14 @@ SECTIONS = (
                 "Overlap: heads of the base circuit in each model's circuit", overlap_table, "overlap.csv", "circuit"
             ),
         ),
-        ("*_circuit", "table1", "*_path_patching", "*_completeness"),
+        (
+            "*_discovered_circuit",
+            "*_circuit",
+            "table1",
+            "*_discovered_path_patching",
+            "*_path_patching",
+            "*_completeness",
+        ),
     ),
     SectionSpec(
         "dcm",
@@ -299,7 +301,7 @@ SECTIONS = (
                 "The same on the base circuit at the discovered positions", figure2_discovered_table, "dcm.csv", "dcm"
             ),
         ),
-        ("dcm", "dcm_discovered", "dcm_extra"),
+        ("dcm_discovered", "dcm", "dcm_extra"),
     ),
     SectionSpec(
         "cmap",
@@ -313,13 +315,27 @@ SECTIONS = (
             ),
             TableSpec("Input patching (q, k, v of the head set)", input_patching_table, "cmap.csv", "cmap"),
         ),
-        ("cmap", "cmap_discovered", "cmap_input", "cmap_input_discovered"),
+        ("cmap_discovered", "cmap", "cmap_input_discovered", "cmap_input"),
     ),
     SectionSpec(
         "knockout",
         "Attention knockout",
         (TableSpec("Accuracy with the edge blocked from layer L on", knockout_table, "knockout.csv", "knockout"),),
         ("knockout",),
+    ),
+    SectionSpec(
+        "run",
+        "Models and settings",
+        (
+            TableSpec(
+                "The models of the run (the first is the base) and their path-patching settings",
+                models_table,
+                "<model>/path_patching, <model>/minimality.json",
+                "circuit",
+            ),
+            TableSpec("DCM settings", dcm_settings_table, "<model>/dcm.json", "dcm"),
+        ),
+        (),
     ),
 )
 
@@ -328,7 +344,7 @@ def discover_models(results: Path) -> list[str]:
     """The models with results: table1.csv's order (base first), else every <model>/circuit.json."""
     table = _csv(results / layout.TABLE1)
     if table is not None:
-        return list(table.model)
+        return list(dict.fromkeys(table.model))
     return sorted(p.parent.name for p in results.glob(f"*/{layout.CIRCUIT}"))
 
 
@@ -346,10 +362,20 @@ def build(results: Path, figures_dir: Path, models: list[str] | None = None) -> 
         )
         for spec in SECTIONS
     ]
+    who = html.escape(", ".join(models) or "no models")
+    where = f"{html.escape(str(results))}; the figures from {html.escape(str(figures_dir))}"
     intro = (
-        f"Models: {html.escape(', '.join(models) or 'none found')}. Results: {html.escape(str(results))}; "
-        f"figures: {html.escape(str(figures_dir))} ({len(figure_stems(figures_dir))}).",
-        f"Columns <em>paper: …</em> hold the published numbers of the 7B model each row stands in "
-        f"for (<em>paper model</em>), from {html.escape(CITATION)}.",
+        f"A run of the entity-tracking study ({html.escape(CITATION)}) on {who} (the first is the base model). "
+        f"Every number comes from {where}. Columns <em>paper: …</em> hold the published numbers of the 7B "
+        "model each row stands in for.",
     )
-    return render_page("Entity-tracking circuits: report of a run", intro, sections, figures_dir, models)
+    return render_page(
+        "Entity-tracking circuits: report of a run",
+        intro,
+        sections,
+        figures_dir,
+        models,
+        claims=report_story.claims(results, models),
+        mechanism=report_story.mechanism(results, models),
+        figure_text=report_figures.texts(results, models),
+    )

@@ -25,7 +25,8 @@ def step_heatmaps(
     scores: dict[str, Float[Tensor, "layer head"]], circuit: Circuit | None = None, title: str = ""
 ) -> go.Figure:
     """One layer x head heatmap per step (red = negative = important), each with its own
-    colour scale centred on 0; the heads that ended in the circuit's group are boxed."""
+    colour scale centred on 0; the heads that ended in the circuit's group are boxed. A step
+    that scored no sender (its receivers were an empty group) says so in words."""
     groups = list(scores)
     titles = [group_title(g) for g in groups]
     fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.16, vertical_spacing=0.14)
@@ -36,6 +37,19 @@ def step_heatmaps(
         axis = "" if i == 0 else str(i + 1)
         x_dom = fig.layout[f"xaxis{axis}"].domain
         y_dom = fig.layout[f"yaxis{axis}"].domain
+        if bool(s.isnan().all()):
+            fig.add_annotation(
+                text="no sender scored:<br>the group it would reach is empty",
+                xref=f"x{axis} domain",
+                yref=f"y{axis} domain",
+                x=0.5,
+                y=0.5,
+                showarrow=False,
+                font=dict(size=13, color="#a60"),
+            )
+            fig.update_xaxes(visible=False, row=row, col=col)
+            fig.update_yaxes(visible=False, row=row, col=col)
+            continue
         bound = float(s.nan_to_num().abs().max()) or 1.0
         fig.add_trace(
             go.Heatmap(
@@ -46,7 +60,13 @@ def step_heatmaps(
                 zmax=bound,
                 colorscale="RdBu",
                 reversescale=False,
-                colorbar=dict(x=x_dom[1] + 0.01, y=(y_dom[0] + y_dom[1]) / 2, len=y_dom[1] - y_dom[0], thickness=10),
+                colorbar=dict(
+                    x=x_dom[1] + 0.01,
+                    y=(y_dom[0] + y_dom[1]) / 2,
+                    len=y_dom[1] - y_dom[0],
+                    thickness=10,
+                    title=dict(text="score", side="right"),
+                ),
                 hovertemplate="L%{y}H%{x}: %{z:.4f}<extra></extra>",
             ),
             row=row,
@@ -255,6 +275,7 @@ def sweep_heatmap(result: Sweep, title: str = "") -> go.Figure:
             zmin=-bound,
             zmax=bound,
             colorscale="RdBu",
+            colorbar=dict(title=dict(text="change of the metric", side="right")),
             hovertemplate="%{y}, layer %{x}: %{z:.4f}<extra></extra>",
         )
     )

@@ -28,6 +28,19 @@ def figure2(frame, section: str = "base_circuit"):
         subplot_titles=[group_title(g) for g in groups],
     )
     for col, group in enumerate(groups, start=1):
+        if not (rows[rows.group == group].group_size > 0).any():  # an empty group: said, not drawn
+            axis = "" if col == 1 else str(col)
+            fig.add_annotation(
+                text="no heads in this group",
+                xref=f"x{axis} domain",
+                yref=f"y{axis} domain",
+                x=0.5,
+                y=0.5,
+                showarrow=False,
+                font=dict(size=13, color="#a60"),
+            )
+            fig.update_xaxes(showticklabels=False, row=1, col=col)
+            continue
         for desideratum in desiderata.MAIN:
             sel = rows[(rows.group == group) & (rows.desideratum == desideratum)].set_index("model").reindex(models)
             fig.add_trace(
@@ -47,10 +60,11 @@ def figure2(frame, section: str = "base_circuit"):
             )
     base = rows.circuit_of.iloc[0] if len(rows) else ""
     fig.update_layout(
-        title=f"DCM on the {base} circuit {where}: accuracy when the selected heads are patched "
-        "(mean ± std over resamplings)",
+        title=f"DCM on the {base} circuit {where}<br><sup>accuracy when the selected heads are patched, "
+        "mean ± std over resamplings</sup>",
         barmode="group",
-        height=420,
+        height=460,
+        legend=dict(orientation="h", y=-0.3),
         width=max(900, 330 * len(groups)),
         template="plotly_white",
     )
@@ -76,7 +90,7 @@ def extra_figure(frame):
             )
         )
     fig.update_layout(
-        title="Group B (position transmitter) on every desideratum (controls: is not in, wrong segment)",
+        title="Group B (position transmitter) on every desideratum<br><sup>controls: is not in, wrong segment</sup>",
         barmode="group",
         height=450,
         width=1100,

@@ -1,12 +1,16 @@
-"""The report page: one self-contained HTML file (plotly.js inlined once, no network) with
-sections of tables (pandas frames) and figures (plotly JSON files). A table not built yet is
-named on the page with the make target that builds it, not an error."""
+"""The report page: one self-contained HTML file (plotly.js inlined once, no network) that opens
+with a summary (each claim of the study beside what the run found), then sections of tables
+(pandas frames) and figures (plotly JSON files), each figure with a title and a one-line
+caption. A figure with nothing to show is said in words; the figures of the models after the
+first are folded away; a table not built yet names the make target that builds it. The page
+fits a 1400 px window: figures take the page's width, wide tables scroll inside themselves."""
 
 from __future__ import annotations
 
 import fnmatch
 import html
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +36,39 @@ class Section:
     figures: tuple[str, ...]  # figure stems (fnmatch patterns), in page order
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A line of the summary: a claim, the published finding, this run's finding, whether the
+    run supports it (None: not run yet) and the section holding the evidence."""
+
+    title: str
+    paper: str
+    run: str
+    holds: bool | None
+    section: str
+
+
+@dataclass(frozen=True)
+class FigureText:
+    """How a figure is shown: its title, a one-line caption saying what to look for, and, when
+    it has nothing to show, the sentence said instead of drawing it."""
+
+    title: str
+    caption: str = ""
+    empty: str | None = None
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child { text-align: left; }
-.missing { color: #a60; } .source { color: #666; font-size: 0.85em; }
-.plot { overflow-x: auto; margin-bottom: 2em; }
+.table { overflow-x: auto; max-width: 100%; margin-bottom: 1.5em; }
+.missing, .empty { color: #a60; } .source, .caption { color: #555; font-size: 0.9em; }
+.plot { width: 100%; margin-bottom: 0.3em; }
+.summary td, .summary th { text-align: left; vertical-align: top; }
+.holds { color: #276627; font-weight: bold; } .fails { color: #a11; font-weight: bold; } .open { color: #a60; }
+details { margin: 1em 0 2em; } summary { cursor: pointer; font-weight: bold; }
 #js-errors { color: #b00; white-space: pre-wrap; }
 """
 
@@ -55,13 +85,23 @@ window.addEventListener("unhandledrejection", function (e) { reportError(e.reaso
 document.addEventListener("DOMContentLoaded", function () { if (window.reportErrors.length) reportError("(above)"); });
 </script>"""
 
+# Figures take the width of the page (their own width is dropped) and follow it; a folded group
+# is drawn when opened.
 PLOT_ALL = """<script>
-document.querySelectorAll("script.figure-spec").forEach(function (spec) {
+function plot(spec) {
   try {
-    var fig = JSON.parse(spec.textContent);
-    Plotly.newPlot(spec.dataset.target, fig.data, fig.layout || {}, {responsive: true})
+    var fig = JSON.parse(spec.textContent), layout = fig.layout || {};
+    delete layout.width; layout.autosize = true;
+    Plotly.newPlot(spec.dataset.target, fig.data, layout, {responsive: true})
       .catch(function (e) { reportError(spec.dataset.target + ": " + e); });
   } catch (e) { reportError(spec.dataset.target + ": " + e); }
+}
+document.querySelectorAll("script.figure-spec").forEach(function (spec) {
+  var folded = spec.closest("details");
+  if (!folded) { plot(spec); return; }
+  folded.addEventListener("toggle", function () {
+    if (folded.open && !spec.dataset.drawn) { spec.dataset.drawn = "1"; plot(spec); }
+  });
 });
 </script>"""
 
@@ -90,6 +130,10 @@ def place_figures(stems: list[str], models: list[str], sections) -> dict[str, li
     return placed
 
 
+def _number(x) -> str:
+    return f"{x:.3f}"
+
+
 def _table_html(table: Table) -> str:
     source = html.escape(table.source)
     frame = table.frame
@@ -98,46 +142,86 @@ def _table_html(table: Table) -> str:
     elif frame.empty:
         body = f'<p class="missing">{source} has no rows for this table</p>'
     else:
-        body = frame.to_html(index=False, na_rep="–", border=0, float_format="{:.4g}".format)
-        body += f'<p class="source">from {source}</p>'
+        body = '<div class="table">' + frame.to_html(index=False, na_rep="–", border=0, float_format=_number)
+        body += f'</div><p class="source">from {source}</p>'
     return f"<h3>{html.escape(table.caption)}</h3>{body}"
 
 
-def _figure_html(stem: str, figures_dir: Path) -> str:
-    text = (figures_dir / f"{stem}.json").read_text(encoding="utf-8")
-    json.loads(text)  # a malformed file fails here, named, rather than silently on the page
-    spec = text.replace("<", "\\u003c")  # so nothing in it can close the script element
+def _figure_html(stem: str, figures_dir: Path, text: FigureText) -> str:
+    heading = f'<h3 id="fig-{html.escape(stem)}">{html.escape(text.title)}</h3>'
+    if text.empty is not None:
+        return f'{heading}<p class="empty">{html.escape(text.empty)}</p>'
+    spec = (figures_dir / f"{stem}.json").read_text(encoding="utf-8")
+    json.loads(spec)  # a malformed file fails here, named, rather than silently on the page
+    spec = spec.replace("<", "\\u003c")  # so nothing in it can close the script element
     target = f"figure-{html.escape(stem)}"
+    caption = f'<p class="caption">{html.escape(text.caption)}</p>' if text.caption else ""
     return (
-        f'<h3>{html.escape(stem)}</h3><div class="plot" id="{target}"></div>'
+        f'{heading}<div class="plot" id="{target}"></div>{caption}'
         f'<script type="application/json" class="figure-spec" data-target="{target}">{spec}</script>'
     )
 
 
-def _section_html(section: Section, shown: list[str], figures_dir: Path) -> str:
+def _section_html(
+    section: Section, shown: list[str], figures_dir: Path, models: list[str], text: Callable[[str], FigureText]
+) -> str:
     parts = [f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>']
     parts += [_table_html(t) for t in section.tables]
     if section.figures and not shown:
         parts.append(f'<p class="missing">no figures of this stage under {html.escape(str(figures_dir))} yet</p>')
-    parts += [_figure_html(s, figures_dir) for s in shown]
+    first = [s for s in shown if _model_rank(s, models) in (0, len(models))]  # the base model's, and the stage's
+    later = [s for s in shown if s not in first]
+    parts += [_figure_html(s, figures_dir, text(s)) for s in first]
+    if later:
+        inner = "".join(_figure_html(s, figures_dir, text(s)) for s in later)
+        parts.append(
+            f"<details><summary>The same for the other models ({len(later)} figures)</summary>{inner}</details>"
+        )
     return "".join(parts) + "</section>"
 
 
+def _summary_html(claims: Sequence[Claim], mechanism: str) -> str:
+    if not claims and not mechanism:
+        return ""
+    verdict = {True: ("holds", "holds"), False: ("fails", "does not hold"), None: ("open", "not run yet")}
+    rows = "".join(
+        f'<tr><td><a href="#{c.section}">{html.escape(c.title)}</a><br>'
+        f'<span class="{verdict[c.holds][0]}">{verdict[c.holds][1]}</span></td>'
+        f"<td>{html.escape(c.paper)}</td><td>{html.escape(c.run)}</td></tr>"
+        for c in claims
+    )
+    table = (
+        '<div class="table"><table class="summary"><tr><th>claim</th><th>the paper</th><th>this run</th></tr>'
+        f"{rows}</table></div>"
+    )
+    return f'<section id="summary"><h2>Summary</h2><p>{html.escape(mechanism)}</p>{table}</section>'
+
+
 def render_page(
-    title: str, intro: tuple[str, ...], sections: list[Section], figures_dir: Path, models: list[str]
+    title: str,
+    intro: tuple[str, ...],
+    sections: list[Section],
+    figures_dir: Path,
+    models: list[str],
+    *,
+    claims: Sequence[Claim] = (),
+    mechanism: str = "",
+    figure_text: Callable[[str], FigureText] = FigureText,
 ) -> str:
-    """The page: `title`, the `intro` paragraphs (HTML), a navigation bar, then each section's
-    tables and its figures from `figures_dir` (every figure there; those no section names under
-    "Other figures")."""
+    """The page: `title`, the `intro` paragraphs (HTML), the summary (`claims`, `mechanism`), a
+    navigation bar, then each section's tables and its figures from `figures_dir` (every figure
+    there; those no section names under "Other figures"), shown as `figure_text(stem)` says."""
     from plotly.offline import get_plotlyjs
 
     figures_dir = Path(figures_dir)
     placed = place_figures(figure_stems(figures_dir), models, sections)
     sections = [*sections, *([Section("other", "Other figures", (), ())] if placed["other"] else [])]
-    nav = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
+    links = [("summary", "Summary")] if claims or mechanism else []
+    nav = " · ".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t in [*links, *((s.id, s.title) for s in sections)])
     return "\n".join(
         [
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
             "<title>et_circuits report</title>",
             ERROR_COLLECTOR,
             f"<style>{STYLE}</style>",
@@ -146,7 +230,8 @@ def render_page(
             f"<h1>{html.escape(title)}</h1>",
             *(f"<p>{p}</p>" for p in intro),
             f"<nav>{nav}</nav>",
-            *(_section_html(s, placed[s.id], figures_dir) for s in sections),
+            _summary_html(claims, mechanism),
+            *(_section_html(s, placed[s.id], figures_dir, models, figure_text) for s in sections),
             PLOT_ALL,
             "</body></html>",
         ]

@@ -3,6 +3,8 @@ headless Chromium it loads without script errors and draws every figure."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -57,29 +59,73 @@ def chromium() -> str:
 
 
 class Dom(HTMLParser):
-    """The rendered page's plot divs and the text of its #js-errors box."""
+    """The rendered page's plot divs, its figure captions and words for empty figures, and the
+    text of its #js-errors and #layout-check boxes."""
 
     def __init__(self, text: str):
         super().__init__()
-        self.plots, self.errors, self._in_errors = 0, "", False
+        self.plots, self.captions, self.empty = 0, 0, 0
+        self.errors, self.layout, self._in = "", "", None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        self.plots += "js-plotly-plot" in (attrs.get("class") or "").split()
-        self._in_errors = attrs.get("id") == "js-errors"
+        classes = (attrs.get("class") or "").split()
+        self.plots += "js-plotly-plot" in classes
+        self.captions += "caption" in classes
+        self.empty += "empty" in classes
+        self._in = attrs.get("id") if attrs.get("id") in ("js-errors", "layout-check") else None
 
     def handle_endtag(self, tag):
-        self._in_errors = False
+        self._in = None
 
     def handle_data(self, data):
-        if self._in_errors:
+        if self._in == "js-errors":
             self.errors += data
+        elif self._in == "layout-check":
+            self.layout += data
+
+
+# Injected into a copy of the page: opens every folded group, then (once the figures are drawn)
+# writes what sticks out of the 1400 px window and which legend or title text its plot cuts.
+OPEN_FOLDED = 'document.querySelectorAll("details").forEach(function (d) { d.open = true; });'
+LAYOUT_CHECK = (
+    """<script>
+"""
+    + OPEN_FOLDED
+    + """
+window.addEventListener("load", function () { setTimeout(function () {
+  var width = document.documentElement.clientWidth, wide = [], cut = [];
+  document.querySelectorAll("body *").forEach(function (e) {
+    if (e.parentElement && e.parentElement.closest(".table")) return;  // scrolls inside its own box
+    var r = e.getBoundingClientRect();
+    if (r.width > 0 && r.right > width + 1) wide.push(e.tagName + "." + e.className + " " + Math.round(r.right));
+  });
+  document.querySelectorAll(".js-plotly-plot").forEach(function (plot) {
+    var box = plot.getBoundingClientRect();
+    plot.querySelectorAll(".legendtext, .gtitle").forEach(function (t) {
+      var r = t.getBoundingClientRect();
+      if (r.left < box.left - 1 || r.right > box.right + 1) cut.push(plot.id + ": " + t.textContent);
+    });
+  });
+  var out = document.createElement("pre"); out.id = "layout-check";
+  out.textContent = JSON.stringify({width: width, scroll: document.documentElement.scrollWidth, wide: wide, cut: cut});
+  document.body.appendChild(out);
+}, 2000); });
+</script>"""
+)
 
 
 def rendered(page: Path, tmp_path: Path) -> Dom:
-    """The DOM of `page` after Chromium has loaded it and run its scripts."""
-    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()]
+    """The DOM of `page` after Chromium (a 1400 px window) has loaded it and run its scripts."""
+    cmd = [
+        chromium(),
+        *CHROMIUM_FLAGS,
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "</html>" in proc.stdout, proc.stderr[-2000:]
     return Dom(proc.stdout)
@@ -89,10 +135,30 @@ def rendered(page: Path, tmp_path: Path) -> Dom:
 def test_browser_shows_every_figure_without_errors(run, tmp_path):
     results, figures = run
     page = tmp_path / "report.html"
-    page.write_text(report.build(results, figures, MODELS), encoding="utf-8")
+    built = report.build(results, figures, MODELS)
+    page.write_text(built, encoding="utf-8")
+    folded = sum(block.count('class="figure-spec"') for block in re.findall("<details>.*?</details>", built, re.S))
+    assert folded >= 1 and rendered(page, tmp_path).plots == len(FIGURES) - folded  # folded ones wait
+    opened = built.replace("</body>", f"<script>{OPEN_FOLDED}</script></body>")
+    page.write_text(opened, encoding="utf-8")
     dom = rendered(page, tmp_path)
     assert dom.errors == ""
-    assert dom.plots == len(FIGURES)
+    assert dom.plots == len(FIGURES)  # each folded figure is drawn when its group opens
+
+
+@pytest.mark.xdist_group("processes")  # starts a process: one such test at a time (make test)
+def test_the_page_fits_1400_px_and_cuts_no_text(run, tmp_path):
+    """Nothing sticks out of a 1400 px window (wide tables scroll in their own box), no legend or
+    title is cut by its plot, and every figure has a caption or, when empty, words instead."""
+    results, figures = run
+    page = tmp_path / "report.html"
+    page.write_text(report.build(results, figures, MODELS).replace("</body>", LAYOUT_CHECK + "</body>"), "utf-8")
+    dom = rendered(page, tmp_path)
+    layout = json.loads(dom.layout)
+    assert layout["scroll"] <= layout["width"] and layout["wide"] == [], layout
+    assert layout["cut"] == [], layout["cut"]
+    assert dom.errors == "" and dom.plots + dom.empty == len(FIGURES)
+    assert dom.captions == dom.plots - 1  # every figure but the one the report does not know ("something_else")
 
 
 @pytest.mark.xdist_group("processes")  # starts a process: one such test at a time (make test)

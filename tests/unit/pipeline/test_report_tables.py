@@ -28,9 +28,11 @@ def test_tables_put_the_paper_beside_the_run(run):
     assert list(table1.positions) == ["paper", "paper", "discovered", "discovered"]
     sizes = report.sizes_table(results, MODELS).set_index(["model", "positions"])
     assert (
-        sizes.loc[("organism-llama", "paper"), "A"] == 1 and sizes.loc[("organism-llama", "paper"), "paper: A"] == "40"
+        sizes.loc[("organism-llama", "paper"), "A"] == "1"
+        and sizes.loc[("organism-llama", "paper"), "paper: A"] == "40"
     )
-    assert sizes.loc[("organism-llama", "discovered"), "binder"] == 2
+    assert sizes.loc[("organism-llama", "discovered"), "binder"] == "2"
+    assert sizes.loc[("organism-llama", "paper"), "binder"] == "–"  # a group this reading lacks
     assert "binder: labels+1, labels+2" in sizes.loc[("organism-llama", "discovered"), "acting at"]
     overlap = report.overlap_table(results, MODELS)
     assert list(overlap["paper: A"]) == ["27/40", ""] and list(overlap.positions) == ["paper", "discovered"]
