@@ -99,7 +99,7 @@ def rope(hf_config, layer_type: str | None = None) -> tuple[str, float, int]:
     theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
     fixed = hf_config.max_position_embeddings
     if kind == "longrope":
-        fixed = params.get("original_max_position_embeddings", getattr(hf_config, "original_max_position_embeddings", 0))
+        fixed = params.get("original_max_position_embeddings") or hf_config.original_max_position_embeddings
     return kind, theta, fixed
 
 
