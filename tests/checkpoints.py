@@ -12,7 +12,9 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,9 +28,27 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SiglipVisionConfig,
 )
 
 from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
+
+
+def gemma3_image_text_config(**text) -> Gemma3Config:
+    """Gemma-3 4B's layout (an image-text model) around a tiny text config: a one-layer vision
+    tower whose 28-pixel images make 4 tokens (the text-only prompts here never use it)."""
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    tie = text.pop("tie_word_embeddings", True)
+    return Gemma3Config(
+        text_config=Gemma3TextConfig(**text),
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        initializer_range=text.get("initializer_range", 0.02),
+        tie_word_embeddings=tie,
+    )
+
 
 CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -39,11 +59,12 @@ CLASSES = {
     "phi3": (Phi3Config, Phi3ForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gemma3": (gemma3_image_text_config, Gemma3ForConditionalGeneration),
 }
 # Config fields whose HF defaults fit only full-size models: a head size of its own (Qwen3, Gemma
 # default to 128 / 256, not d_model / n_heads). Gemma keeps query_pre_attn_scalar 256 (not d_head),
 # so the tests see that scale taken from the checkpoint.
-HEAD_DIM = ("qwen3", "gemma2", "gemma3_text")
+HEAD_DIM = ("qwen3", "gemma2", "gemma3_text", "gemma3")
 # LoRA targets of the families the loader supported first; the others' adapters are on every
 # linear layer but the unembedding, so the MLP (Phi-3's fused qkv_proj and gate_up_proj too) is
 # merged as well.

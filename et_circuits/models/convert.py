@@ -18,7 +18,7 @@ from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
 from et_circuits.core.errors import SetupError
 
-from .families import ARCHITECTURES, MAX_CONTEXT, NORMS, architecture, hooked_config, layer_type, rope
+from .families import ARCHITECTURES, MAX_CONTEXT, NORMS, architecture, hooked_config, layer_type, rope, text_config
 
 __all__ = ["ARCHITECTURES", "hooked_config", "rope", "to_hooked", "block_devices", "check_split", "check_fits"]
 
@@ -37,7 +37,7 @@ def to_hooked(
     forward expects (`block_devices`): the embedding with the first block, the final norm and
     the unembedding with the last.
     """
-    check_split(device, n_devices, hf_model.config.num_hidden_layers)
+    check_split(device, n_devices, text_config(hf_model.config).num_hidden_layers)
     cfg = hooked_config(hf_model.config, device, dtype, n_devices)
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
@@ -48,6 +48,12 @@ def to_hooked(
     placed = [{t.device for t in chain(b.parameters(), b.buffers())} for b in model.blocks]
     assert placed == [{d} for d in block_devices(cfg)], placed
     return model.eval()
+
+
+def decoder(hf_model):
+    """The HF decoder stack (embeddings, layers, final norm, rotary tables): `model`, or an
+    image-text model's `model.language_model` (its vision tower is left unused)."""
+    return getattr(hf_model.model, "language_model", hf_model.model)
 
 
 class SharedKeyNorm(RMSNorm):
@@ -93,8 +99,8 @@ def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
     n, n_kv, d_head = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
     kv = "_" if cfg.n_key_value_heads else ""  # TransformerLens' names for grouped K/V weights
     heads_in, heads_out = "(n h) m -> n m h", "m (n h) -> n h m"
-    inner = hf_model.model
-    types = [layer_type(hf_model.config, i) for i in range(cfg.n_layers)]
+    inner = decoder(hf_model)
+    types = [layer_type(text_config(hf_model.config), i) for i in range(cfg.n_layers)]
     buffers = {(d, t): _attention_buffers(hf_model, cfg, d, t) for d, t in dict.fromkeys(zip(devices, types))}
     embed = take(inner.embed_tokens.weight)
     scale = getattr(inner.embed_tokens, "embed_scale", None)  # Gemma: sqrt(d_model), in the weights' dtype
@@ -159,7 +165,7 @@ def _attention_buffers(
     probe = torch.zeros(1, cfg.n_ctx, 1, dtype=cfg.dtype, device=hf_model.device)
     positions = torch.arange(cfg.n_ctx, device=hf_model.device)[None]
     by_type = () if layer_type is None else (layer_type,)
-    tables: tuple[Float[Tensor, "1 n_ctx rotary_dim"], ...] = hf_model.model.rotary_emb(probe, positions, *by_type)
+    tables: tuple[Float[Tensor, "1 n_ctx rotary_dim"], ...] = decoder(hf_model).rotary_emb(probe, positions, *by_type)
     cos, sin = (t[0].to(device) for t in tables)
     if cos.shape[-1] != cfg.rotary_dim:
         raise SetupError(

@@ -34,6 +34,7 @@ class Architecture(NamedTuple):
     attn_softcap: bool = False  # HF applies attn_logit_softcapping (Gemma-2; Gemma-3's attention ignores it)
     rope_per_layer_type: bool = False  # rotary tables differ between sliding and full attention layers (Gemma-3)
     partial_rotary: bool = False  # only the first partial_rotary_factor of each head is rotated (Phi-3)
+    final_softcap: bool = True  # HF applies final_logit_softcapping where the config has one
 
 
 ARCHITECTURES = {
@@ -46,6 +47,17 @@ ARCHITECTURES = {
     "gemma2": Architecture("Gemma2ForCausalLM", True, norms="sandwich", gemma=True, attn_softcap=True),
     "gemma3_text": Architecture(
         "Gemma3ForCausalLM", True, norms="sandwich", qk_norm="head", gemma=True, rope_per_layer_type=True
+    ),
+    # Gemma-3 4B and larger: the image-text model, converted as its language model (text prompts
+    # only); its forward applies no final logit soft cap (Gemma3ForCausalLM's does)
+    "gemma3": Architecture(
+        "Gemma3ForConditionalGeneration",
+        True,
+        norms="sandwich",
+        qk_norm="head",
+        gemma=True,
+        rope_per_layer_type=True,
+        final_softcap=False,
     ),
 }
 # TransformerLens' norm of each block (its state-dict name) -> the HF decoder layer's norm.
@@ -69,7 +81,14 @@ MAX_CONTEXT = AbstractAttention.ROTARY_INITIAL_CACHE_SIZE
 
 
 def architecture(hf_config) -> Architecture:
+    """The architecture of a checkpoint's config (of an image-text model: the model's; its
+    text config, which everything else here reads, is the language model's)."""
     return ARCHITECTURES[hf_config.model_type]
+
+
+def text_config(hf_config):
+    """The config of the language model: the config itself, or an image-text model's text_config."""
+    return hf_config.get_text_config()
 
 
 def rope_layer_types(hf_config) -> list[str | None]:
@@ -140,8 +159,7 @@ def hooked_config(hf_config, device: str, dtype: torch.dtype, n_devices: int = 1
     for prompts within the window. Gemma's soft caps and query_pre_attn_scalar are TransformerLens
     flags; its embedding scale and (1 + w) norms are in the weights (`convert`).
     """
-    c = hf_config
-    arch = architecture(c)
+    arch, c = architecture(hf_config), text_config(hf_config)
     ropes = {t: rope(c, t) for t in rope_layer_types(c)}
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -150,7 +168,7 @@ def hooked_config(hf_config, device: str, dtype: torch.dtype, n_devices: int = 1
         extra["attn_scale"] = math.sqrt(c.query_pre_attn_scalar)
     if arch.attn_softcap and c.attn_logit_softcapping is not None:
         extra["attn_scores_soft_cap"] = float(c.attn_logit_softcapping)
-    if getattr(c, "final_logit_softcapping", None) is not None:
+    if arch.final_softcap and getattr(c, "final_logit_softcapping", None) is not None:
         extra["output_logits_soft_cap"] = float(c.final_logit_softcapping)
     if "sliding_attention" in ropes:
         extra["rotary_base_local"] = ropes["sliding_attention"][1]

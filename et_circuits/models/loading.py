@@ -15,7 +15,7 @@ import torch
 from et_circuits.core.errors import SetupError
 
 from .convert import check_split, to_hooked
-from .families import ARCHITECTURES, activation, rope, rope_layer_types
+from .families import ARCHITECTURES, activation, rope, rope_layer_types, text_config
 from .registry import get_spec, resolve_dir
 
 
@@ -35,12 +35,13 @@ def _supported_config(path: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    for layer_type in rope_layer_types(config):
-        rope(config, layer_type)
-    activation(config)
-    if getattr(config, "mlp_bias", False):
+    text = text_config(config)
+    for layer_type in rope_layer_types(text):
+        rope(text, layer_type)
+    activation(text)
+    if getattr(text, "mlp_bias", False):
         raise SetupError(f"{path}: mlp_bias is not supported (TransformerLens' gated MLP has no gate or up bias)")
-    if getattr(config, "use_bidirectional_attention", False):
+    if getattr(text, "use_bidirectional_attention", False):
         raise SetupError(f"{path}: use_bidirectional_attention is not supported (the conversion is causal)")
     return config
 
@@ -81,7 +82,9 @@ def load(
     spec = get_spec(name_or_path)
     own_dir = Path(path) if path is not None else resolve_dir(spec)
     base_dir = resolve_dir(get_spec(spec.base)) if spec.is_adapter else own_dir
-    check_split(device, n_devices, _supported_config(base_dir).num_hidden_layers)  # before any weight is read
+    check_split(
+        device, n_devices, text_config(_supported_config(base_dir)).num_hidden_layers
+    )  # before any weight is read
     if spec.is_adapter:
         hf_model, tokenizer = load_hf(base_dir, dtype, adapter=own_dir)
     else:

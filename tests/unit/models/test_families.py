@@ -1,4 +1,5 @@
-"""The families beyond LLaMA (Qwen3, OLMo-2, Phi-3, Gemma-2, Gemma-3) convert exactly: logits
+"""The families beyond LLaMA (Qwen3, OLMo-2, Phi-3, Gemma-2, Gemma-3 text-only and image-text)
+convert exactly: logits
 against HF for each feature (GQA, tied and untied embeddings, biases, per-head and all-head q/k
 norms, post-norm and sandwich blocks, soft caps, partial and per-layer-type rotary tables),
 hook points that hold the checkpoint's own activations, restarts equal to the full forward, DCM
@@ -19,12 +20,13 @@ from et_circuits import models
 from et_circuits.core.hooks import per_head_values
 from et_circuits.core.restart import clean_run, run_suffix
 from et_circuits.methods import cmap, dcm
+from et_circuits.models.convert import decoder
 from et_circuits.tasks.entity_tracking import data, desiderata
 from et_circuits.tasks.entity_tracking.paper import paper_circuit
 from tests import checkpoints
 from tests.unit.models.support import one_line_error, write
 
-FAMILIES = ["qwen3", "olmo2", "phi3", "gemma2", "gemma3_text"]
+FAMILIES = ["qwen3", "olmo2", "phi3", "gemma2", "gemma3_text", "gemma3"]
 GEMMA3_ROPE = {  # as Gemma-3 4B: local layers at theta 1e4, global ones at 1e6 with linear scaling
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
@@ -62,6 +64,9 @@ CASES = {  # id: (architecture, checkpoints.make arguments)
         },
     ),
     "gemma3-mha-untied-bias": ("gemma3_text", {"tie_word_embeddings": False, "attention_bias": True}),
+    "gemma3-image-text-gqa": ("gemma3", {"n_kv_heads": 2, "rope_parameters": GEMMA3_ROPE}),
+    # the image-text model's forward applies no final soft cap, whatever its text config says
+    "gemma3-image-text-untied-cap": ("gemma3", {"tie_word_embeddings": False, "final_logit_softcapping": 2.0}),
 }
 
 
@@ -104,6 +109,8 @@ def test_what_each_case_exercises(tmp_path):
     assert not torch.allclose(local, full, atol=1e-3)
     hf = checkpoints.make(tmp_path / "tied", "qwen3", tie_word_embeddings=True)
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    hf = checkpoints.make(tmp_path / "image-text", "gemma3", final_logit_softcapping=2.0)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration" and hf.config.text_config.final_logit_softcapping
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -118,7 +125,7 @@ def test_hook_points_hold_the_checkpoints_activations(tmp_path, arch):
     def keep(name, i):
         return lambda module, args, out: seen.__setitem__((name, i), out)
 
-    for i, layer in enumerate(hf.model.layers):
+    for i, layer in enumerate(decoder(hf).layers):
         attn = layer.self_attn
         attn.o_proj.register_forward_pre_hook(lambda module, args, i=i: seen.__setitem__(("z", i), args[0]))
         if hasattr(attn, "qkv_proj"):
@@ -233,7 +240,7 @@ def test_bfloat16_load_holds_no_fp32_copy(tmp_path, arch):
     hf, tok = models.load_hf(tmp_path, dtype=torch.bfloat16)
     model = models.to_hooked(hf, tok, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    layer, attn = hf.model.layers[0], model.blocks[0].attn
+    layer, attn = decoder(hf).layers[0], model.blocks[0].attn
     fused = getattr(layer.self_attn, "qkv_proj", None)
     q_proj = fused if fused is not None else layer.self_attn.q_proj
     assert attn.W_Q.data_ptr() == q_proj.weight.data_ptr()
@@ -289,9 +296,9 @@ def test_no_sliding_layer_no_window(tmp_path):
             {"model_type": "gemma3_text", "rope_parameters": {**GEMMA3_ROPE, "full_attention": {"rope_type": "x"}}},
             "rope scaling 'x' is not supported",
         ),
-        ({"model_type": "gemma3"}, "(model_type='gemma3'); supported model types: llama, mistral, qwen2, qwen3"),
+        ({"model_type": "gemma"}, "(model_type='gemma'); supported model types: llama, mistral, qwen2, qwen3"),
     ],
-    ids=["bidirectional", "activation", "rope-per-layer-type", "gemma3-multimodal"],
+    ids=["bidirectional", "activation", "rope-per-layer-type", "gemma-1"],
 )
 def test_unsupported_checkpoint_is_one_line(tmp_path, config, message):
     write(tmp_path / "config.json", json.dumps(config))
