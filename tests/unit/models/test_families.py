@@ -1,11 +1,10 @@
 """The families beyond LLaMA (Qwen3, OLMo-2, Phi-3, Gemma-2, Gemma-3 text-only and image-text)
-convert exactly: logits
-against HF for each feature (GQA, tied and untied embeddings, biases, per-head and all-head q/k
-norms, post-norm and sandwich blocks, soft caps, partial and per-layer-type rotary tables),
-hook points that hold the checkpoint's own activations, restarts equal to the full forward, DCM
-and CMAP on a (base, LoRA) pair, bf16 without an fp32 copy, and the limits refused in one line.
-LoRA merged vs unmerged and fast vs reference path patching run over every family in
-test_loading.py."""
+convert exactly: logits against HF for each feature (GQA, tied and untied embeddings, biases,
+per-head and all-head q/k norms, post-norm and sandwich blocks, soft caps, partial and
+per-layer-type rotary tables), hook points that hold the checkpoint's own activations, restarts
+equal to the full forward, DCM and CMAP on a (base, LoRA) pair, bf16 without an fp32 copy, and
+the limits refused in one line. LoRA merged vs unmerged and fast vs reference path patching run
+over every family in test_loading.py."""
 
 from __future__ import annotations
 
