@@ -26,7 +26,7 @@ def cmd_knockout(args: argparse.Namespace) -> None:
     edges = list(recipe.EDGES)
     if results.circuit_path(args.results, name, "discovered").exists():  # also where the discovered groups act
         discovered = results.load_circuit(args.results, name, "discovered")
-        edges += [e for e in recipe.edges_to(discovered) if e.name not in {x.name for x in edges}]
+        edges += [e for e in recipe.edges_to(discovered, prompts) if e.name not in {x.name for x in edges}]
     found = knockout(model, prompts, edges, settings=settings(args))
     frame = pd.DataFrame(results.knockout_rows(name, found))
     write_csv(args.results / results.KNOCKOUT_CSV, frame)
