@@ -10,8 +10,8 @@ INPUT_KINDS = ("q", "k", "v")  # the attention inputs a receiver (or a CMAP inpu
 
 
 class Receiver(NamedTuple):
-    """A head whose `kind` input ("q", "k" or "v", before rotary) at `position` (a position spec
-    of the prompts) receives a path-patching sender's effect."""
+    """A head whose `kind` input ("q", "k" or "v", before any q/k norm and rotary) at `position`
+    (a position spec of the prompts) receives a path-patching sender's effect."""
 
     layer: int
     head: int
