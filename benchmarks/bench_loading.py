@@ -1,9 +1,10 @@
-"""Loading memory: peak resident memory while `models.load` reads a random LLaMA checkpoint of
-about 1B parameters in bf16, against the checkpoint's size on disk. Goal: at most 1.5x (no fp32
+"""Loading memory: peak resident memory while `models.load` reads a random checkpoint (LLaMA,
+or `--arch`) of about 1B parameters in bf16, against the checkpoint's size on disk. Goal: at most 1.5x (no fp32
 copy, no second full copy of the weights on the CPU).
 
     python benchmarks/bench_loading.py            # ~1B parameters (2 GB in bf16)
     python benchmarks/bench_loading.py --small    # a tiny checkpoint, to test this script
+    python benchmarks/bench_loading.py --arch gemma2   # another family's layout (model_type)
 
 The checkpoint is written to a temporary directory; a fresh process loads it and reports the
 growth of its resident memory's high-water mark (Linux /proc/self/status VmHWM, reset after
@@ -63,24 +64,28 @@ print(json.dumps(found))
 """
 
 
-def make_checkpoint(path: Path, geometry: dict) -> int:
-    """A random LLaMA in bf16 with the organism's tokenizer; returns its size on disk in bytes."""
+def make_checkpoint(path: Path, geometry: dict, arch: str = "llama") -> int:
+    """A random model of `arch` (an HF model_type) in bf16 with the organism's tokenizer;
+    returns its size on disk in bytes."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT))
     from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        arch,
         **{**geometry, "vocab_size": geometry["vocab_size"] or len(tok)},
+        head_dim=geometry["hidden_size"] // geometry["num_attention_heads"],  # Qwen3, Gemma default to their own
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
@@ -93,16 +98,17 @@ def make_checkpoint(path: Path, geometry: dict) -> int:
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a tiny checkpoint, to test this script")
+    p.add_argument("--arch", default="llama", help="the checkpoint's model_type (default llama)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        size = make_checkpoint(Path(tmp), GEOMETRY["small" if args.small else "1b"])
+        size = make_checkpoint(Path(tmp), GEOMETRY["small" if args.small else "1b"], args.arch)
         proc = subprocess.run([sys.executable, "-c", CHILD, tmp, str(ROOT)], capture_output=True, text=True, check=True)
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     grown = (found["peak_kib"] - found["before_kib"]) * 1024
     used = (found["used_kib"] - found["before_kib"]) * 1024
     ratio = grown / size
     print(
-        f"{found['parameters'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB on disk ({found['dtype']}); "
+        f"{args.arch}: {found['parameters'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB on disk ({found['dtype']}); "
         f"imports took {found['before_kib'] / 2**20:.2f} GiB; peak RSS grew by {grown / 2**30:.2f} GiB while "
         f"loading (the weights stay memory-mapped from the file) and by {used / 2**30:.2f} GiB "
         f"({used / size:.2f}x the size on disk) once a forward pass has read every weight"

@@ -1,4 +1,5 @@
-"""et_circuits: find, explain and compare circuits in LLaMA-family models, on TransformerLens.
+"""et_circuits: find, explain and compare circuits in LLaMA, Mistral, Qwen, OLMo-2, Phi-3 and
+Gemma models and their fine-tunes, on TransformerLens.
 
     import et_circuits as et
     model, tokenizer, spec = et.load("organism-llama")

@@ -2,8 +2,8 @@
 >= L and positions >= p changes nothing below L or before p".
 
 A `CleanRun` keeps what an unpatched forward leaves for such restarts: per layer, the residual
-stream entering it (`resid_pre`) and its keys and values (`hook_k` / `hook_v`, before rotary,
-in whatever head layout the model had when the run was made). `run_from` then computes only
+stream entering it (`resid_pre`) and its keys and values (`hook_k` / `hook_v`, before any key
+norm and rotary, in whatever head layout the model had when the run was made). `run_from` then computes only
 layers >= L at positions >= p, attending to the clean keys and values of the earlier
 positions. DCM, CMAP, knockout, mean ablation and fast path patching all restart this way
 (`run_suffix` is the common case of one row per prompt).
@@ -11,7 +11,7 @@ positions. DCM, CMAP, knockout, mean ablation and fast path patching all restart
 `run_from` is this project's own pass over the blocks (it calls every TransformerLens module
 and hook point on the way, so hooks see what they see in a normal forward): its batch may hold
 each prompt many times (fast path patching: one row per sender and prompt), and the clean
-prefix is rotated and projected once per prompt and broadcast over those rows, where
+prefix is normalised, rotated and projected once per prompt and broadcast over those rows, where
 TransformerLens' KV cache would tile it per row and rotate all of it again in every layer. The
 result equals TransformerLens' full forward up to float rounding (tested).
 """
@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from .errors import SetupError
 from .hooks import Hook, keep_hooks
@@ -37,18 +38,22 @@ SUPPORTED_POSITIONAL = ("rotary", "standard")
 UNSUPPORTED_FLAGS = (
     "use_attn_in",
     "use_split_qkv_input",
-    "use_qk_norm",
     "use_dynamic_ntk_rope",
     "use_logn_attn",
     "use_attention_sinks",
-    "use_normalization_before_and_after",
 )
+# Where TransformerLens normalises queries and keys over all heads together, after hook_q / hook_k
+# (`AbstractAttention.forward`); `use_qk_norm` normalises each head's, inside
+# `calculate_qkv_matrices`.
+ALL_HEADS_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def check_supported(model: HookedTransformer) -> None:
     """SetupError (one line) for model configurations whose activations a restart cannot
     reproduce exactly: positional schemes other than rotary or learned absolute embeddings,
-    local (sliding-window) attention, and the block variants in `UNSUPPORTED_FLAGS`."""
+    local (sliding-window) attention, and the block variants in `UNSUPPORTED_FLAGS`. Per-head
+    and all-head q/k norms, sandwich and post-norm blocks, soft caps and any attention scale
+    are reproduced: each acts on one position at a time."""
     cfg = model.cfg
     if cfg.positional_embedding_type not in SUPPORTED_POSITIONAL:
         raise SetupError(
@@ -209,11 +214,18 @@ def run_from(
 
 
 def _block(block, resid_pre: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """One TransformerLens block (pre-norm, as `TransformerBlock.forward`) on a suffix that
-    attends to a shared clean prefix."""
+    """One TransformerLens block (as `TransformerBlock.forward`: pre-norm, with Gemma's norms
+    after each sublayer too, or OLMo-2's post-norm) on a suffix that attends to a shared clean
+    prefix."""
     cfg = block.cfg
+    post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES  # ln1 / ln2 normalise each sublayer's output
     resid_pre = block.hook_resid_pre(resid_pre)
-    attn_out = block.hook_attn_out(_attention(block.attn, block.ln1(resid_pre), keys, values))
+    attn_out = _attention(block.attn, resid_pre if post_norm else block.ln1(resid_pre), keys, values)
+    if cfg.use_normalization_before_and_after:
+        attn_out = block.ln1_post(attn_out)
+    if post_norm:
+        attn_out = block.ln1(attn_out)
+    attn_out = block.hook_attn_out(attn_out)
     if cfg.attn_only:
         return block.hook_resid_post(resid_pre + attn_out)
     if cfg.parallel_attn_mlp:
@@ -221,7 +233,23 @@ def _block(block, resid_pre: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         return block.hook_resid_post(resid_pre + attn_out + block.apply_mlp(block.ln2(mlp_in)))
     resid_mid = block.hook_resid_mid(resid_pre + attn_out)
     mlp_in = resid_mid if not cfg.use_hook_mlp_in else block.hook_mlp_in(resid_mid.clone())
-    return block.hook_resid_post(resid_mid + block.apply_mlp(block.ln2(mlp_in)))
+    # apply_mlp adds the norm after the MLP (ln2_post; OLMo-2's ln2)
+    return block.hook_resid_post(resid_mid + block.apply_mlp(mlp_in if post_norm else block.ln2(mlp_in)))
+
+
+def _all_heads_norm(t: Float[Tensor, "... head d_head"], norm) -> Float[Tensor, "... head d_head"]:
+    """OLMo's q/k RMSNorm over the heads of a position together, as TransformerLens applies it."""
+    return norm(t.flatten(-2)).unflatten(-1, t.shape[-2:])
+
+
+def _normed_keys(attn, keys: Float[Tensor, "batch pos kv_head d_head"]) -> Float[Tensor, "batch pos kv_head d_head"]:
+    """Keys as hook_k holds them, normalised as the attention then does (per head with
+    `use_qk_norm`, over all heads for OLMo; unchanged without a k norm)."""
+    if attn.cfg.use_qk_norm:
+        return attn._apply_qk_norm(keys, attn.k_norm)
+    if attn.cfg.original_architecture in ALL_HEADS_QK_NORM:
+        return _all_heads_norm(keys, attn.k_norm)
+    return keys
 
 
 def _per_head(t: Tensor, n_heads: int) -> Tensor:
@@ -231,11 +259,15 @@ def _per_head(t: Tensor, n_heads: int) -> Tensor:
 
 def _attention(attn, normed: Tensor, prefix_keys: Tensor, prefix_values: Tensor) -> Tensor:
     """Attention of the suffix rows (queries at positions start..) over the shared prefix and
-    the suffix itself, with TransformerLens' hook points and arithmetic (scale, soft cap,
-    causal mask with its IGNORE value, NaN-free softmax, W_O)."""
+    the suffix itself, with TransformerLens' hook points and arithmetic (q/k norms, scale, soft
+    cap, causal mask with its IGNORE value, NaN-free softmax, W_O). The prefix keys are kept as
+    hook_k saw them, so they are normalised and rotated here as in the forward that made them."""
     cfg = attn.cfg
     n_heads, start = cfg.n_heads, prefix_keys.shape[1]
-    q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)  # hook_q / hook_k / hook_v
+    q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)  # hook_q / hook_k / hook_v, per-head q/k norm
+    if cfg.original_architecture in ALL_HEADS_QK_NORM:
+        q, k = _all_heads_norm(q, attn.q_norm), _all_heads_norm(k, attn.k_norm)
+    prefix_keys = _normed_keys(attn, prefix_keys)
     if cfg.positional_embedding_type == "rotary":
         q = attn.hook_rot_q(attn.apply_rotary(q, start))
         k = attn.hook_rot_k(attn.apply_rotary(k, start))

@@ -14,8 +14,8 @@ Spec = str | tuple[str, ...]  # a position spec ("last", "labels+1"), or a union
 
 
 class Receiver(NamedTuple):
-    """A head whose `kind` input ("q", "k" or "v", before rotary) at `position` (a position spec
-    of the prompts) receives a path-patching sender's effect."""
+    """A head whose `kind` input ("q", "k" or "v", before any q/k norm and rotary) at `position`
+    (a position spec of the prompts) receives a path-patching sender's effect."""
 
     layer: int
     head: int

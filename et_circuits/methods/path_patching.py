@@ -7,8 +7,8 @@ every position of the set). In the *frozen run* (clean prompt) every head at eve
 frozen to its clean `hook_z`, except S at P, which takes its value from the paired corrupt
 prompt; MLPs stay free. Without receivers the metric reads the frozen run's logits at the last
 position (the direct effect). With receivers, each receiver's input (`hook_q` / `hook_k` /
-`hook_v`, before rotary) at its position is recorded from the frozen run and patched into a
-fresh clean run (the *receiver run*), whose last position the metric reads.
+`hook_v`, before any q/k norm and rotary) at its position is recorded from the frozen run and
+patched into a fresh clean run (the *receiver run*), whose last position the metric reads.
 score = metric(patched) - metric(clean), divided by metric(clean) when `relative`.
 
 The default metric is the relative change of the mean answer probability,

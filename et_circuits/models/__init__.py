@@ -1,6 +1,8 @@
-"""Models: any LLaMA-family HF directory (or base + PEFT adapter) becomes a HookedTransformer
-(`load`); `registry` says which models exist and where their weights are (`ModelSpec`),
-`convert` turns an HF model into a HookedTransformer without weight processing."""
+"""Models: an HF directory of a supported family (LLaMA, Mistral, Qwen2/3, OLMo-2, Phi-3,
+Gemma-2/3; or base + PEFT adapter) becomes a HookedTransformer (`load`); `registry` says which
+models exist and where their weights are (`ModelSpec`), `families` what TransformerLens is told
+about each architecture, `convert` turns an HF model into a HookedTransformer without weight
+processing."""
 
 from .convert import ARCHITECTURES, block_devices, check_fits, check_split, hooked_config, to_hooked
 from .loading import load, load_hf

@@ -1,6 +1,6 @@
 """Loading: a registered model, a registry-file entry or a model directory becomes a
-HookedTransformer through one path: HF checkpoint (llama, mistral or qwen2) -> optional PEFT
-merge -> `convert.to_hooked`. transformers memory-maps the safetensors files, so a model loaded
+HookedTransformer through one path: HF checkpoint (a family in `families.ARCHITECTURES`) ->
+optional PEFT merge -> `convert.to_hooked`. transformers memory-maps the safetensors files, so a model loaded
 in its checkpoint's dtype is held once, in pages of the file. Which models exist and where they
 live: `registry`."""
 
@@ -16,28 +16,35 @@ import torch
 from et_circuits.core.errors import SetupError
 from et_circuits.core.settings import resolve_device
 
-from .convert import ARCHITECTURES, check_split, rope, to_hooked
+from .convert import check_split, to_hooked
+from .families import ARCHITECTURES, activation, rope, rope_layer_types, text_config
 from .registry import get_spec, resolve_dir
 
 
 def _supported_config(path: Path):
     """The HF config of a checkpoint directory, refused in one line unless the conversion
-    reproduces it exactly (architecture, rope scaling, MLP without biases)."""
+    reproduces it exactly (architecture, rope scaling, MLP without biases, an activation
+    TransformerLens has, causal attention)."""
     file = path / "config.json"
     if not file.exists():
         raise SetupError(f"{path} is not a HF checkpoint directory (no config.json)")
     model_type = json.loads(file.read_text()).get("model_type")
     if model_type not in ARCHITECTURES:
         raise SetupError(
-            f"{path} is not a LLaMA-family checkpoint (model_type={model_type!r}); "
+            f"{path} is not a checkpoint of a supported family (model_type={model_type!r}); "
             f"supported model types: {', '.join(ARCHITECTURES)}"
         )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    rope(config)
-    if getattr(config, "mlp_bias", False):
+    text = text_config(config)
+    for layer_type in rope_layer_types(text):
+        rope(text, layer_type)
+    activation(text)
+    if getattr(text, "mlp_bias", False):
         raise SetupError(f"{path}: mlp_bias is not supported (TransformerLens' gated MLP has no gate or up bias)")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise SetupError(f"{path}: use_bidirectional_attention is not supported (the conversion is causal)")
     return config
 
 
@@ -111,7 +118,9 @@ def load(
     spec = get_spec(name_or_path)
     own_dir = Path(path) if path is not None else resolve_dir(spec)
     base_dir = resolve_dir(get_spec(spec.base)) if spec.is_adapter else own_dir
-    check_split(device, n_devices, _supported_config(base_dir).num_hidden_layers)  # before any weight is read
+    check_split(
+        device, n_devices, text_config(_supported_config(base_dir)).num_hidden_layers
+    )  # before any weight is read
     if spec.is_adapter:
         hf_model, tokenizer = load_hf(base_dir, dtype, adapter=own_dir)
     else:

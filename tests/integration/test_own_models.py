@@ -1,6 +1,8 @@
 """A researcher's own pair through the whole pipeline: `make all MODELS="my-base my-ft"
-REGISTRY=models.toml` on a tiny random LLaMA checkpoint and a LoRA adapter on it (with
-grouped-query attention, as Llama-3, Mistral and Qwen2 have), named in a registry file."""
+REGISTRY=models.toml` on a tiny random checkpoint and a LoRA adapter on it, named in a registry
+file: a LLaMA with grouped-query attention (as Llama-3, Mistral and Qwen2 have), and a Qwen3
+(per-head q/k norms, grouped-query attention, tied embeddings as its small sizes have; the
+adapter on every linear layer)."""
 
 import subprocess
 from pathlib import Path
@@ -21,9 +23,13 @@ SMALL = {
 }
 
 
+FAMILIES = {"llama": {}, "qwen3": {"tie_word_embeddings": True}}
+
+
 @pytest.mark.slow
-def test_make_all_on_a_registry_pair(tmp_path):
-    hf = checkpoints.make(tmp_path / "base", "llama", n_kv_heads=2, seed=3)
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_make_all_on_a_registry_pair(tmp_path, arch):
+    hf = checkpoints.make(tmp_path / "base", arch, n_kv_heads=2, seed=3, **FAMILIES[arch])
     checkpoints.make_adapter(hf, tmp_path / "lora")
     (tmp_path / "models.toml").write_text(
         '[models.my-base]\npath = "base"\n\n[models.my-ft]\nbase = "my-base"\nadapter = "lora"\n'

@@ -31,7 +31,7 @@ def cmd_knockout(args: argparse.Namespace) -> None:
         discovered = results.load_circuit(args.results, name, "discovered").validate(
             model.cfg.n_layers, model.cfg.n_heads
         )
-        edges += [e for e in recipe.edges_to(discovered) if e.name not in {x.name for x in edges}]
+        edges += [e for e in recipe.edges_to(discovered, prompts) if e.name not in {x.name for x in edges}]
     found = knockout(model, prompts, edges, settings=settings(args))
     frame = pd.DataFrame(results.knockout_rows(name, found))
     write_csv(args.results / results.KNOCKOUT_CSV, frame)

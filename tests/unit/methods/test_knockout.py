@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from et_circuits import models
+from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import DataError
 from et_circuits.core.forward import measure
 from et_circuits.core.hooks import block_hooks
@@ -90,6 +91,16 @@ def test_random_control_avoids_the_tested_tokens_and_is_seeded(batch):
     assert (k < batch.position("query_label") - 1).all()  # inside the context, before the query
     assert torch.equal(k, recipe.with_random_context(batch, 4).position("random_context"))
     assert not torch.equal(k, recipe.with_random_context(batch, 1).position("random_context"))
+
+
+def test_edges_to_a_discovered_circuit_skip_position_sets(batch):
+    """Knockout blocks one key per prompt, so a discovered group acting at every label's next
+    token ("labels+1", as a random Qwen3 pair's discovery found) gets no edge."""
+    discovered = Circuit(
+        {"A": [(1, 0)], "B": [(0, 1)], "C": [(0, 2)], "D": [(0, 3)]},
+        {"A": "last", "B": "query_label", "C": "labels+1", "D": ("query_label", "prev_query_label")},
+    )
+    assert [e.key for e in recipe.edges_to(discovered, batch)] == ["query_label", "prev_query_label"]
 
 
 def test_keys_must_precede_queries(batch):

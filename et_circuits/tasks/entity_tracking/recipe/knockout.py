@@ -27,11 +27,21 @@ EDGE_TITLES = {
 }
 
 
-def edges_to(circuit: Circuit) -> list[Edge]:
+def edges_to(circuit: Circuit, prompts: PromptSet) -> list[Edge]:
     """Knockout edges from the last token to each single position a circuit's groups act at
-    before it (a discovered circuit's positions: where the last token's heads read)."""
+    before it (a discovered circuit's positions: where the last token's heads read). An edge
+    blocks one key per prompt, so positions that are sets in `prompts` (e.g. "labels+1", every
+    label's next token) are left out."""
+
+    def single(spec) -> bool:
+        try:
+            prompts.position(spec)
+            return True
+        except DataError:
+            return False
+
     specs = dict.fromkeys(p for g in circuit.groups for p in circuit.positions_of(g) if p != "last")
-    return [Edge(f"last->{spec}", "last", spec) for spec in specs]
+    return [Edge(f"last->{spec}", "last", spec) for spec in specs if single(spec)]
 
 
 def with_random_context(prompts: PromptSet, seed: int) -> PromptSet:
