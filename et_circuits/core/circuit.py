@@ -1,10 +1,10 @@
 """The `Circuit` type: named groups of heads, each acting at one or more positions of the
 prompts, with JSON read/write.
 
-Positions are position specs of a PromptSet ("last", "query_label", "labels+1", ...); every
+Positions are position specs of a PromptSet ("last", "subject", "items+1", ...); every
 group names its own, and a circuit knows no task. The JSON format is
-{"groups": {group: [[layer, head], ...]}, "positions": {group: spec or [spec, ...]}}. (The
-entity-tracking authors' format, which has no positions, is read by that task's `paper` module.)
+{"groups": {group: [[layer, head], ...]}, "positions": {group: spec or [spec, ...]}}. (A task
+whose published circuits have no positions reads them in its own module.)
 """
 
 from __future__ import annotations

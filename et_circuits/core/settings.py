@@ -20,18 +20,19 @@ FAST_ROWS = 4096  # default rows per forward pass of the batched (fast) methods
 class RunSettings:
     """`batch_size`: prompts per plain forward pass. `max_rows`: rows per pass of the methods
     that stack many interventions into one batch (fast path patching: (sender, prompt) rows);
-    their memory knob. `progress`: show tqdm bars on long runs."""
+    their memory knob. `progress`: show tqdm bars on long runs (off by default, as in every
+    method's default settings; the command line turns them on unless --quiet)."""
 
     batch_size: int = 32
     max_rows: int = FAST_ROWS
-    progress: bool = True
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.max_rows <= 0:
             raise SetupError(f"batch size and rows must be positive, got {self.batch_size} and {self.max_rows}")
 
 
-QUIET = RunSettings(progress=False)
+QUIET = RunSettings()  # every method's default
 
 
 def available_devices() -> list[str]:

@@ -7,10 +7,10 @@ model's behaviour those heads carry.
 
 - Output patching overwrites the heads' outputs before W_O (`hook_z`).
 - Input patching overwrites the heads' query, key and/or value vectors (`hook_q`, `hook_k`,
-  `hook_v`: the projections, before any q/k norm and rotary) at the group's positions only, as
-  the paper does. (OLMo-2 normalises a position's queries, and its keys, over all heads
-  together, so there a patched head's query or key also rescales the other heads'.) A query at position
-  p only changes what position p reads. A key or value at p is read by that head at every
+  `hook_v`: the projections, before any q/k norm and rotary) at the group's positions only.
+  (OLMo-2 normalises a position's queries, and its keys, over all heads together, so there a
+  patched head's query or key also rescales the other heads'.) A query at position p only
+  changes what position p reads. A key or value at p is read by that head at every
   position >= p. Keys and values at other positions stay the base model's.
 - With grouped-query attention a key/value head serves several query heads, so patching one
   query head's key or value is not defined; that raises `SetupError`.

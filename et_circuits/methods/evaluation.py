@@ -1,4 +1,4 @@
-"""Circuit evaluation by mean ablation (as in the entity-tracking paper's Table 1).
+"""Circuit evaluation by mean ablation (as in Table 1 of Prakash et al. 2024).
 
 F(C), a circuit's accuracy: every head's `hook_z` at every position is replaced by its
 position-wise mean over a reference prompt set, except each group's heads at that group's
@@ -253,7 +253,7 @@ SCORES = ("full", "circuit", "random", "faithfulness", "slots")
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A circuit under mean ablation (the columns of the paper's Table 1): the metric of the
+    """A circuit under mean ablation (the columns of Prakash et al.'s Table 1): the metric of the
     full model, of the circuit and, averaged over `n_random` draws, of random circuits of the
     same group sizes and positions; faithfulness = circuit / full; `slots`: the circuit's share
     of the (head, position) slots at its positions (`slot_share`)."""

@@ -111,7 +111,7 @@ def minimal(
     score: Score,
     *,
     threshold: float = 0.03,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Minimality:
     """Prune each group greedily, in group order and from the end of each group's list (groups
     list their heads most important first, as path patching ranks them). `score(circuit)` is F,

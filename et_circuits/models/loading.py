@@ -83,12 +83,12 @@ def _readable(path: Path):
         raise SetupError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch dtype, from itself or its name ("float32", "bfloat16", "float16")."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    """A floating torch dtype, from itself or its name ("float32", "bfloat16", "float16", "float64")."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]

@@ -27,7 +27,7 @@ THRESHOLD = 0.5  # a head is selected (patched from the source) when its mask is
 
 @dataclass(frozen=True)
 class DCMConfig:
-    """Mask-training hyper-parameters; the defaults are the paper's."""
+    """Mask-training hyper-parameters; the defaults are those of Prakash et al. (2024)."""
 
     lam: float = 0.01
     lr: float = 0.1
