@@ -80,6 +80,9 @@ N_BOXES = 7
 # (benchmarks/README.md: 11 + 15 + 18 + 111, plus the clean and corrupt runs); used to choose
 # how many prompts fit the sweep's budget.
 SWEEP_FORWARDS = 160
+# DCM's cost per (base, source) pair in one-prompt forwards, a guess: the base's and the source's
+# runs, the training step's forward and backward (from the heads' layer on) and its evaluation.
+DCM_PROMPT_FORWARDS = 4
 PP_TOLERANCE = 1e-4  # fp32 path-patching scores, device vs CPU
 CMAP_TOLERANCE = 0.01
 BASE, SOURCE = "organism-llama", "organism-goat"
@@ -103,7 +106,7 @@ class Sizes:
     @classmethod
     def of(cls, small: bool, on_gpu: bool) -> Sizes:
         if small:
-            return cls(16, 24, 2, (24, 12, 24), 24, "small", 16, (24, 12, 24), 4)
+            return cls(16, 24, 2, (64, 32, 64), 24, "small", 16, (64, 32, 64), 4)
         return cls(300, 500, 10, (320, 160, 320), 500, "7b" if on_gpu else "cpu", 300, (1000, 500, 500), 4)
 
 
@@ -260,6 +263,18 @@ def nvidia_driver() -> str | None:
         return None
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def bf16_matmul_ok(device: str) -> bool:
     """A bf16 matrix product on the device agrees with fp32 to bf16 precision."""
     g = torch.Generator().manual_seed(0)
@@ -285,11 +300,12 @@ def part_environment(part: Part, bench: Bench) -> None:
         "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "commit": git_commit(),
     }
     if bench.on_gpu:
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
-        _, init_s = timed(lambda: torch.zeros(1, device=device), device)  # the CUDA context, if not yet made
+        _, first_s = timed(lambda: torch.zeros(1, device=device), device)  # the first kernel launch
         info.update(
             name=props.name,
             memory_gib=round(props.total_memory / 2**30, 2),
@@ -299,7 +315,7 @@ def part_environment(part: Part, bench: Bench) -> None:
             cudnn=torch.backends.cudnn.version(),
             driver=nvidia_driver(),
             bf16_supported=torch.cuda.is_bf16_supported(),
-            cuda_init_s=round(init_s, 3),
+            first_kernel_s=round(first_s, 3),
         )
     else:
         pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
@@ -533,7 +549,7 @@ def part_forward(part: Part, bench: Bench) -> None:
         reset_peak(bench.device)
         times.append(timed(lambda: last_logits(model, clean, settings=bench.settings), bench.device)[1])
         part.step(f"run{i + 1}", {"seconds": round(times[-1], 4), "peak_gib": peak_gib(bench.device)})
-        bench.geo["forward_s"] = min(times)
+        bench.geo.update(forward_s=min(times), forward_n=len(clean))
     best = min(times)
     tokens = len(clean) * clean.seq_len
     part.set(
@@ -554,7 +570,8 @@ def prompts_that_fit(n: int, forward_s: float, budget_s: float, batch: int) -> i
 
 def geometry_prompts(bench: Bench, part: Part):
     """The prompts the sweep, reference and attribution use: all of them, or as many as the
-    sweep's budget allows (chosen once, by the sweep)."""
+    first of those parts to run can take in its budget (chosen once). `forward_s`, their unit
+    of cost, is then one plain forward over these prompts."""
     if "n_used" not in bench.geo:
         clean = bench.geo["clean"]
         forward = bench.geo.get("forward_s")
@@ -564,12 +581,17 @@ def geometry_prompts(bench: Bench, part: Part):
         reason = (
             None
             if used == n
-            else f"{n} prompts would take about {SWEEP_FORWARDS} x {forward:.2f}s; "
-            f"{used} fit the sweep's {part.left():.0f}s"
+            else f"{n} prompts would take about {SWEEP_FORWARDS} plain forwards of {forward:.2f}s; "
+            f"{used} fit in 80% of the {part.left():.1f}s left"
         )
         part.set(n_requested=n, n_used=used, reduced_because=reason)
     used = bench.geo["n_used"]
-    return bench.geo["clean"][:used], bench.geo["corrupt"][:used]
+    clean, corrupt = bench.geo["clean"][:used], bench.geo["corrupt"][:used]
+    if bench.geo.get("forward_n") not in (None, used):  # the unit of cost at this prompt count
+        model = bench.geo["model"]
+        seconds = timed(lambda: last_logits(model, clean, settings=bench.settings), bench.device)[1]
+        bench.geo.update(forward_s=seconds, forward_n=used)
+    return clean, corrupt
 
 
 def step_receivers(bench: Bench, step) -> list | None:
@@ -582,13 +604,12 @@ def with_fewer_rows(bench: Bench, part: Part, fn):
     try:
         return fn(bench.settings)
     except torch.OutOfMemoryError:
-        free_memory(bench)
-        smaller = RunSettings(
-            max(1, bench.settings.batch_size // 2), max(1, bench.settings.max_rows // 4), progress=False
-        )
-        part.set(out_of_memory_at={"batch_size": bench.settings.batch_size, "max_rows": bench.settings.max_rows})
-        bench.settings = smaller
-        return fn(smaller)
+        pass  # leave the handler first: the failed attempt's tensors are freed with its traceback
+    free_memory(bench)
+    smaller = RunSettings(max(1, bench.settings.batch_size // 2), max(1, bench.settings.max_rows // 4), progress=False)
+    part.set(out_of_memory_at={"batch_size": bench.settings.batch_size, "max_rows": bench.settings.max_rows})
+    bench.settings = smaller
+    return fn(smaller)
 
 
 def part_fast_sweep(part: Part, bench: Bench) -> None:
@@ -597,8 +618,6 @@ def part_fast_sweep(part: Part, bench: Bench) -> None:
     geometry_needed(bench)
     model = bench.geo["model"]
     clean, corrupt = geometry_prompts(bench, part)
-    if len(clean) != len(bench.geo["clean"]):  # the unit of cost at this prompt count
-        bench.geo["forward_s"] = timed(lambda: last_logits(model, clean, settings=bench.settings), bench.device)[1]
     forward = bench.geo.get("forward_s")
     positions = [s.position for s in PAPER_STEPS]
     reset_peak(bench.device)
@@ -729,10 +748,16 @@ def part_dcm_epoch(part: Part, bench: Bench) -> None:
     model, tok = bench.geo["model"], bench.geo["tok"]
     heads = tuple(sorted(bench.geo["receivers_of"]["pos_transmitter"]))  # group A: B's receivers
     ask = recipe.Ask(heads, "last", "object_value")
-    plan = recipe.DCMPlan(
-        config=DCMConfig(epochs=1), sizes=bench.sizes.dcm_7b, data_seed=recipe.SEED_OFFSETS["dcm"], seeds=(0,)
+    sizes = bench.sizes.dcm_7b
+    if bench.geo.get("forward_s"):
+        sizes = dcm_sizes_that_fit(sizes, bench.geo["forward_s"] / bench.geo["forward_n"], part.left())
+    plan = recipe.DCMPlan(config=DCMConfig(epochs=1), sizes=sizes, data_seed=recipe.SEED_OFFSETS["dcm"], seeds=(0,))
+    part.set(
+        heads=len(heads),
+        sizes=plan.sizes,
+        sizes_requested=bench.sizes.dcm_7b,
+        reduced_because=None if sizes == bench.sizes.dcm_7b else "the paper's split would not fit the budget",
     )
-    part.set(heads=len(heads), sizes=plan.sizes)
     reset_peak(bench.device)
     result, seconds = timed(lambda: recipe.run_dcm(model, tok, [ask], plan)[ask], bench.device)
     seed = result.seeds[result.selected_seed]
@@ -750,6 +775,16 @@ def part_dcm_epoch(part: Part, bench: Bench) -> None:
         headline=f"{len(heads)} heads, {plan.sizes[0]} train pairs: {seconds:.1f}s for {seed.steps} steps "
         f"(pairs, training, test)"
     )
+
+
+def dcm_sizes_that_fit(sizes: tuple[int, int, int], per_prompt_s: float, budget_s: float) -> tuple[int, int, int]:
+    """DCM's train / eval / test pairs, scaled down (at least 64 / 32 / 64) when about
+    DCM_PROMPT_FORWARDS prompt-forwards per pair would not fit in 70% of `budget_s`."""
+    need = DCM_PROMPT_FORWARDS * sum(sizes) * per_prompt_s
+    scale = min(1.0, 0.7 * budget_s / need) if need > 0 else 1.0
+    if scale >= 1.0:
+        return tuple(sizes)
+    return tuple(max(least, int(x * scale)) for x, least in zip(sizes, (64, 32, 64)))
 
 
 def geometry_sets(bench: Bench) -> dict[str, Circuit]:
@@ -880,8 +915,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--part-budget", type=part_budget, action="append", default=[], help="NAME=SECONDS for one part")
     p.add_argument("--n", type=int, default=None, help="prompts at 7B geometry (default 300; --small 16)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="of the 7B-geometry model")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per plain forward")
-    p.add_argument("--max-rows", type=int, default=4096, help="rows per pass of fast path patching")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per plain forward (default 32; --small 8)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="rows per pass of fast path patching (default 4096; --small 32, so that the passes are split "
+        "over prompts as at 7B geometry)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
@@ -923,12 +964,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [p for p in args.parts or [] if not any(selected(k, [p]) for k in PART_KEYS)]
         if unknown:
             raise SetupError(f"unknown part {unknown[0]!r}; parts: {', '.join(PART_KEYS)}")
-        if min(args.budget, args.batch_size, args.max_rows, args.threads, args.n or 1) <= 0:
+        if min(args.budget, args.batch_size or 1, args.max_rows or 1, args.threads, args.n or 1) <= 0:
             raise SetupError("--budget, --batch-size, --max-rows, --threads and --n must be positive")
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    args.batch_size = args.batch_size or (8 if args.small else 32)
+    args.max_rows = args.max_rows or (32 if args.small else 4096)
     bench = Bench(
         args,
         device,

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from et_circuits.core.settings import RunSettings
+
 pytestmark = pytest.mark.xdist_group("processes")  # starts a process: one such test at a time (make test)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +78,54 @@ def test_budgeted_parts_cut_fail_and_save_after_each(tmp_path):
     table = parts.format_table(rows).splitlines()
     assert table[0].split() == ["part", "status", "s", "/", "budget", "check", "result"] and len(table) == 5
     assert "cut after first" in table[1]
+
+
+def test_out_of_memory_is_retried_once_with_fewer_rows():
+    """The fast sweep's answer to running out of GPU memory, rehearsed: the pass is tried again
+    with a quarter of the rows and half the batch (kept for the later parts), and said so."""
+    gpu_check = _module("gpu_check")
+    bench = gpu_check.Bench(None, "cpu", gpu_check.Sizes.of(True, False), torch.float32, RunSettings(32, 4096))
+    part = _Record()
+    tried = []
+
+    def fn(settings):
+        tried.append((settings.batch_size, settings.max_rows))
+        if len(tried) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return "scores"
+
+    assert gpu_check.with_fewer_rows(bench, part, fn) == "scores"
+    assert tried == [(32, 4096), (16, 1024)] and bench.settings.max_rows == 1024
+    assert part.values["out_of_memory_at"] == {"batch_size": 32, "max_rows": 4096}
+
+    def always(settings):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError):  # a second failure is the part's error
+        gpu_check.with_fewer_rows(bench, part, always)
+
+
+def test_prompts_and_dcm_pairs_shrink_to_the_budget():
+    gpu_check = _module("gpu_check")
+    # 300 prompts, 1 s per plain forward: the sweep's ~160 forwards fit a 200 s budget ...
+    assert gpu_check.prompts_that_fit(300, 1.0, 200.0, 32) == 300
+    # ... but not 100 s: 80% of it buys 150 prompts; never fewer than one batch.
+    assert gpu_check.prompts_that_fit(300, 1.0, 100.0, 32) == 150
+    assert gpu_check.prompts_that_fit(300, 1.0, 1.0, 32) == 32
+    paper = (1000, 500, 500)
+    assert gpu_check.dcm_sizes_that_fit(paper, 1e-3, 100.0) == paper
+    assert gpu_check.dcm_sizes_that_fit(paper, 1e-2, 40.0) == (350, 175, 175)  # 70% of 40 s of 80 s
+    assert gpu_check.dcm_sizes_that_fit(paper, 1.0, 1.0) == (64, 32, 64)
+
+
+class _Record:
+    """A part's `set`, for functions that only record."""
+
+    def __init__(self):
+        self.values = {}
+
+    def set(self, **values):
+        self.values.update(values)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the error path is not reachable")
