@@ -89,6 +89,13 @@ BASE, SOURCE = "organism-llama", "organism-goat"
 ATTRIBUTION = "attribution"  # path_patch's method name once issue 28 lands
 
 
+# bench_7b_geometry's geometries, and LLaMA-7B's 32 x 32 heads on a narrow residual stream
+# (d_head 4): the head counts the 7B parts depend on (20-head groups spread over layers, senders
+# over 32 layers) at a small cost (`--small --geometry heads --dtype float32`: minutes on CPU; bf16
+# matrix products on CPU are many times slower).
+GEOMETRIES = {**GEOMETRIES, "heads": dict(n_layers=32, n_heads=32, d_model=128, d_mlp=256, vocab=None)}
+
+
 @dataclass(frozen=True)
 class Sizes:
     """How much each part computes: the paper's sizes on a GPU, a few prompts for `--small`."""
@@ -98,7 +105,7 @@ class Sizes:
     table1_random: int
     dcm: tuple[int, int, int]  # organism DCM train / eval / test pairs
     cmap_n: int
-    geometry: str  # a key of bench_7b_geometry.GEOMETRIES
+    geometry: str  # a key of GEOMETRIES
     n: int  # prompts at 7B geometry
     dcm_7b: tuple[int, int, int]
     reference_senders: int  # at most this many reference senders per step
@@ -256,7 +263,7 @@ def nvidia_driver() -> str | None:
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=5,
         )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
@@ -266,10 +273,10 @@ def nvidia_driver() -> str | None:
 def git_commit() -> str | None:
     """The checkout's commit (with "+dirty" for uncommitted changes), None outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -285,47 +292,46 @@ def bf16_matmul_ok(device: str) -> bool:
 
 
 def part_environment(part: Part, bench: Bench) -> None:
+    """What ran: the device, its memory, versions, bf16, the float32 matmul settings. What needs
+    another process (the commit, the driver) comes last, so that a cut keeps the rest."""
     device = bench.device
-    info = {
-        "device": device,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "packages": package_versions(),
-        "torch_cuda": torch.version.cuda,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "commit": git_commit(),
-    }
+    part.set(
+        device=device,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        packages=package_versions(),
+        torch_cuda=torch.version.cuda,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        NVIDIA_TF32_OVERRIDE=os.environ.get("NVIDIA_TF32_OVERRIDE"),
+        deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
     if bench.on_gpu:
-        index = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(index)
+        props = torch.cuda.get_device_properties(torch.device(device).index or 0)
         _, first_s = timed(lambda: torch.zeros(1, device=device), device)  # the first kernel launch
-        info.update(
+        part.set(
             name=props.name,
             memory_gib=round(props.total_memory / 2**30, 2),
             capability=f"{props.major}.{props.minor}",
             multiprocessors=props.multi_processor_count,
             gpus_visible=torch.cuda.device_count(),
             cudnn=torch.backends.cudnn.version(),
-            driver=nvidia_driver(),
             bf16_supported=torch.cuda.is_bf16_supported(),
             first_kernel_s=round(first_s, 3),
         )
     else:
         pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        info.update(
+        part.set(
             name=platform.processor() or platform.machine(),
             memory_gib=round(pages * os.sysconf("SC_PAGE_SIZE") / 2**30, 2) if pages else None,
             bf16_supported=True,
         )
-    info["bf16_matmul_ok"] = bf16_matmul_ok(device)
-    part.set(**info)
+    part.set(bf16_matmul_ok=bf16_matmul_ok(device))
+    info = part.record
     tf32 = info["tf32_matmul"] or info["float32_matmul_precision"] != "highest" or info["NVIDIA_TF32_OVERRIDE"] == "1"
     part.set(
         headline=f"{info['name']}, {info['memory_gib']} GiB, torch {torch.__version__}"
@@ -333,6 +339,8 @@ def part_environment(part: Part, bench: Bench) -> None:
         + f", bf16 {'yes' if info['bf16_supported'] and info['bf16_matmul_ok'] else 'NO'}"
         + (", TF32 ON (fp32 checks may fail)" if tf32 else "")
     )
+    part.step("device", {"name": info["name"]})  # saved now; what follows may be slow
+    part.set(commit=git_commit(), driver=nvidia_driver() if bench.on_gpu else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +522,7 @@ def geometry_needed(bench: Bench) -> None:
 def part_build(part: Part, bench: Bench) -> None:
     """A random LLaMA at the geometry, built on the device, paper-like receivers, the prompts."""
     args, sizes = bench.args, bench.sizes
-    geometry = GEOMETRIES[sizes.geometry]
+    geometry = GEOMETRIES[args.geometry or sizes.geometry]
     tok = build_tokenizer()
     torch.manual_seed(args.seed)
     dims = {**geometry, "vocab": geometry["vocab"] or len(tok)}
@@ -914,7 +922,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=None, help="run only these parts or sections (e.g. geometry)")
     p.add_argument("--part-budget", type=part_budget, action="append", default=[], help="NAME=SECONDS for one part")
     p.add_argument("--n", type=int, default=None, help="prompts at 7B geometry (default 300; --small 16)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="of the 7B-geometry model")
+    p.add_argument(
+        "--geometry",
+        choices=list(GEOMETRIES),
+        default=None,
+        help="of the random model (default 7b on a GPU, small with --small, cpu on CPU: bench_7b_geometry's; "
+        "heads: 32 x 32 heads at d_model 128)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="of the 7B-geometry model (default bfloat16; float32 for --device cpu without --small, where "
+        "bf16 matrix products are ~30x slower)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="prompts per plain forward (default 32; --small 8)")
     p.add_argument(
         "--max-rows",
@@ -976,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         args,
         device,
         Sizes.of(args.small, device.startswith("cuda")),
-        DTYPES[args.dtype],
+        DTYPES[args.dtype or ("float32" if device == "cpu" and not args.small else "bfloat16")],
         RunSettings(args.batch_size, args.max_rows, progress=False),
     )
     path = out_path(args.out, device, args.small)
