@@ -50,6 +50,7 @@ from pathlib import Path
 
 STARTED = time.perf_counter()  # before torch and TransformerLens are imported
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -868,11 +869,11 @@ def part_geometry_attribution(part: Part, bench: Bench) -> None:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation over the entries both score (no NaN)."""
+    """Spearman rank correlation over the entries both score (no NaN), ties at their average
+    rank (senders at or above every receiver all score exactly 0). NaN if either is constant."""
     keep = ~(a.isnan() | b.isnan())
-    ra, rb = (x[keep].double().argsort().argsort().double() for x in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / ((ra.square().sum() * rb.square().sum()).sqrt() + 1e-12))
+    ra, rb = (pd.Series(x[keep].double().cpu().numpy()).rank() for x in (a, b))
+    return float(ra.corr(rb))
 
 
 FUNCTIONS = {
