@@ -46,7 +46,7 @@ CMAP     := $(RESULTS)/cmap.csv $(FIGURES)/cmap.json $(FIGURES)/cmap_discovered.
 KNOCKOUT := $(RESULTS)/knockout.csv $(FIGURES)/knockout.json
 REPORT   := $(FIGURES)/report.html
 
-.PHONY: all install test test-fast lint circuit dcm cmap knockout figures report bench organism clean
+.PHONY: all install test test-fast lint circuit dcm cmap knockout figures report bench gpu-check organism clean
 .DELETE_ON_ERROR:
 
 all: circuit dcm cmap knockout report
@@ -123,6 +123,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_7b_geometry.py --cpu --runs 3
 	$(PY) benchmarks/bench_dcm.py --results $(RESULTS)
 	$(PY) benchmarks/bench_make_all.py
+
+# The first GPU run, prepared (benchmarks/gpu_check.py): the CUDA path checked against the CPU on the
+# organism (path patching, Table 1, DCM, CMAP), then LLaMA-7B head geometry measured at full width
+# (bf16, random weights built on the GPU: forward, fast vs reference path patching, a DCM epoch, a
+# CMAP pass, peak memory), all within GPU_CHECK_BUDGET seconds. Every number goes to
+# benchmarks/results/gpu_check_<card>.json, rewritten after every part; the summary table is
+# printed. GPU_CHECK_ARGS adds options (e.g. --parts geometry). With a Python of your own that has
+# a CUDA torch: `make gpu-check PY=python3` (no venv is made then). The CPU rehearsal:
+# `python benchmarks/gpu_check.py --device cpu --small`.
+GPU_CHECK_BUDGET ?= 480
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(filter $(VENV)/%,$(PY)),$(STAMP))
+	$(PY) benchmarks/gpu_check.py --device cuda --budget $(GPU_CHECK_BUDGET) --out benchmarks/results/ $(GPU_CHECK_ARGS)
 
 organism: $(STAMP)
 	$(PY) -m et_circuits.tasks.entity_tracking.organism.train
