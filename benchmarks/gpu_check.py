@@ -72,7 +72,7 @@ from et_circuits.methods.cmap import cmap, input_patches_for  # noqa: E402
 from et_circuits.methods.dcm import DCMConfig  # noqa: E402
 from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
 from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer  # noqa: E402
-from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS  # noqa: E402
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, TOP_K_CAP  # noqa: E402
 
 DEFAULT_BUDGET = 480.0
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -360,7 +360,7 @@ def compare_steps(part: Part, bench: Bench, method: str, tolerance) -> None:
     on, tok = bench.both(BASE)
     clean, corrupt = organism_prompts(tok, bench.sizes.pp_n, bench.args.seed)
     cfg = on["cpu"].cfg
-    top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, cfg.n_layers, cfg.n_heads)
+    top_k = discovery.effective_top_k(recipe.PAPER_TOP_K, cfg.n_layers, cfg.n_heads, TOP_K_CAP)
     positions = [s.position for s in PAPER_STEPS]
     runs, prepare_s = {}, {}
     if method == "fast":
