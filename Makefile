@@ -71,8 +71,8 @@ $(STAMP): pyproject.toml
 	  echo "no Chrome/Chromium found: figures will be written as HTML only"
 	touch $@
 
-# The suite runs on two workers (pytest-xdist); tests that start processes of their own are
-# spread by `--dist loadgroup` so that two of them do not run at once.
+# The suite runs on two workers (pytest-xdist). Tests that start processes of their own are in
+# two xdist groups of about equal cost (`--dist loadgroup`), so at most two run at once.
 PYTEST := $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadgroup
 
 test: lint $(STAMP)

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from et_circuits import models
 
-pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
 
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "experiments" / "explore.ipynb"

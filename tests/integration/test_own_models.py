@@ -11,7 +11,7 @@ import pytest
 
 from tests import checkpoints
 
-pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-2")  # starts processes: at most one such test per group at a time (make test)
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
 
 
 ROOT = Path(__file__).resolve().parents[2]
