@@ -18,7 +18,7 @@ def run(capsys, *args):
     return code, out, err
 
 
-@pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+@pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 def test_entry_point_runs_as_a_module(tiny_dir):
     """`python -m et_circuits` in a fresh process: the accuracy line, and a one-line error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from et_circuits.pipeline import cli
 
-pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 
 
 MODELS = ["organism-llama", "organism-goat"]

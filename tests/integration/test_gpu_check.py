@@ -18,7 +18,7 @@ import torch
 
 from et_circuits.core.settings import RunSettings
 
-pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from et_circuits import models
 
-pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "experiments" / "explore.ipynb"

@@ -131,7 +131,7 @@ def rendered(page: Path, tmp_path: Path) -> Dom:
     return Dom(proc.stdout)
 
 
-@pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+@pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 def test_browser_shows_every_figure_without_errors(run, tmp_path):
     results, figures = run
     page = tmp_path / "report.html"
@@ -146,7 +146,7 @@ def test_browser_shows_every_figure_without_errors(run, tmp_path):
     assert dom.plots == len(FIGURES)  # each folded figure is drawn when its group opens
 
 
-@pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+@pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 def test_the_page_fits_1400_px_and_cuts_no_text(run, tmp_path):
     """Nothing sticks out of a 1400 px window (wide tables scroll in their own box), no legend or
     title is cut by its plot, and every figure has a caption or, when empty, words instead."""
@@ -161,7 +161,7 @@ def test_the_page_fits_1400_px_and_cuts_no_text(run, tmp_path):
     assert dom.captions == dom.plots - 1  # every figure but the one the report does not know ("something_else")
 
 
-@pytest.mark.xdist_group("processes-1")  # starts processes: at most one such test per group at a time (make test)
+@pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 def test_browser_errors_reach_the_page(tmp_path):
     """The check above would see a failing script: the page lists every error in #js-errors."""
     page = tmp_path / "broken.html"

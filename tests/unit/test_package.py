@@ -36,7 +36,7 @@ print("ok")
 """
 
 
-@pytest.mark.xdist_group("processes-2")  # starts processes: at most one such test per group at a time (make test)
+@pytest.mark.xdist_group("processes-2")  # starts processes (make test: one per group at a time)
 def test_import_is_light_and_lazy_names_resolve():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
