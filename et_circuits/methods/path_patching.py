@@ -38,6 +38,9 @@ Two methods give the same scores (tested to 1e-5 in fp32):
   empty prefix), which moves the residual stream and each layer's cache to that layer's device
   in a model split over GPUs.
 
+A third method, `attribution`, estimates every score to first order in one backward pass
+(`attribution`'s module doc); it is an estimate, so discovery verifies it with `fast`.
+
 With grouped-query attention, `hook_k` / `hook_v` are made per query head for the duration
 (TransformerLens' `ungroup_grouped_query_attention`), so a receiver's input is its own.
 """
@@ -49,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -73,31 +76,12 @@ from et_circuits.core.prepared import PreparedRuns, prepare_runs
 from et_circuits.core.prompts import LAST, PromptSet, Spec, spec_text
 from et_circuits.core.restart import earliest, run_from, same_start_chunks, tile
 from et_circuits.core.settings import QUIET, RunSettings
-from et_circuits.core.types import INPUT_KINDS, PATH_PATCHING_METHODS, Head, Receiver
+from et_circuits.core.sites import Sites, match_slots
+from et_circuits.core.types import PATH_PATCHING_METHODS, Head, Receiver
 
-METHODS = PATH_PATCHING_METHODS
+from .attribution import ESTIMATE, attribution_scores, attribution_total
 
-
-@dataclass(frozen=True)
-class _Sites:
-    """Receivers grouped by (input kind, position spec): which heads receive there."""
-
-    masks: dict[tuple[str, str], Bool[Tensor, "layer head"]]
-
-    @classmethod
-    def of(cls, receivers: Sequence[Receiver], n_layers: int, n_heads: int) -> _Sites:
-        by_site: dict[tuple[str, str], list[Head]] = {}
-        for r in receivers:
-            r = Receiver(*r)
-            if r.kind not in INPUT_KINDS:
-                raise CircuitError(f"receiver input {r.kind!r} is not one of {', '.join(INPUT_KINDS)}")
-            by_site.setdefault((r.kind, r.position), []).append((int(r.layer), int(r.head)))
-        return cls({site: head_mask(heads, n_layers, n_heads) for site, heads in by_site.items()})
-
-    @property
-    def layers(self) -> list[int]:
-        """Every receiver layer, ascending."""
-        return sorted({int(l) for m in self.masks.values() for l in m.any(1).nonzero()[:, 0].tolist()})
+METHODS = (*PATH_PATCHING_METHODS, ESTIMATE)  # the exact methods, then the gradient estimate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +94,7 @@ def _reference_chunk(
     clean: PromptSet,
     corrupt: PromptSet,
     sender_position: str,
-    sites: _Sites,
+    sites: Sites,
     senders: Bool[Tensor, "layer head"],
     metric: Metric,
 ) -> tuple[Float[Tensor, "layer head"], float]:
@@ -152,20 +136,13 @@ def _reference_chunk(
 # Fast: sender-position frozen runs, suffix receiver runs, many senders per pass
 
 
-def _match(at: Int[Tensor, "n k"], where: Int[Tensor, "n m"]) -> Int[Tensor, "n m"]:
-    """For each receiver slot, the sender slot at the same position (-1: none; the frozen run
-    leaves the receiver's input there clean)."""
-    same = (where[:, :, None] == at[:, None, :]) & (where[:, :, None] >= 0)  # n m k
-    return torch.where(same.any(-1), same.int().argmax(-1), torch.full_like(where, -1))
-
-
 @torch.no_grad()
 def _fast_chunk(
     model: HookedTransformer,
     runs: PreparedRuns,
     clean: PromptSet,
     sender_position: str,
-    sites: _Sites,
+    sites: Sites,
     senders: Bool[Tensor, "layer head"],
     sender_batch: int,
     metric: Metric,
@@ -206,7 +183,7 @@ def _fast_chunk(
         alone = {m: x.new_zeros(1, 0, n_kv, model.cfg.d_head) for m in range(first, stop)}
         if not sites.masks:
             logits = run_from(model, x, first, alone, alone, override_hooks("z", frozen))
-            slot = _match(at, last[:, None])[:, 0]  # where the last position is a sender position
+            slot = match_slots(at, last[:, None])[:, 0]  # where the last position is a sender position
             picked = logits_at(logits, tile(slot.clamp(min=0), reps))
             logits = torch.where(
                 tile(slot >= 0, reps)[:, None].to(picked.device), picked, tile(runs.last_logits, reps).to(picked.dtype)
@@ -224,7 +201,7 @@ def _fast_chunk(
                 # Each receiver slot takes the frozen run's input: recorded at the sender slot
                 # at the same position, and the clean input elsewhere.
                 where = clean.position_set(spec)  # n m
-                slot = tile(_match(at, where), reps).view(reps, n, -1)
+                slot = tile(match_slots(at, where), reps).view(reps, n, -1)
                 values = {}
                 for m, v in recorded[kind].items():
                     v, slot = v.view(reps, n, k, n_heads, -1), slot.to(v.device)
@@ -334,6 +311,7 @@ def path_patch(
     method: str = "fast",
     settings: RunSettings = QUIET,
     runs: PreparedRuns | None = None,
+    ig_steps: int = 1,
 ) -> PathPatching:
     """Path-patching score of every sender head at `sender_position` (all heads unless
     `senders` is given; the others are NaN), as a `PathPatching` (see the module docstring).
@@ -343,15 +321,17 @@ def path_patch(
     over prompts (default `metrics.answer_prob`); a sender's score is metric(patched) -
     metric(clean), divided by metric(clean) if `relative` (default: True for the default
     metric, False for one passed in). `method`: "fast" (default) or "reference" (two full
-    forwards per sender; the same scores). `runs`: the fast method's clean and corrupt runs
-    (`prepare_runs`; made here if not given: pass them to share them between calls).
+    forwards per sender; the same scores) or "attribution" (the first-order estimate of every
+    score, `ig_steps` gradient points; `attribution`). `runs`: the fast method's and the
+    estimate's clean and corrupt runs (`prepare_runs`; made here if not given: pass them to
+    share them between calls).
     """
     if method not in METHODS:
         raise CircuitError(f"unknown path-patching method {method!r}; expected one of {METHODS}")
     relative = (metric is None) if relative is None else relative
     metric = answer_prob if metric is None else metric
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    sites = _Sites.of(receivers or [], n_layers, n_heads)
+    sites = Sites.of(receivers or [], n_layers, n_heads)
     clean.check_pair(corrupt)  # corrupt values are read at the clean prompts' positions
     clean.check_vocab(model.cfg.d_vocab), corrupt.check_vocab(model.cfg.d_vocab)
     for spec in [sender_position, *(spec for _, spec in sites.masks)]:
@@ -379,6 +359,20 @@ def path_patch(
             missing = [spec for spec in needed if spec not in runs.positions]
             if len(runs) != len(clean) or missing:
                 raise CircuitError(f"the prepared runs do not cover these prompts at {', '.join(missing) or 'all'}")
+            if method == ESTIMATE:
+                total, total_clean = attribution_total(
+                    model, runs, clean, sender_position, sites, sender_mask, metric, ig_steps, settings.batch_size
+                )
+                scores = attribution_scores(total, total_clean, len(clean), relative)
+                return PathPatching(
+                    scores,
+                    sender_position,
+                    tuple(Receiver(*r) for r in receivers or ()),
+                    metric_name(metric),
+                    relative,
+                    method,
+                    len(clean),
+                )
             sender_batch = max(1, min(int(sender_mask.sum(1).max()), settings.max_rows))
             at = clean.position_set(sender_position)
             chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
