@@ -72,6 +72,17 @@ def _circuit(sub) -> None:
     p.add_argument(
         "--method", choices=PATH_PATCHING_METHODS, default="fast", help="path patching (default %(default)s)"
     )
+    p.add_argument(
+        "--screen",
+        type=positive,
+        default=None,
+        metavar="N",
+        help="attribution for every sender, exact path patching for the N it ranks first; groups are chosen "
+        "from the exact scores (default: exact for every sender, the paper's method)",
+    )
+    p.add_argument(
+        "--ig-steps", type=positive, default=1, help="attribution's gradient points when screening (default 1)"
+    )
     p.add_argument("--minimality-n", type=positive, default=100, help="prompts for minimality (default %(default)s)")
     p.add_argument(
         "--minimality-threshold",

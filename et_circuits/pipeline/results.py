@@ -23,12 +23,12 @@ from safetensors import safe_open
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.errors import CircuitError
-from et_circuits.core.io import read_json, write_json, write_tensors
+from et_circuits.core.io import read_json, read_tensors, write_json, write_tensors
 from et_circuits.core.prompts import spec_text
 from et_circuits.core.types import Receiver
 from et_circuits.methods.cmap import CmapResult
 from et_circuits.methods.dcm import DCMResult, SeedResult
-from et_circuits.methods.discovery import Step
+from et_circuits.methods.discovery import ESTIMATE, Screened, Step
 from et_circuits.methods.knockout import Knockout
 from et_circuits.methods.path_patching import PathPatching
 from et_circuits.tasks.entity_tracking.paper import letter
@@ -115,11 +115,14 @@ def load_scores(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise CircuitError(f"{path} is not a path-patching score file: {e}") from None
 
 
-def step_key(base: Mapping[str, str], step: Step, receivers: list[Receiver], method: str) -> dict[str, str]:
+def step_key(
+    base: Mapping[str, str], step: Step, receivers: list[Receiver], method: str, screen: tuple[int, int] | None = None
+) -> dict[str, str]:
     """Everything a step's scores depend on, as the file's metadata (the reuse key): `base`
-    (model, seed, prompt count, boxes, dtype), the step, its receivers and the method."""
+    (model, seed, prompt count, boxes, dtype), the step, its receivers, the method and, for a
+    screened step only, `screen`: (N, attribution's gradient points)."""
     heads = [(r.layer, r.head) for r in receivers if r.kind == (step.receiver_kind or "")[:1]]
-    return {
+    key = {
         **base,
         "group": step.group,
         "position": str(step.position),
@@ -127,24 +130,40 @@ def step_key(base: Mapping[str, str], step: Step, receivers: list[Receiver], met
         "method": method,
         "receivers": str(heads),
     }
+    if screen is not None:
+        key |= {"screen": str(screen[0]), "ig_steps": str(screen[1])}
+    return key
 
 
-def step_files(directory: Path, base: Mapping[str, str], method: str):
+def step_files(directory: Path, base: Mapping[str, str], method: str, screen: tuple[int, int] | None = None):
     """(finished, on_step) for `find_circuit`: a step whose file is there with the same key is
-    read back; every computed step is written to `<directory>/<group>.safetensors`."""
+    read back; every computed step is written to `<directory>/<group>.safetensors` (screened:
+    the exact scores, NaN where not scored exactly, and every sender's attribution)."""
 
-    def finished(step: Step, receivers: list[Receiver]) -> PathPatching | None:
+    def finished(step: Step, receivers: list[Receiver]) -> PathPatching | Screened | None:
         path = step_path(directory, step.group)
-        key = step_key(base, step, receivers, method)
+        key = step_key(base, step, receivers, method, screen)
         if step_metadata(path) != key:
             return None
         scores = load_scores(path)[0]
-        return PathPatching(scores, step.position, tuple(receivers), method=method, n=int(key.get("n", 0)))
+        n = int(key.get("n", 0))
+        exact = PathPatching(scores, step.position, tuple(receivers), method=method, n=n)
+        if screen is None:
+            return exact
+        estimate = read_tensors(path)["attribution"]
+        return Screened(exact, PathPatching(estimate, step.position, tuple(receivers), method=ESTIMATE, n=n))
 
-    def on_step(step: Step, receivers: list[Receiver], result: PathPatching, reused: bool, seconds: float) -> None:
+    def on_step(
+        step: Step, receivers: list[Receiver], result: PathPatching | Screened, reused: bool, seconds: float
+    ) -> None:
         if not reused:
-            key = step_key(base, step, receivers, method)
-            write_tensors(step_path(directory, step.group), {"scores": result.scores}, key)
+            key = step_key(base, step, receivers, method, screen)
+            tensors = (
+                {"scores": result.scores}
+                if not isinstance(result, Screened)
+                else {"scores": result.exact.scores, "attribution": result.estimate.scores}
+            )
+            write_tensors(step_path(directory, step.group), tensors, key)
         what = "reused" if reused else f"{seconds:.1f}s"
         print(f"{base['model']} step {letter(step.group)} ({step.group}): {what}", flush=True)
 
@@ -185,7 +204,8 @@ def write_discovery(out: Path, found: Discovery, plan: CircuitPlan) -> None:
         },
     )
     write_json(out / COMPLETENESS, {"n": plan.minimality_n, "rows": found.completeness.to_json()["rows"]})
-    found.circuit.save(out / CIRCUIT)
+    chosen = {"method": plan.method, "screen": plan.screen, "ig_steps": plan.ig_steps if plan.screen else None}
+    write_json(out / CIRCUIT, {**found.circuit.to_dict(), "chosen_by": chosen})
 
 
 def read_json_or_empty(path: Path) -> dict:

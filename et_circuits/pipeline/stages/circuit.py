@@ -32,6 +32,8 @@ def plan_of(args: argparse.Namespace) -> recipe.CircuitPlan:
         top_k=tuple(args.top_k),
         top_k_cap=args.top_k_cap,
         method=args.method,
+        screen=args.screen,
+        ig_steps=args.ig_steps,
         minimality_n=args.minimality_n,
         minimality_threshold=args.minimality_threshold,
         reference_n=args.reference_n,
@@ -49,7 +51,8 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
     key = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
     for reading in recipe.READINGS:
         out = results.reading_dir(args.results, name, reading)
-        finished, on_step = results.step_files(out / results.STEPS_DIR, key, args.method)
+        screen = None if args.screen is None else (args.screen, args.ig_steps)
+        finished, on_step = results.step_files(out / results.STEPS_DIR, key, args.method, screen)
         t0 = time.perf_counter()
         found = recipe.discover(
             model,
@@ -62,11 +65,12 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
             means_cache=args.results / name,
         )
         results.write_discovery(out, found, plan)
+        screened = f", screened N={args.screen}" if args.screen is not None else ""
         sizes = " ".join(
             f"{letter(g)}={len(found.circuit.groups[g])}/{len(found.candidates.groups[g])}"
             for g in found.circuit.groups
         )
         print(
-            f"{name} ({reading} positions): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
+            f"{name} ({reading} positions{screened}): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
             f"-> {out / results.CIRCUIT}"
         )

@@ -186,3 +186,50 @@ def test_found_circuit_repr(found):
     text = repr(found)
     assert "\n" not in text and len(text) < 300 and "tensor" not in text
     assert text.startswith("FoundCircuit(Circuit(value_fetcher: ") and "top-k [2, 1, 1, 1]" in text
+
+
+def test_screened_discovery_chooses_from_exact_scores_of_the_screened(scaled, tmp_path):
+    """screen=N: attribution for every sender, exact for the N with the largest |attribution|
+    among those that can reach a receiver, the group from those exact scores; the step files
+    keep both and their key has the screen, so exact and screened files are not mixed up."""
+    model, _, clean, corrupt = scaled
+    top_k, n = (3, 2, 2, 2), 5
+    meta = {"model": "tiny", "seed": "3", "n": str(len(clean))}
+    finished, on_step = step_files(tmp_path, meta, "fast", (n, 1))
+    found = discovery.find_circuit(
+        model, clean, corrupt, top_k, PAPER_STEPS, screen=n, settings=S, finished=finished, on_step=on_step
+    )
+    assert found.screen == n and set(found.attribution) == {s.group for s in PAPER_STEPS}
+    exact_all = discovery.find_circuit(model, clean, corrupt, top_k, PAPER_STEPS, settings=S)
+    for i, step in enumerate(PAPER_STEPS):
+        group, estimate, exact = step.group, found.attribution[step.group], found.scores[step.group]
+        receivers = discovery.step_receivers(step, found.circuit.groups[PAPER_STEPS[i - 1].group] if i else [])
+        among = discovery.reachable(receivers, 4, 4)
+        assert estimate.method == "attribution"
+        assert estimate.scores.isnan().all() != bool(receivers or step.receiver_kind is None)  # no receiver: no sender
+        screened = discovery.screened_senders(estimate, n, among)
+        assert sorted(map(tuple, (~exact.scores.isnan()).nonzero().tolist())) == sorted(screened)
+        assert found.circuit.groups[group] == pp.top_heads(exact.scores, top_k[i])
+        if i == 0:  # same receivers (none): the screened exact scores are the exact ones
+            torch.testing.assert_close(
+                exact.scores[~exact.scores.isnan()], exact_all.scores[group].scores[~exact.scores.isnan()]
+            )
+    saved, key = load_scores(tmp_path / "value_fetcher.safetensors")
+    assert key["screen"] == str(n) and key["ig_steps"] == "1"
+    again = discovery.find_circuit(
+        model, clean, corrupt, top_k, PAPER_STEPS, screen=n, settings=S, finished=finished, on_step=on_step
+    )
+    assert again.reused == tuple(s.group for s in PAPER_STEPS) and again.circuit == found.circuit
+    torch.testing.assert_close(again.attribution["value_fetcher"].scores, found.attribution["value_fetcher"].scores)
+    exact_finished, _ = step_files(tmp_path, meta, "fast")
+    assert exact_finished(PAPER_STEPS[0], []) is None  # a screened file is not an exact one
+    assert json.loads(json.dumps(found.to_json()))["screen"] == n
+    assert FoundCircuit.from_json(found.to_json()).attribution.keys() == found.attribution.keys()
+
+
+def test_screen_is_checked(scaled):
+    model, _, clean, corrupt = scaled
+    with pytest.raises(CircuitError, match="at least every top-k"):
+        discovery.find_circuit(model, clean, corrupt, (3, 2, 2, 2), PAPER_STEPS, screen=2, settings=S)
+    with pytest.raises(CircuitError, match="estimate"):
+        discovery.find_circuit(model, clean, corrupt, (3, 2, 2, 2), PAPER_STEPS, method="attribution", settings=S)

@@ -63,7 +63,8 @@ def own_steps(positions: Sequence[str]) -> tuple[Step, ...]:
 class CircuitPlan:
     """Every setting of the paper's circuit discovery (`discover`) and Table 1 (`table1_row`):
     prompt counts, boxes, seed, top-k (capped to `top_k_cap` of all heads), path-patching
-    method, minimality threshold, the sweep's prompts and mark. The defaults are the paper's."""
+    method (and an optional attribution screen), minimality threshold, the sweep's prompts and
+    mark. The defaults are the paper's (exact path patching for every sender)."""
 
     n: int = 300  # path-patching prompts
     n_boxes: int = 7
@@ -71,6 +72,8 @@ class CircuitPlan:
     top_k: tuple[int, ...] = PAPER_TOP_K
     top_k_cap: float = TOP_K_CAP
     method: str = "fast"
+    screen: int | None = None  # exact scores for the N senders attribution ranks first (None: all)
+    ig_steps: int = 1  # attribution's gradient points when screening
     minimality_n: int = 100
     minimality_threshold: float = 0.03
     reference_n: int = 500  # prompts the ablation means are taken over
@@ -142,7 +145,17 @@ def discover(
         steps = own_steps(smallest(found_sweep, clean[few]))
         top_k = top_k[: len(steps)]
     found = find_circuit(
-        model, clean, corrupt, top_k, steps, method=plan.method, settings=settings, finished=finished, on_step=on_step
+        model,
+        clean,
+        corrupt,
+        top_k,
+        steps,
+        method=plan.method,
+        screen=plan.screen,
+        ig_steps=plan.ig_steps,
+        settings=settings,
+        finished=finished,
+        on_step=on_step,
     )
     reference = prompts(tokenizer, vocab, plan.reference_n, n_boxes, seed + SEED_OFFSETS["reference"])
     means = position_means(model, reference, settings=settings, cache_dir=means_cache)
