@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from et_circuits.core.circuit import Circuit
+from et_circuits.core.io import read_tensors
 from et_circuits.pipeline import cli
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
 from tests.conftest import make_checkpoint
@@ -95,3 +96,21 @@ def test_circuit_table1_figures(two_models, tmp_path, capsys):
     args = ["figures", "--base", base, "--models", base, tuned, "--results", str(results), "--figures", str(figs)]
     assert cli.main(args) == 0
     assert (figs / "table1.json").read_text() == drawn
+
+
+def test_screened_circuit_stage(two_models, tmp_path, capsys):
+    """`circuit --screen N`: circuit.json says the circuit was screened and with which N, the step
+    files keep every sender's attribution beside the exact scores (NaN where not scored
+    exactly), and an exact rerun does not reuse the screened steps."""
+    results, base = tmp_path / "results", str(two_models / "base-model")
+    args = ["circuit", "--model", base, "--results", str(results), *CIRCUIT_SMALL, "--minimality-threshold", "0"]
+    assert cli.main([*args, "--screen", "2"]) == 0
+    assert "screened N=2" in capsys.readouterr().out
+    d = results / "base-model"
+    chosen = json.loads((d / "circuit.json").read_text())["chosen_by"]
+    assert chosen == {"method": "fast", "screen": 2, "ig_steps": 1}
+    tensors = read_tensors(d / "path_patching" / "value_fetcher.safetensors")
+    assert not tensors["attribution"].isnan().any() and int((~tensors["scores"].isnan()).sum()) == 2
+    assert cli.main(args) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert json.loads((d / "circuit.json").read_text())["chosen_by"]["screen"] is None
