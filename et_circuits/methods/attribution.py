@@ -209,3 +209,45 @@ def attribution_scores(total: Tensor, total_clean: float, n: int, relative: bool
             raise CircuitError("the metric is 0 on the clean prompts: a relative score is undefined")
         scores = scores / clean_value
     return scores.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The position sweep's estimate: activation patching of every (position, layer, head) to first order
+
+
+def sweep_attribution(
+    model: HookedTransformer,
+    clean: PromptSet,
+    corrupt: PromptSet,
+    positions: list[Spec],
+    metric,
+    batch_size: int,
+) -> tuple[Float[Tensor, "position layer head"], float]:
+    """sum over prompts of dz . d metric / dz at each position of `positions` for every head
+    (z: `hook_z` of the clean run, dz: corrupt minus clean there; a position set sums its
+    positions), in n x the metric's units, and n x the clean metric. Per chunk of `batch_size`
+    prompts: one clean forward and backward, and one corrupt forward."""
+    n_layers = model.cfg.n_layers
+    layers = range(n_layers)
+    total = torch.zeros(len(positions), n_layers, model.cfg.n_heads, dtype=torch.float64)
+    total_clean = 0.0
+    device = block_device(model, 0)
+    for c, k in zip(clean.chunks(batch_size), corrupt.chunks(batch_size)):
+        c, k = c.to(device), k.to(device)
+        with torch.no_grad():
+            corrupt_z: dict[int, Tensor] = {}
+            model.run_with_hooks(k.input_ids, fwd_hooks=record_hooks("z", layers, corrupt_z))
+        with torch.enable_grad():
+            clean_z: dict[int, Tensor] = {}
+            logits = model.run_with_hooks(c.input_ids, fwd_hooks=record_hooks("z", layers, clean_z))
+            last = logits[torch.arange(len(c), device=logits.device), c.position(LAST).to(logits.device)]
+            value = metric_sum(metric, last, c)
+            grads = torch.autograd.grad(value, [clean_z[l] for l in layers])
+        total_clean += float(value.detach())
+        for i, spec in enumerate(positions):
+            at = c.position_set(spec)
+            for l in layers:
+                delta = at_positions(corrupt_z[l], at) - at_positions(clean_z[l].detach(), at)  # n k head d
+                delta = torch.where((at >= 0)[:, :, None, None].to(delta.device), delta, torch.zeros_like(delta))
+                total[i, l] += (delta.double() * at_positions(grads[l], at).double()).sum((0, 1, 3)).cpu()
+    return total, total_clean

@@ -15,6 +15,12 @@ sweeps follow:
 Scores are metric(patched) - metric(clean), divided by metric(clean) when `relative` (the
 default metric, the mean answer probability, is relative as in path patching).
 
+`method="attribution"` screens first: every (position, layer) and (position, head) to first
+order (`attribution.sweep_attribution`: one clean forward and backward, one corrupt forward),
+the same marking rule on those estimates proposes positions, and the exact sweep above runs at
+the proposed positions only; what it marks there is what the result marks. A position the
+estimate misses is not swept exactly (`Sweep.estimate` keeps every position's estimate).
+
 Cost: patching layer l at p recomputes layers >= l at positions >= p, restarted from the clean
 run (`restart.run_from`). All layers of a position share one pass, and so do all heads of all
 layers: the rows of layer l's patch join the pass at layer l (one row per variant and prompt).
@@ -45,7 +51,10 @@ from et_circuits.core.serial import frame, spec_from_json, table_from_json
 from et_circuits.core.settings import QUIET, RunSettings
 from et_circuits.core.types import Receiver
 
+from .attribution import sweep_attribution
 from .path_patching import path_patch
+
+SWEEP_METHODS = ("exact", "attribution")
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +63,9 @@ class Sweep:
     `marked` positions; and at the smallest marked ones (the keys of `heads` and `paths`), per
     head, by activation patching (`heads`) and by path patching through every later head's
     inputs there (`paths`). `tokens`: the first prompt's token(s) at each position (for
-    figures and reprs)."""
+    figures and reprs). A screened sweep (`method` "attribution") holds the exact sweep at the
+    proposed positions, and the attribution estimate of every swept position's layers
+    (`estimate[i]` for `swept[i]`)."""
 
     positions: list[Spec]
     layers: Float[Tensor, "position layer"]
@@ -62,6 +73,9 @@ class Sweep:
     heads: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
     paths: dict[Spec, Float[Tensor, "layer head"]] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
+    method: str = "exact"
+    swept: list[Spec] = field(default_factory=list)
+    estimate: Float[Tensor, "position layer"] | None = None
 
     def to_json(self) -> dict:
         """As JSON (what `figures.sweep_heatmap` and the report read): scores rounded to 6
@@ -71,12 +85,18 @@ class Sweep:
             return [[round(x, 6) + 0.0 for x in row] for row in t.tolist()]
 
         return {
-            "positions": [p if isinstance(p, str) else list(p) for p in self.positions],
+            "positions": list(map(_as_json, self.positions)),
             "tokens": self.tokens,
             "layers": table(self.layers),
             "marked": self.marked,
             "heads": {spec_text(p): table(t) for p, t in self.heads.items()},
             "paths": {spec_text(p): table(t) for p, t in self.paths.items()},
+            "method": self.method,
+            **(
+                {}
+                if self.estimate is None
+                else {"swept": list(map(_as_json, self.swept)), "estimate": table(self.estimate)}
+            ),
         }
 
     @classmethod
@@ -91,6 +111,9 @@ class Sweep:
             {by_text[p]: table_from_json(t) for p, t in d["heads"].items()},
             {by_text[p]: table_from_json(t) for p, t in d["paths"].items()},
             list(d.get("tokens", [])),
+            d.get("method", "exact"),
+            [spec_from_json(p) for p in d.get("swept", [])],
+            table_from_json(d["estimate"]) if "estimate" in d else None,
         )
 
     def to_frame(self):
@@ -194,15 +217,18 @@ def sweep(
     metric: Metric | None = None,
     relative: bool | None = None,
     mark: float = 0.1,
+    method: str = "exact",
     settings: RunSettings = QUIET,
 ) -> Sweep:
     """The layer sweep over `positions` (default: every token of prompts that share one
     layout); the marked positions, whose largest |layer score| is at least `mark` times the
     largest of all; then both head sweeps at the marked positions without redundant ones
     (`smallest`: a position set is left out when one of its subsets carries its effect). See the
-    module docstring."""
+    module docstring. `method` "attribution": screen the positions first (module docstring)."""
     if not 0 < mark <= 1:
         raise DataError(f"mark must be in (0, 1], got {mark}")
+    if method not in SWEEP_METHODS:
+        raise DataError(f"unknown sweep method {method!r}; expected one of {SWEEP_METHODS}")
     relative = (metric is None) if relative is None else relative
     metric = answer_prob if metric is None else metric
     if positions is None:
@@ -212,6 +238,8 @@ def sweep(
     if not positions:
         raise DataError("a position sweep needs at least one position")
     n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(clean)
+    if method == "attribution":
+        return _screened(model, clean, corrupt, positions, metric, relative, mark, settings)
     runs = prepare_runs(model, clean, corrupt, positions, settings)
 
     def scored(variants: list[PatchTarget], what: str, specs: list[Spec]) -> list[Tensor]:
@@ -247,6 +275,34 @@ def sweep(
                 runs=runs,
             ).scores
     return Sweep(positions, layer_scores, marked, heads, paths, _tokens_at(model, clean, positions))
+
+
+def _screened(model, clean, corrupt, positions, metric, relative, mark, settings) -> Sweep:
+    """Attribution for every position, the marking rule on it, the exact sweep at what it marks."""
+    total, total_clean = sweep_attribution(model, clean, corrupt, positions, metric, settings.batch_size)
+    estimate = total.sum(-1) / len(clean)  # a layer's patch moves all its heads: their sum, to first order
+    if relative:
+        estimate = estimate / (total_clean / len(clean))
+    strength = estimate.abs().amax(1)
+    proposed = [p for p, s in zip(positions, strength.tolist()) if s >= mark * float(strength.max()) and s > 0]
+    if not proposed:
+        raise DataError("attribution found no effect at any position")
+    exact = sweep(model, clean, corrupt, proposed, metric=metric, relative=relative, mark=mark, settings=settings)
+    return Sweep(
+        exact.positions,
+        exact.layers,
+        exact.marked,
+        exact.heads,
+        exact.paths,
+        exact.tokens,
+        "attribution",
+        list(positions),
+        estimate.float(),
+    )
+
+
+def _as_json(spec: Spec):
+    return spec if isinstance(spec, str) else list(spec)
 
 
 def _tokens_at(model: HookedTransformer, prompts: PromptSet, positions: Sequence[Spec]) -> list[str]:
