@@ -30,6 +30,12 @@ PER_MODEL = (
         "One panel per discovery step; the boxed heads (the most negative scores) make the step's group.",
     ),
     (
+        "{model}_(discovered_)?attribution",
+        "{model}: attribution against exact path patching {where}",
+        "Each sender scored both ways: its first-order estimate (attribution) against its exact score; ρ is "
+        "their Spearman correlation. Filled: the step's group. {chosen}",
+    ),
+    (
         "{model}_(discovered_)?completeness",
         "{model}: completeness of the circuit {where}",
         "F(C∖K) against F(M∖K) for knocked-out sets K: a complete circuit lies on the diagonal.",
@@ -90,8 +96,11 @@ def texts(results: Path, models: list[str]) -> Callable[[str], FigureText]:
         for model in sorted(models, key=len, reverse=True):  # "a-b" before "a"
             for pattern, title, caption in PER_MODEL:
                 if re.fullmatch(pattern.format(model=re.escape(model)), stem):
+                    chosen = _chosen_by(results, model, reading)
                     return FigureText(
-                        title.format(model=model, where=where), caption, _empty_model(results, model, reading, stem)
+                        title.format(model=model, where=where),
+                        caption.format(chosen=chosen),
+                        _empty_model(results, model, reading, stem),
                     )
         base = re.sub("_discovered$", "", stem)
         if base in PER_STAGE:
@@ -100,6 +109,19 @@ def texts(results: Path, models: list[str]) -> Callable[[str], FigureText]:
         return FigureText(stem)
 
     return text
+
+
+def _chosen_by(results: Path, model: str, reading: str) -> str:
+    """Which method chose the circuit's groups, from circuit.json."""
+    path = layout.circuit_path(results, model, reading)
+    chosen = (layout.read_json_or_empty(path) if path.exists() else {}).get("chosen_by") or {}
+    method = chosen.get("method", "fast")
+    if chosen.get("screen"):
+        return (
+            f"Exact path patching ({method}) chose every group, among the {chosen['screen']} senders per step that "
+            "attribution ranked first (screened); attribution alone chose nothing."
+        )
+    return f"Exact path patching ({method}) scored every sender and chose every group."
 
 
 def _empty_model(results: Path, model: str, reading: str, stem: str) -> str | None:

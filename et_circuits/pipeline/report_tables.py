@@ -283,6 +283,7 @@ SECTIONS = (
             "table1",
             "*_discovered_path_patching",
             "*_path_patching",
+            "*_attribution",
             "*_completeness",
         ),
     ),

@@ -84,6 +84,7 @@ def stage_stem(what: str, reading: str = "paper") -> str:
 
 
 SWEEP_FIGURE = "sweep"  # <model>_sweep: the position sweep (discovered reading)
+ATTRIBUTION_FIGURE = "attribution"  # <model>[_discovered]_attribution: a screened discovery's estimates
 TABLE1_FIGURE, DCM_EXTRA_FIGURE, CMAP_INPUT_FIGURE, KNOCKOUT_FIGURE = "table1", "dcm_extra", "cmap_input", "knockout"
 
 

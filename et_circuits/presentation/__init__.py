@@ -1,8 +1,9 @@
-"""Plotly figures, one module per stage (`circuit`, `dcm`, `cmap`, `knockout`), how they are
+"""Plotly figures, one module per stage (`circuit`, `attribution`, `dcm`, `cmap`, `knockout`), how they are
 written (`save`) and the report page (`report`). Each figure function takes results (result
 types, circuits, pandas frames) and returns a plotly figure, so a notebook can show it inline.
 `import et_circuits as et; et.figures` is this package."""
 
+from .attribution import attribution_scatter
 from .circuit import circuit_diagram, completeness_figure, step_heatmaps, sweep_heatmap, table_figure
 from .cmap import PATCH_TITLES, cmap_figure, input_patching_figure
 from .dcm import DESIDERATUM_COLORS, extra_figure, figure2
@@ -11,6 +12,7 @@ from .save import FIGURES_ENV, figures_dir, png_export, save_figure, save_figure
 
 __all__ = [
     "step_heatmaps",
+    "attribution_scatter",
     "circuit_diagram",
     "table_figure",
     "completeness_figure",

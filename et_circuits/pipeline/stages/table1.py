@@ -13,7 +13,7 @@ import pandas as pd
 from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit, overlap
 from et_circuits.core.errors import CircuitError
-from et_circuits.core.io import read_json, write_csv, write_text
+from et_circuits.core.io import read_json, read_tensors, write_csv, write_text
 from et_circuits.methods.minimality import Completeness
 from et_circuits.methods.sweep import Sweep
 from et_circuits.models import result_name
@@ -135,6 +135,10 @@ def draw_figures(
                 found = Sweep.from_json(read_json(where / results.SWEEP))
                 stem = results.figure_stem(name, "paper", results.SWEEP_FIGURE)
                 todo.append((stem, figures.sweep_heatmap(found, f"{name}: position sweep")))
+            pairs = _attribution_pairs(where / results.STEPS_DIR, circuit)
+            if name == base_name and pairs:
+                stem = results.figure_stem(name, reading, results.ATTRIBUTION_FIGURE)
+                todo.append((stem, figures.attribution_scatter(pairs, circuit, f"{label}: attribution vs exact")))
             if name == base_name:
                 n_layers = next(iter(scores.values())).shape[0]
                 steps = PAPER_STEPS if reading == "paper" else recipe.own_steps(_earlier(circuit))
@@ -149,6 +153,17 @@ def draw_figures(
     figures.save_figures(todo, directory)
     where = directory or figures.figures_dir()
     print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+def _attribution_pairs(directory: Path, circuit: Circuit) -> dict:
+    """Each screened step's (attribution, exact scores) from its step file; empty unless screened."""
+    pairs = {}
+    for group in circuit.groups:
+        path = results.step_path(directory, group)
+        tensors = read_tensors(path) if path.exists() else {}
+        if "attribution" in tensors:
+            pairs[group] = (tensors["attribution"], tensors["scores"])
+    return pairs
 
 
 def _earlier(circuit: Circuit) -> list[str]:
