@@ -117,10 +117,13 @@ $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(S
 
 # Speed on this machine: path patching fast vs reference and the position sweep on the organism,
 # the same at LLaMA-7B head geometry on CPU (median of three runs), DCM batching, the stages of
-# `make all`. Each prints its ratio on its last line. A GPU runs bench_7b_geometry.py at full width.
+# `make all`, and screening with attribution (exact path patching of the senders attribution ranks
+# first; the attribution sweep). Each prints its ratio on its last line. A GPU runs
+# bench_7b_geometry.py and bench_attribution.py at full width (--gpu).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
 	$(PY) benchmarks/bench_7b_geometry.py --cpu --runs 3
+	$(PY) benchmarks/bench_attribution.py
 	$(PY) benchmarks/bench_dcm.py --results $(RESULTS)
 	$(PY) benchmarks/bench_make_all.py
 

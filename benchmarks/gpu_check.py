@@ -65,11 +65,13 @@ from et_circuits import models  # noqa: E402
 from et_circuits.core.circuit import Circuit  # noqa: E402
 from et_circuits.core.errors import SetupError  # noqa: E402
 from et_circuits.core.forward import last_logits  # noqa: E402
+from et_circuits.core.metrics import answer_prob  # noqa: E402
 from et_circuits.core.settings import RunSettings, resolve_device  # noqa: E402
-from et_circuits.methods import discovery  # noqa: E402
+from et_circuits.methods import attribution, discovery  # noqa: E402
 from et_circuits.methods import path_patching as pp  # noqa: E402
 from et_circuits.methods.cmap import cmap, input_patches_for  # noqa: E402
 from et_circuits.methods.dcm import DCMConfig  # noqa: E402
+from et_circuits.methods.sweep import absolute_positions  # noqa: E402
 from et_circuits.tasks.entity_tracking import data, recipe  # noqa: E402
 from et_circuits.tasks.entity_tracking.organism.tokenizer import build_tokenizer  # noqa: E402
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, TOP_K_CAP  # noqa: E402
@@ -836,7 +838,8 @@ def part_geometry_cmap(part: Part, bench: Bench) -> None:
 
 def part_geometry_attribution(part: Part, bench: Bench) -> None:
     """The attribution sweep of the four steps (once it exists), its peak memory, and how its
-    ranking agrees with the fast sweep's (Spearman over all senders)."""
+    ranking agrees with the fast sweep's (Spearman over all senders); then the attribution
+    position sweep over every token (chunked backward over the prompts) and its peak memory."""
     need_attribution()
     geometry_needed(bench)
     model = bench.geo["model"]
@@ -862,10 +865,17 @@ def part_geometry_attribution(part: Part, bench: Bench) -> None:
         if step.group in fast:
             record["spearman_fast"] = spearman(result.scores, fast[step.group]["scores"])
         part.step(step.group, record)
-    part.set(
-        total_s=round(total, 3),
-        headline=f"4 steps {total:.1f}s" + (f" = {total / forward:.1f} forwards" if forward else ""),
+    headline = f"4 steps {total:.1f}s" + (f" = {total / forward:.1f} forwards" if forward else "")
+    part.set(total_s=round(total, 3), headline=headline)
+    swept, names = absolute_positions(clean)
+    corrupt_at = corrupt.replace(positions={p: swept.positions[p] for p in names})
+    reset_peak(bench.device)
+    _, seconds = timed(
+        lambda: attribution.sweep_attribution(model, swept, corrupt_at, names, answer_prob, bench.settings.batch_size),
+        bench.device,
     )
+    part.step("position_sweep", {**cost(seconds, forward, bench.device), "positions": len(names)})
+    part.set(headline=f"{headline}; sweep of {len(names)} positions {seconds:.1f}s")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

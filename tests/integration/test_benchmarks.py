@@ -71,3 +71,18 @@ def test_dcm_benchmark_runs_small(tmp_path, capsys):
     assert "batched: 27 masks in " in out and "one at a time: 27 masks in " in out
     assert "same selected heads and accuracies: True" in out
     assert ratio > 0 and _last_line(out) == f"dcm batching speedup={ratio:.2f}"
+
+
+def test_attribution_benchmark_runs_small(capsys):
+    """Screened vs exact at a small geometry (and the organism on few prompts): both lines in
+    their form, with the numbers the run returns."""
+    result = _bench("bench_attribution").main(["--small", "--n", "6", "--organism-n", "24"])
+    assert set(result["organism_same"]) == {"organism-llama", "organism-vicuna", "organism-goat", "organism-float"}
+    assert result["forwards"] > 0 and result["exact_forwards"] > 0 and 0 <= result["recall"] <= 1
+    assert result["positions"] == 54 and result["sweep_forwards"] > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == f"sweep_attribution forwards={result['sweep_forwards']:.1f}"
+    assert re.fullmatch(
+        r"7b_geometry screened: forwards=[\d.]+ exact_forwards=[\d.]+ ratio=[\d.]+ recall=[\d.]+", lines[-1]
+    )
+    assert f"ratio={result['exact_forwards'] / result['forwards']:.1f}" in lines[-1]

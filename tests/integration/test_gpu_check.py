@@ -118,27 +118,22 @@ def test_prompts_and_dcm_pairs_shrink_to_the_budget():
     assert gpu_check.dcm_sizes_that_fit(paper, 1.0, 1.0) == (64, 32, 64)
 
 
-def test_attribution_parts_run_once_the_method_exists(monkeypatch, tmp_path, capsys):
-    """The two attribution parts, rehearsed with a stand-in for path_patch(method="attribution")
-    (the fast method under that name) until issue 28 brings the real one: they run, the device
-    check passes and the sweep's ranking is compared with the fast sweep's."""
+def test_attribution_parts_run(tmp_path, capsys):
+    """The two attribution parts with path_patch(method="attribution"): they run, the device
+    check passes, the four steps' ranking is compared with the fast sweep's, and the attribution
+    position sweep over every token is timed with its peak memory."""
     gpu_check = _module("gpu_check")
-    real = gpu_check.pp.path_patch
-
-    def stand_in(*args, method="fast", **kwargs):
-        return real(*args, method="fast" if method == gpu_check.ATTRIBUTION else method, **kwargs)
-
-    if not gpu_check.attribution_available():
-        monkeypatch.setattr(gpu_check.pp, "METHODS", (*gpu_check.pp.METHODS, gpu_check.ATTRIBUTION))
-        monkeypatch.setattr(gpu_check.pp, "path_patch", stand_in)
+    assert gpu_check.attribution_available()
     out = tmp_path / "attribution.json"
     parts = ["correctness.attribution", "geometry.build", "geometry.fast_sweep", "geometry.attribution"]
     assert gpu_check.main(["--device", "cpu", "--small", "--parts", *parts, "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     check, sweep = doc["correctness"]["attribution"], doc["geometry"]["attribution"]
     assert check["status"] == "done" and check["pass"] is True and len(check["finished"]) == 4
-    assert sweep["status"] == "done" and len(sweep["finished"]) == 4
-    assert all(step["spearman_fast"] is None or -1 <= step["spearman_fast"] <= 1 for step in sweep["steps"].values())
+    assert sweep["status"] == "done" and sweep["finished"][-1] == "position_sweep" and len(sweep["finished"]) == 5
+    steps = [v for k, v in sweep["steps"].items() if k != "position_sweep"]
+    assert all(step["spearman_fast"] is None or -1 <= step["spearman_fast"] <= 1 for step in steps)
+    assert sweep["steps"]["position_sweep"]["seconds"] > 0 and sweep["steps"]["position_sweep"]["positions"] > 0
     assert "geometry.attribution" in capsys.readouterr().out
 
 
