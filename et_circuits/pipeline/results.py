@@ -162,7 +162,11 @@ def step_files(directory: Path, base: Mapping[str, str], method: str, screen: tu
             tensors = (
                 {"scores": result.scores}
                 if not isinstance(result, Screened)
-                else {"scores": result.exact.scores, "attribution": result.estimate.scores}
+                else {
+                    "scores": result.exact.scores,
+                    "attribution": result.estimate.scores,
+                    "exact": result.scored_exactly,
+                }
             )
             write_tensors(step_path(directory, step.group), tensors, key)
         what = "reused" if reused else f"{seconds:.1f}s"

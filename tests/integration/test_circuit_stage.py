@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from et_circuits.core.circuit import Circuit
 from et_circuits.core.io import read_tensors
@@ -111,6 +112,7 @@ def test_screened_circuit_stage(two_models, tmp_path, capsys):
     assert chosen == {"method": "fast", "screen": 2, "ig_steps": 1}
     tensors = read_tensors(d / "path_patching" / "value_fetcher.safetensors")
     assert not tensors["attribution"].isnan().any() and int((~tensors["scores"].isnan()).sum()) == 2
+    assert torch.equal(tensors["exact"], ~tensors["scores"].isnan())  # which senders were scored exactly
     assert cli.main(args) == 0
     assert "reused" not in capsys.readouterr().out
     assert json.loads((d / "circuit.json").read_text())["chosen_by"]["screen"] is None
