@@ -165,10 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-rows", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     if not args.gpu:
         torch.set_num_threads(1)  # CPU time on one thread: the cost, whatever else runs
-    same = organism(args)
-    result = {**geometry(args), "organism_same": same}
+    try:
+        same = organism(args)
+        result = {**geometry(args), "organism_same": same}
+    finally:
+        torch.set_num_threads(threads)
     print(f"sweep_attribution forwards={result['sweep_forwards']:.1f}")
     print(
         f"7b_geometry screened: forwards={result['forwards']:.1f} exact_forwards={result['exact_forwards']:.1f} "
