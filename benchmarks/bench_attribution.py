@@ -67,6 +67,38 @@ def timed(fn, device: str):
     return out, clock() - t0
 
 
+def compare_steps(model, clean, corrupt, receivers_of, top_k, runs, settings, forward) -> tuple[float, float, int, int]:
+    """Per paper step, with the receivers `receivers_of[group]` (through the step's inputs): exact
+    fast path patching, attribution, and screened (attribution, then exact for N = 2 x top-k),
+    each step's line printed. Returns the exact and screened seconds (without the shared runs)
+    and how many heads of the exact groups the screened steps chose, of how many."""
+    n_layers, n_heads, device = model.cfg.n_layers, model.cfg.n_heads, str(model.cfg.device)
+    exact_s, screened_s, hits, wanted = 0.0, 0.0, 0, 0
+    for step, k in zip(PAPER_STEPS, top_k):
+        receivers = discovery.step_receivers(step, receivers_of.get(step.group, [])) or None
+        if step.receiver_kind is not None and not receivers:
+            continue  # nothing to receive (an empty group before): no sender is scored
+        among = discovery.reachable(receivers or [], n_layers, n_heads)
+        patch = partial(pp.path_patch, model, clean, corrupt, step.position, receivers=receivers, runs=runs)
+        exact, t_exact = timed(partial(patch, settings=settings), device)
+        estimate, t_attr = timed(partial(patch, method="attribution", settings=settings), device)
+        screen = discovery.screened_senders(estimate, 2 * k, among)
+        checked, t_check = timed(partial(patch, senders=screen, settings=settings), device)
+        group, chosen = set(exact.top(k, among=among)), set(checked.top(k, among=among))
+        hits, wanted = hits + len(group & chosen), wanted + len(group)
+        exact_s, screened_s = exact_s + t_exact, screened_s + t_attr + t_check
+        rho = spearman(estimate.scores, exact.scores)
+        recall = top_k_recall(estimate.scores, exact.scores, k, 2 * k)
+        print(
+            f"  step {step.group:16s} exact {t_exact:7.2f}s ({t_exact / forward:6.1f} fwd) | attribution "
+            f"{t_attr:6.2f}s ({t_attr / forward:5.1f} fwd) | screened N={2 * k} "
+            f"{t_attr + t_check:6.2f}s ({(t_attr + t_check) / forward:5.1f} fwd) | spearman {rho:+.2f} | "
+            f"top-{k} recall in top-{2 * k} {recall:.2f} | group found {len(group & chosen)}/{len(group)}",
+            flush=True,
+        )
+    return exact_s, screened_s, hits, wanted
+
+
 def geometry(args: argparse.Namespace) -> dict:
     """The screened four steps and the attribution sweep at 7B head geometry."""
     on_cpu = not args.gpu
@@ -93,27 +125,9 @@ def geometry(args: argparse.Namespace) -> dict:
     runs, shared = timed(
         lambda: pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], settings), device
     )
-    exact_s, screened_s, hits, wanted = shared, shared, 0, 0
-    for step, k in zip(PAPER_STEPS, top_k):
-        receivers = discovery.step_receivers(step, receivers_of.get(step.group, [])) or None
-        among = discovery.reachable(receivers or [], n_layers, n_heads)
-        patch = partial(pp.path_patch, model, clean, corrupt, step.position, receivers=receivers, runs=runs)
-        exact, t_exact = timed(partial(patch, settings=settings), device)
-        estimate, t_attr = timed(partial(patch, method="attribution", settings=settings), device)
-        screen = discovery.screened_senders(estimate, 2 * k, among)
-        checked, t_check = timed(partial(patch, senders=screen, settings=settings), device)
-        group, chosen = set(exact.top(k, among=among)), set(checked.top(k, among=among))
-        hits, wanted = hits + len(group & chosen), wanted + len(group)
-        exact_s, screened_s = exact_s + t_exact, screened_s + t_attr + t_check
-        rho = spearman(estimate.scores, exact.scores)
-        recall = top_k_recall(estimate.scores, exact.scores, k, 2 * k)
-        print(
-            f"  step {step.group:16s} exact {t_exact:7.1f}s ({t_exact / forward:6.1f} fwd) | attribution "
-            f"{t_attr:6.1f}s ({t_attr / forward:5.1f} fwd) | screened N={2 * k} "
-            f"{t_attr + t_check:6.1f}s ({(t_attr + t_check) / forward:5.1f} fwd) | spearman {rho:+.2f} | "
-            f"top-{k} recall in top-{2 * k} {recall:.2f} | group found {len(group & chosen)}/{len(group)}",
-            flush=True,
-        )
+    receivers = {step.group: receivers_of.get(step.group, []) for step in PAPER_STEPS}
+    exact_s, screened_s, hits, wanted = compare_steps(model, clean, corrupt, receivers, top_k, runs, settings, forward)
+    exact_s, screened_s = exact_s + shared, screened_s + shared
     swept, names = absolute_positions(clean)
     corrupt_at = corrupt.replace(positions={p: swept.positions[p] for p in names})
     _, t_sweep = timed(
@@ -132,24 +146,26 @@ def geometry(args: argparse.Namespace) -> dict:
 
 
 def organism(args: argparse.Namespace) -> dict[str, bool]:
-    """Per organism model: whether screened discovery (N = 2 x top-k) chooses the exact groups."""
+    """Per organism model: each step compared (`compare_steps`, receivers the exact discovery's
+    groups) and whether screened discovery (N = 2 x top-k) chooses the exact groups."""
     same = {}
     for name in ORGANISM:
         model, tok, _ = models.load(name, device="cpu")
         top_k = discovery.effective_top_k(PAPER_TOP_K, model.cfg.n_layers, model.cfg.n_heads, TOP_K_CAP)
         clean, corrupt = recipe.path_patching_prompts(tok, data.vocabulary(tok, min_labels=8), args.organism_n, 7, 0)
         settings = RunSettings(args.batch_size, args.max_rows, progress=False)
+        plain = partial(last_logits, model, clean, settings=settings)
+        forward = min(timed(plain, "cpu")[1] for _ in range(3))
         exact = discovery.find_circuit(model, clean, corrupt, top_k, PAPER_STEPS, settings=settings)
         screened = discovery.find_circuit(
             model, clean, corrupt, top_k, PAPER_STEPS, screen=2 * max(top_k), settings=settings
         )
         same[name] = screened.circuit == exact.circuit
-        steps = ", ".join(
-            f"{g} spearman {spearman(screened.attribution[g].scores, exact.scores[g].scores):+.2f}"
-            for g in exact.scores
-            if not exact.scores[g].scores.isnan().all()
-        )
-        print(f"  {name}: screened = exact: {same[name]} | {steps}", flush=True)
+        print(f"{name}: {args.organism_n} prompts, one plain forward {forward:.3f}s; screened = exact: {same[name]}")
+        runs = pp.prepare_runs(model, clean, corrupt, [s.position for s in PAPER_STEPS], settings)
+        groups = exact.circuit.groups
+        receivers = {s.group: groups[p.group] for p, s in zip(PAPER_STEPS, PAPER_STEPS[1:])}
+        compare_steps(model, clean, corrupt, receivers, top_k, runs, settings, forward)
     return same
 
 
