@@ -26,12 +26,14 @@ def top_k_recall(
 ) -> float:
     """The share of the exact method's k most negative entries (the heads a step would choose)
     that are among the estimate's `n` (default k) entries of largest magnitude, over the entries
-    both score. NaN when nothing is scored."""
+    both score. NaN when nothing is scored or the exact scores are all equal (no top-k to find)."""
     estimate, exact = estimate.flatten().double().cpu(), exact.flatten().double().cpu()
     keep = ~(estimate.isnan() | exact.isnan())
     if not keep.any() or k <= 0:
         return float("nan")
     index = keep.nonzero()[:, 0]
+    if bool((exact[index] == exact[index[0]]).all()):
+        return float("nan")
     k = min(k, len(index))
     wanted = set(index[torch.sort(exact[index], stable=True).indices[:k]].tolist())
     screened = set(index[torch.sort(-estimate[index].abs(), stable=True).indices[: n or k]].tolist())

@@ -26,3 +26,4 @@ def test_top_k_recall():
     assert top_k_recall(estimate, exact, 2) == 0.5
     assert top_k_recall(estimate, exact, 2, n=3) == 1.0
     assert math.isnan(top_k_recall(torch.full((4,), float("nan")), exact, 2))
+    assert math.isnan(top_k_recall(estimate, torch.zeros(4), 2))  # every sender ties: no top-k to find
