@@ -21,7 +21,8 @@ def attribution_scatter(
     title: str = "",
 ) -> go.Figure:
     """One panel per step: x the exact score, y the attribution, one point per sender scored
-    both ways (exact NaN: screened out, not drawn); the group's heads filled, the others open.
+    both ways (exact NaN: screened out, not drawn); the heads of the step's group in `circuit`
+    (the top-k candidates, before minimality) filled, the others open.
     Each panel's title gives the Spearman correlation over its points."""
     groups = list(pairs)
     titles = []
@@ -38,6 +39,21 @@ def attribution_scatter(
         row, col = i // 2 + 1, i % 2 + 1
         chosen = set(circuit.groups.get(g, []))
         heads = [tuple(h) for h in (~(estimate.isnan() | exact.isnan())).nonzero().tolist()]
+        if not heads:
+            axis = "" if i == 0 else str(i + 1)
+            x, y = (sum(fig.layout[f"{a}axis{axis}"].domain) / 2 for a in "xy")
+            fig.add_annotation(
+                text="no sender scored both ways",
+                xref="paper",
+                yref="paper",
+                x=x,
+                y=y,
+                xanchor="center",
+                showarrow=False,
+            )
+            fig.update_xaxes(visible=False, row=row, col=col)
+            fig.update_yaxes(visible=False, row=row, col=col)
+            continue
         for picked in (False, True):
             these = [h for h in heads if (h in chosen) == picked]
             fig.add_trace(

@@ -138,7 +138,9 @@ def draw_figures(
             pairs = _attribution_pairs(where / results.STEPS_DIR, circuit)
             if name == base_name and pairs:
                 stem = results.figure_stem(name, reading, results.ATTRIBUTION_FIGURE)
-                todo.append((stem, figures.attribution_scatter(pairs, circuit, f"{label}: attribution vs exact")))
+                chosen = read_json(where / results.MINIMALITY) if (where / results.MINIMALITY).exists() else {}
+                groups = Circuit.from_dict(chosen["candidates"]) if "candidates" in chosen else circuit
+                todo.append((stem, figures.attribution_scatter(pairs, groups, f"{label}: attribution vs exact")))
             if name == base_name:
                 n_layers = next(iter(scores.values())).shape[0]
                 steps = PAPER_STEPS if reading == "paper" else recipe.own_steps(_earlier(circuit))

@@ -34,3 +34,11 @@ def test_caption_says_which_method_chose(tmp_path):
     assert "among the 8 senders per step that attribution ranked first" in text.caption
     write_json(tmp_path / model / "circuit.json", {**circuit, "chosen_by": {"method": "fast", "screen": None}})
     assert "scored every sender" in report_figures.texts(tmp_path, [model])(f"{model}_attribution").caption
+
+
+def test_a_step_without_senders_scored_both_ways_says_so():
+    nan = torch.full((2, 2), float("nan"))
+    circuit = Circuit({"a": [], "b": []}, {"a": "last", "b": "last"})
+    fig = attribution_scatter({"a": (torch.zeros(2, 2), torch.zeros(2, 2)), "b": (nan, nan)}, circuit)
+    notes = [a.text for a in fig.layout.annotations]
+    assert notes.count("no sender scored both ways") == 1 and len([t for t in fig.data if len(t.x)]) == 1
