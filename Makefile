@@ -96,7 +96,7 @@ $(CIRCUITS) &: | $(STAMP)
 
 # Table 1 and DCM draw their figures in the same process (--figures): one start less each.
 $(TABLE1) $(CIRCUIT_FIGURES) &: $(CIRCUITS) | $(STAMP)
-	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
+	$(SHARDED) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
 # A rerun of DCM reuses every finished mask training (dcm_runs.json), so a changed circuit
 # retrains only the masks that depend on it (and a missing figure costs no training).

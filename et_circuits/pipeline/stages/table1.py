@@ -21,7 +21,7 @@ from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 
 from .. import results
-from ..running import load_model, settings
+from ..running import load_model, per_model, settings
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -61,9 +61,11 @@ def cmd_table1(args: argparse.Namespace) -> None:
     plan = recipe.CircuitPlan(
         n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
     )
-    rows = []
-    for model_arg, name in zip(args.models, names):
+
+    def rows_of(model_arg: str) -> list[dict]:
+        name = result_name(model_arg)
         model, tokenizer, _ = load_model(model_arg, args)
+        rows = []
         for reading in recipe.READINGS:
             ev = recipe.table1_row(
                 model,
@@ -81,6 +83,9 @@ def cmd_table1(args: argparse.Namespace) -> None:
             )
         del model
         gc.collect()
+        return rows
+
+    rows = [row for part in per_model(rows_of, args.models) for row in part]  # under torchrun: models over ranks
     frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
     write_csv(args.results / results.TABLE1, frame)
     sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
