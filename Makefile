@@ -117,12 +117,14 @@ $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(S
 
 # Speed on this machine: path patching fast vs reference and the position sweep on the organism,
 # the same at LLaMA-7B head geometry on CPU (median of three runs), DCM batching, the stages of
-# `make all`. Each prints its ratio on its last line. A GPU runs bench_7b_geometry.py at full width.
+# `make all`, and each of them as one process against 2 torchrun ranks (bench_scaling.py). Each
+# prints its ratio on its last line. A GPU runs bench_7b_geometry.py at full width.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
 	$(PY) benchmarks/bench_7b_geometry.py --cpu --runs 3
 	$(PY) benchmarks/bench_dcm.py --results $(RESULTS)
 	$(PY) benchmarks/bench_make_all.py
+	$(PY) benchmarks/bench_scaling.py
 
 # The first GPU run, prepared (benchmarks/gpu_check.py): the CUDA path checked against the CPU on the
 # organism (path patching, Table 1, DCM, CMAP), then LLaMA-7B head geometry measured at full width

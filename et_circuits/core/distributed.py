@@ -17,6 +17,7 @@ The backend is nccl where every rank has a GPU (rank r on cuda:LOCAL_RANK), gloo
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -27,6 +28,9 @@ import torch.distributed as dist
 T = TypeVar("T")
 R = TypeVar("R")
 _alone = 0  # depth of `alone()` blocks: inside one, this rank acts as the only process
+# Where this rank's time went in each sharded loop of more than one rank: {"items": n, "own":
+# [[index, seconds], ...], "wait": seconds in the exchange (waiting for slower ranks)}.
+LOOPS: list[dict] = []
 
 
 def launched() -> bool:
@@ -112,15 +116,19 @@ def sharded_map(
     given, see `mine`) and the results sent to all. `on_done(i, result)` runs as each of this
     rank's items finishes, then (after the exchange) for everyone else's, so a single process
     still reports item by item."""
-    own = {}
+    own, seconds = {}, []
     for i in mine(len(items), costs):
+        start = time.perf_counter()
         own[i] = fn(items[i])
+        seconds.append([i, round(time.perf_counter() - start, 3)])
         if on_done is not None:
             on_done(i, own[i])
     if world() == 1:
         return [own[i] for i in range(len(items))]
     gathered: list[dict[int, R] | None] = [None] * world()
+    start = time.perf_counter()
     dist.all_gather_object(gathered, own)
+    LOOPS.append({"items": len(items), "own": seconds, "wait": round(time.perf_counter() - start, 3)})
     results = {i: r for part in gathered for i, r in part.items()}
     if on_done is not None:
         for i in sorted(set(results) - set(own)):

@@ -23,6 +23,9 @@ from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 from .. import results
 from ..running import load_model, per_model, settings
 
+# The circuit figures' cost (mostly PNG export) per model, against one model's Table 1 rows.
+FIGURES_COST = 0.5
+
 
 def _markdown(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
@@ -62,7 +65,10 @@ def cmd_table1(args: argparse.Namespace) -> None:
         n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
     )
 
-    def rows_of(model_arg: str) -> list[dict]:
+    def rows_of(model_arg: str | None) -> list[dict]:
+        if model_arg is None:  # the circuit stage's figures but Table 1's: a unit of work of their own
+            figures.save_figures(circuit_figures(args.base, args.models, args.results), args.figures)
+            return []
         name = result_name(model_arg)
         model, tokenizer, _ = load_model(model_arg, args)
         rows = []
@@ -85,7 +91,10 @@ def cmd_table1(args: argparse.Namespace) -> None:
         gc.collect()
         return rows
 
-    rows = [row for part in per_model(rows_of, args.models) for row in part]  # under torchrun: models over ranks
+    # under torchrun: models (and the figures) over the ranks, balanced by estimated cost
+    units = [*args.models, *([None] if args.figures is not None else [])]
+    costs = [1.0] * len(args.models) + [FIGURES_COST * len(args.models)] * (args.figures is not None)
+    rows = [row for part in per_model(rows_of, units, costs) for row in part]
     frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
     write_csv(args.results / results.TABLE1, frame)
     sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
@@ -103,7 +112,8 @@ def cmd_table1(args: argparse.Namespace) -> None:
     for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
         print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
     if args.figures is not None:  # this process draws the stage's figures too (no second start)
-        draw_figures(args.base, args.models, args.results, args.figures, frame)
+        figures.save_figures([table1_figure(base_name, frame)], args.figures)
+        print(f"figures: written to {args.figures}/")
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -121,6 +131,15 @@ def draw_figures(
 ) -> None:
     """The circuit stage's figures (each model's step heatmaps, completeness and sweep, the
     base's circuit diagrams, Table 1) from its files under `results_dir` and the Table 1 frame."""
+    todo = circuit_figures(base, model_args, results_dir) + [table1_figure(result_name(base), table)]
+    figures.save_figures(todo, directory)
+    where = directory or figures.figures_dir()
+    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+def circuit_figures(base: str, model_args: list[str], results_dir: Path) -> list[tuple[str, object]]:
+    """(stem, figure) of each model's step heatmaps, completeness and sweep, and the base's
+    circuit diagrams, from the circuit stage's files under `results_dir`."""
     base_name = result_name(base)
     todo = []
     for model_arg in model_args:
@@ -147,13 +166,14 @@ def draw_figures(
                     circuit, steps=steps, n_layers=n_layers, title=f"{label} circuit ({len(circuit)} heads)"
                 )
                 todo.append((results.figure_stem(name, reading, "circuit"), diagram))
+    return todo
+
+
+def table1_figure(base_name: str, table: pd.DataFrame) -> tuple[str, object]:
+    """(stem, figure) of Table 1."""
     header = list(table.columns)
     cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
-    table_figure = figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")
-    todo.append((results.TABLE1_FIGURE, table_figure))
-    figures.save_figures(todo, directory)
-    where = directory or figures.figures_dir()
-    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+    return results.TABLE1_FIGURE, figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")
 
 
 def _earlier(circuit: Circuit) -> list[str]:
