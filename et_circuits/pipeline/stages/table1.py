@@ -12,6 +12,7 @@ import pandas as pd
 
 from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit, overlap
+from et_circuits.core.distributed import is_writer
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import read_json, write_csv, write_text
 from et_circuits.methods.minimality import Completeness
@@ -23,8 +24,9 @@ from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 from .. import results
 from ..running import load_model, per_model, settings
 
-# The circuit figures' cost (mostly PNG export) per model, against one model's Table 1 rows.
-FIGURES_COST = 0.35  # measured: 7 s for 4 models, against 5 s for one model's rows (organism, 1 thread)
+# The circuit figures' cost (mostly PNG export) per model and reading, against Table 1's row of
+# one model and reading; measured: 7 s for 4 models, 2.5 s for one row (organism, 1 thread).
+FIGURES_COST = 0.35
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -65,36 +67,41 @@ def cmd_table1(args: argparse.Namespace) -> None:
         n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
     )
 
-    def rows_of(model_arg: str | None) -> list[dict]:
-        if model_arg is None:  # the circuit stage's figures but Table 1's: a unit of work of their own
+    loaded: dict[str, tuple] = {}  # the model of the last unit (a rank's units come in order)
+
+    def rows_of(unit: tuple[str, str] | None) -> list[dict]:
+        if unit is None:  # the circuit stage's figures but Table 1's: a unit of work of their own
             figures.save_figures(circuit_figures(args.base, args.models, args.results), args.figures)
             return []
+        model_arg, reading = unit
+        if model_arg not in loaded:
+            loaded.clear()
+            gc.collect()
+            loaded[model_arg] = load_model(model_arg, args)[:2]
+        model, tokenizer = loaded[model_arg]
         name = result_name(model_arg)
-        model, tokenizer, _ = load_model(model_arg, args)
-        rows = []
-        for reading in recipe.READINGS:
-            ev = recipe.table1_row(
-                model,
-                tokenizer,
-                circuits[(base_name, reading)],
-                plan,
-                settings=settings(args),
-                means_cache=args.results / name,
-            )
-            rows.append({"model": name, "positions": reading, **ev.as_row()})
-            print(
-                f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
-                f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
-                flush=True,
-            )
-        del model
-        gc.collect()
-        return rows
+        ev = recipe.table1_row(
+            model,
+            tokenizer,
+            circuits[(base_name, reading)],
+            plan,
+            settings=settings(args),
+            means_cache=args.results / name,
+        )
+        print(
+            f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
+            f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
+            flush=True,
+        )
+        return [{"model": name, "positions": reading, **ev.as_row()}]
 
-    # under torchrun: models (and the figures) over the ranks, balanced by estimated cost
-    units = [*args.models, *([None] if args.figures is not None else [])]
-    costs = [1.0] * len(args.models) + [FIGURES_COST * len(args.models)] * (args.figures is not None)
+    # under torchrun: each model x reading (and the figures) on one rank, balanced by estimated cost
+    units = [(m, r) for m in args.models for r in recipe.READINGS]
+    costs = [1.0] * len(units)
+    if args.figures is not None:
+        units, costs = [*units, None], [*costs, FIGURES_COST * len(units)]
     rows = [row for part in per_model(rows_of, units, costs) for row in part]
+    loaded.clear()
     frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
     write_csv(args.results / results.TABLE1, frame)
     sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
@@ -113,7 +120,8 @@ def cmd_table1(args: argparse.Namespace) -> None:
         print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
     if args.figures is not None:  # this process draws the stage's figures too (no second start)
         figures.save_figures([table1_figure(base_name, frame)], args.figures)
-        print(f"figures: written to {args.figures}/")
+        if is_writer():
+            print(f"figures: written to {args.figures}/")
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
