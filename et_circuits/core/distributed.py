@@ -74,12 +74,13 @@ def barrier() -> None:
 
 def assign(costs: Sequence[float], n_ranks: int) -> list[list[int]]:
     """Longest processing time first: item indices for each of n_ranks, the costliest item to
-    the least loaded rank (ties: the lower index, then the lower rank), each rank's indices in
-    ascending order. Deterministic, so every rank computes the same assignment."""
+    the least loaded rank (ties: the lower index, to the rank with fewer items, then the lower
+    rank; so equal costs go round robin), each rank's indices in ascending order.
+    Deterministic, so every rank computes the same assignment."""
     loads = [0.0] * n_ranks
     out: list[list[int]] = [[] for _ in range(n_ranks)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(n_ranks), key=lambda r: (loads[r], r))
+        r = min(range(n_ranks), key=lambda r: (loads[r], len(out[r]), r))
         loads[r] += costs[i]
         out[r].append(i)
     return [sorted(part) for part in out]

@@ -22,6 +22,10 @@ def test_assign_balances_better_than_round_robin():
     assert loads == [11, 11]  # round robin: 20 and 2
 
 
+def test_assign_shares_out_items_of_no_cost_round_robin():
+    assert distributed.assign([0, 0, 0, 0, 0], 2) == [[0, 2, 4], [1, 3]]
+
+
 @pytest.mark.parametrize("n_ranks", [1, 3, 8])
 def test_assign_gives_every_item_to_exactly_one_rank(n_ranks):
     costs = [3.0, 0.5, 2.0, 2.0, 7.0]
