@@ -2,9 +2,11 @@
 over the ranks: every rank runs the same program, computes its share of each sharded loop
 (path-patching sender batches, position-sweep positions, DCM mask stacks, CMAP variants,
 knockout edges), and receives everyone's results, so that whatever follows a sharded loop runs
-identically everywhere. Only
-rank 0 writes files (`io.atomic_path`). Without torchrun (no WORLD_SIZE) everything is one
-process and these functions cost nothing.
+identically everywhere. Only rank 0 writes files (`io.atomic_path`). Where a stage has at least
+as many whole units of work as ranks (its models), `split` gives each unit to one rank, which
+computes it `alone` (its loops unsharded, its files written by itself): nothing is repeated on
+every rank. Items are shared out by estimated cost where it is known (`assign`: longest first).
+Without torchrun (no WORLD_SIZE) everything is one process and these functions cost nothing.
 
     torchrun --nproc_per_node 2 -m -- et_circuits dcm --model organism-llama --base organism-llama
 
