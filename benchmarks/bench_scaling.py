@@ -28,13 +28,17 @@ BUSY_LOG = "ET_CIRCUITS_BUSY_LOG"
 def run_stage(stage: str, out: Path, launch: str | None) -> tuple[float, list[dict]]:
     """(wall seconds, the busy log's lines) of `make <stage>` into `out`."""
     log = out / f"busy_{stage}.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{BUSY_LOG: str(log)})
     make = ["make", "-C", str(ROOT), "-o", ".venv/.installed", stage]
     make += [f"RESULTS={out / 'results'}", f"FIGURES={out / 'figures'}"] + ([f"LAUNCH={launch}"] if launch else [])
     start = time.perf_counter()
-    subprocess.run(make, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out / f"{stage}.log", "w") as output:
+        done = subprocess.run(make, env=env, stdout=output, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"make {stage} failed; its output: {out / f'{stage}.log'}")
     lines = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     return seconds, lines
 

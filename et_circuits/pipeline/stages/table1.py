@@ -24,8 +24,11 @@ from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 from .. import results
 from ..running import load_model, per_model, settings
 
-# The circuit figures' cost (mostly PNG export) per model and reading, against Table 1's row of
-# one model and reading; measured: 7 s for 4 models, 2.5 s for one row (organism, 1 thread).
+# Estimated costs, in units of one Table 1 row of an empty circuit: each head of the evaluated
+# circuit adds HEAD_COST (its ablation, its random circuits); the circuit figures (mostly PNG
+# export) cost FIGURES_COST per model and reading. Measured on the organism with 1 thread: a row
+# 3 s empty, 8 s with 9 heads; the figures of 4 models 9 s.
+HEAD_COST = 0.2
 FIGURES_COST = 0.35
 
 
@@ -97,7 +100,7 @@ def cmd_table1(args: argparse.Namespace) -> None:
 
     # under torchrun: each model x reading (and the figures) on one rank, balanced by estimated cost
     units = [(m, r) for m in args.models for r in recipe.READINGS]
-    costs = [1.0] * len(units)
+    costs = [1.0 + HEAD_COST * len(circuits[(base_name, r)]) for _, r in units]
     if args.figures is not None:
         units, costs = [*units, None], [*costs, FIGURES_COST * len(units)]
     rows = [row for part in per_model(rows_of, units, costs) for row in part]
