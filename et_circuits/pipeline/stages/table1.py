@@ -27,9 +27,9 @@ from ..running import load_model, per_model, settings
 # Estimated costs, in units of one Table 1 row of an empty circuit: each head of the evaluated
 # circuit adds HEAD_COST (its ablation, its random circuits); the circuit figures (mostly PNG
 # export) cost FIGURES_COST per model and reading. Measured on the organism with 1 thread: a row
-# 3 s empty, 8 s with 9 heads; the figures of 4 models 9 s.
-HEAD_COST = 0.2
-FIGURES_COST = 0.35
+# 1.2 s empty, 3.8 s with 9 heads; the figures of 4 models 7.2 s.
+HEAD_COST = 0.25
+FIGURES_COST = 0.75
 
 
 def _markdown(frame: pd.DataFrame) -> str:
