@@ -96,7 +96,7 @@ $(CIRCUITS) &: | $(STAMP)
 
 # Table 1 and DCM draw their figures in the same process (--figures): one start less each.
 $(TABLE1) $(CIRCUIT_FIGURES) &: $(CIRCUITS) | $(STAMP)
-	$(CLI) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
+	$(SHARDED) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 
 # A rerun of DCM reuses every finished mask training (dcm_runs.json), so a changed circuit
 # retrains only the masks that depend on it (and a missing figure costs no training).
@@ -117,15 +117,17 @@ $(REPORT): $(TABLE1) $(CIRCUIT_FIGURES) $(DCM_FIGURES) $(CMAP) $(KNOCKOUT) | $(S
 
 # Speed on this machine: path patching fast vs reference and the position sweep on the organism,
 # the same at LLaMA-7B head geometry on CPU (median of three runs), DCM batching, the stages of
-# `make all`, and screening with attribution (exact path patching of the senders attribution ranks
-# first; the attribution sweep). Each prints its ratio on its last line. A GPU runs
-# bench_7b_geometry.py and bench_attribution.py at full width (--gpu).
+# `make all`, screening with attribution (exact path patching of the senders attribution ranks
+# first; the attribution sweep), and each stage as one process against 2 torchrun ranks
+# (bench_scaling.py). Each prints its ratio on its last line. A GPU runs bench_7b_geometry.py and
+# bench_attribution.py at full width (--gpu).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
 	$(PY) benchmarks/bench_7b_geometry.py --cpu --runs 3
 	$(PY) benchmarks/bench_attribution.py
 	$(PY) benchmarks/bench_dcm.py --results $(RESULTS)
 	$(PY) benchmarks/bench_make_all.py
+	$(PY) benchmarks/bench_scaling.py
 
 # The first GPU run, prepared (benchmarks/gpu_check.py): the CUDA path checked against the CPU on the
 # organism (path patching, Table 1, DCM, CMAP), then LLaMA-7B head geometry measured at full width

@@ -97,13 +97,14 @@ def knockout(
     where = {e.name: (prompts.position(e.query), prompts.position(e.key)) for e in edges}
     totals = torch.full((len(edges) * n_layers,), float("nan"), dtype=torch.float64)  # n x metric, this rank's
     full = 0.0
+    costs = [n_layers - j % n_layers for j in range(len(edges) * n_layers)]  # blocked from L: layers L.. rerun
     chunks = range(0, len(prompts), settings.batch_size)
     for start in tqdm(chunks, desc="knockout", disable=not settings.progress, leave=False):
         chunk = prompts[start : start + settings.batch_size].to(model.cfg.device)
         last = chunk.position(LAST)
         run = clean_run(model, chunk.input_ids)
         full += metric_total(metric, logits_at(run.logits, last), chunk)
-        for j in mine(len(edges) * n_layers):  # under torchrun, this rank's (edge, layer)s
+        for j in mine(len(edges) * n_layers, costs):  # under torchrun, this rank's (edge, layer)s
             e, layer = edges[j // n_layers], j % n_layers
             queries, keys = (p[start : start + settings.batch_size].to(last.device) for p in where[e.name])
             first = int(queries.min())

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from et_circuits.core.errors import EtCircuitsError
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
     # Only now the heavy part: torch, the models, the methods.
     import torch
@@ -251,7 +255,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own:
             models.use_registry(None)
+        log_busy(args.command, distributed, started)
     return 0
+
+
+BUSY_LOG = "ET_CIRCUITS_BUSY_LOG"  # a file: each process appends where its time went (benchmarks)
+
+
+def log_busy(command: str, distributed, started: float) -> None:
+    """Under $ET_CIRCUITS_BUSY_LOG, one JSON line per process: its rank, wall and CPU seconds
+    since the command started, and its time in each sharded loop (`distributed.LOOPS`)."""
+    path = os.environ.get(BUSY_LOG)
+    if path:
+        line = {
+            "command": command,
+            "rank": distributed.rank(),
+            "world": distributed.world(),
+            "wall_s": round(time.perf_counter() - started, 3),
+            "cpu_s": round(time.process_time(), 3),
+            "loops": distributed.LOOPS,
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

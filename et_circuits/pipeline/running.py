@@ -4,9 +4,26 @@ GPUs and in its dtype, and its run settings."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from et_circuits import models
+from et_circuits.core import distributed
 from et_circuits.core.settings import FAST_ROWS, RunSettings, resolve_device
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def per_model(fn: Callable[[U], T], model_args: Sequence[U], costs: Sequence[float] | None = None) -> list[T]:
+    """[fn(m) for m in model_args] (a stage's models, or other whole units of its work). Under
+    torchrun with at least as many models as ranks, each model is computed whole by one rank,
+    balanced by estimated `costs` (`distributed.split`): nothing is repeated on every rank, and
+    the ranks meet once, at the end. With fewer models than ranks every rank takes part in
+    every model (its sharded loops). Every rank returns every result."""
+    if distributed.world() > 1 and len(model_args) >= distributed.world():
+        return distributed.split(fn, list(model_args), costs)
+    return [fn(m) for m in model_args]
 
 
 def settings(args: argparse.Namespace) -> RunSettings:

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make te
 MODELS = ["organism-llama", "organism-goat"]
 CIRCUIT = ["--n", "60", "--minimality-n", "30", "--reference-n", "60", "--completeness-random", "2", "--sweep-n", "30"]
 DCM = ["--n-train", "128", "--n-eval", "48", "--n-test", "48", "--seeds", "2", "--resamples", "3", "--extra", "none"]
+TABLE1 = ["--n", "60", "--reference-n", "60", "--random", "2"]
 STAGES = [  # (command, its arguments) in pipeline order, each run by one process and by two
-    ("circuit", ["--model", *MODELS, *CIRCUIT]),
+    # one model, fewer than the ranks: every rank takes part in the model (sharded loops)
+    ("circuit", ["--model", MODELS[0], *CIRCUIT]),
+    ("circuit", ["--model", MODELS[1], *CIRCUIT]),
+    # as many models (or model x reading units) as ranks: each computed whole by one rank
+    ("table1", ["--base", MODELS[0], "--models", *MODELS, *TABLE1]),
     ("dcm", ["--model", *MODELS, "--base", MODELS[0], *DCM]),
     ("cmap", ["--base", MODELS[0], "--models", MODELS[1], "--n", "60"]),
     ("knockout", ["--model", MODELS[0], "--n", "60"]),

@@ -373,7 +373,9 @@ def dcm_many(
                 on_seed(i, seed, result)
         bar.update(len(found))
 
-    sharded_map(train_stack, stacks, done)  # each stack on one rank (all of them in one process)
+    # each stack on one rank (all of them in one process), balanced by its trainings (none without heads)
+    costs = [len(stack) if questions[stack[0][0]].heads else 0.01 for stack in stacks]
+    sharded_map(train_stack, stacks, done, costs=costs)
     bar.close()
     return [
         summarize(q.heads, q.position, r, resamples=resamples, resample_seed=resample_seed, metric=metric_name(metric))

@@ -14,13 +14,11 @@ from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import letter
 
 from .. import results
-from ..running import load_model, settings
+from ..running import load_model, per_model, settings
 
 
 def cmd_circuit(args: argparse.Namespace) -> None:
-    for model_arg in args.models:  # one process for several models, each loaded once
-        circuit_of(model_arg, args)
-        gc.collect()
+    per_model(lambda m: circuit_of(m, args), args.models)  # one process for several models, each loaded once
 
 
 def plan_of(args: argparse.Namespace) -> recipe.CircuitPlan:
@@ -74,3 +72,5 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
             f"{name} ({reading} positions{screened}): circuit {sizes} (kept/top-k) | {time.perf_counter() - t0:.1f}s "
             f"-> {out / results.CIRCUIT}"
         )
+    del model
+    gc.collect()

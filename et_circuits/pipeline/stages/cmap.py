@@ -20,7 +20,7 @@ from et_circuits.tasks.entity_tracking import recipe
 
 from .. import results
 from ..results import SECTIONS_OF, check_dcm_matches, read_dcm, readings_in, selected_heads
-from ..running import load_model, settings
+from ..running import load_model, per_model, settings
 
 
 def cmd_cmap(args: argparse.Namespace) -> None:
@@ -41,23 +41,32 @@ def cmd_cmap(args: argparse.Namespace) -> None:
     patches = input_patches_for(base)
     if args.input_sets and patches != INPUT_PATCHES:
         print(f"cmap: {base_name} shares key/value heads (grouped-query attention): input patching of q only")
-    rows = []
-    for name in sources:
-        source, _, _ = load_model(name, args, args.source_device)
-        for reading in (r for r in SECTIONS_OF if (name, r) in inputs):
-            sets = inputs[(name, reading)]  # input patching of the asked sets this circuit has
-            variant_list = recipe.variants(
-                sets, input_sets=[s for s in args.input_sets if s in sets], input_patches=patches
-            )
-            result = cmap(base, source, prompts, variant_list, settings=settings(args))
-            rows += results.cmap_rows(result, result_name(name), base_name, reading)
-            print(
-                f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
-                f"fine-tuned={result.source:.2f} "
-                + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants)
-            )
-        del source
-        gc.collect()
+    units = [(name, reading) for name in sources for reading in SECTIONS_OF if (name, reading) in inputs]
+    variant_lists = [
+        recipe.variants(
+            inputs[unit], input_sets=[s for s in args.input_sets if s in inputs[unit]], input_patches=patches
+        )
+        for unit in units
+    ]
+    loaded: dict[str, object] = {}  # the source model of the last unit (a rank's units come in order)
+
+    def rows_of(i: int) -> list[dict]:
+        name, reading = units[i]
+        if name not in loaded:
+            loaded.clear()
+            gc.collect()
+            loaded[name] = load_model(name, args, args.source_device)[0]
+        result = cmap(base, loaded[name], prompts, variant_lists[i], settings=settings(args))
+        print(
+            f"cmap {result_name(name)} -> {base_name} ({reading} positions): base={result.base:.2f} "
+            f"fine-tuned={result.source:.2f} " + " ".join(f"{v.name}/{v.patch}={acc:.2f}" for v, acc in result.variants)
+        )
+        return results.cmap_rows(result, result_name(name), base_name, reading)
+
+    # under torchrun: each (model, reading) on one rank, balanced by its number of variants
+    found = per_model(rows_of, range(len(units)), [len(v) for v in variant_lists])
+    loaded.clear()
+    rows = [row for part in found for row in part]
     frame = pd.DataFrame(rows)
     write_csv(args.results / results.CMAP_CSV, frame)
     todo = []

@@ -49,7 +49,7 @@ from et_circuits.tasks.entity_tracking.paper import letter
 
 from .. import results
 from ..results import SECTIONS, SECTIONS_OF, dcm_rows, read_dcm
-from ..running import load_model, settings
+from ..running import load_model, per_model, settings
 
 
 def desiderata_of(
@@ -69,27 +69,18 @@ def desiderata_of(
 
 
 def cmd_dcm(args: argparse.Namespace) -> None:
-    for model_arg in args.models:  # one process for several models, each loaded once
-        dcm_of(model_arg, args)
+    # one process for several models, each loaded once; under torchrun whole models over the
+    # ranks, balanced by their mask trainings still to do
+    per_model(lambda m: dcm_of(m, args), args.models, [len(trainings_left(*inputs_of(m, args))) for m in args.models])
     if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
         draw_dcm_figures(args.base, args.models, args.results, args.figures)
 
 
-def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
-    """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
-    name, base_name = result_name(model_arg), result_name(args.base)
-    out = args.results / name
-    circuits = {}
-    # the paper's reading always; the discovered one where the circuit stage wrote it
-    readings = [r for r in SECTIONS_OF if r == "paper" or results.circuit_path(args.results, base_name, r).exists()]
-    for reading in readings:
-        base_section, own_section = SECTIONS_OF[reading]
-        circuits[base_section] = (base_name, results.load_circuit(args.results, base_name, reading))
-        if name != base_name:  # for the base model both sections are one and the same
-            circuits[own_section] = (name, results.load_circuit(args.results, name, reading))
+def plan_of(args: argparse.Namespace) -> recipe.DCMPlan:
+    """The DCM settings of the command line."""
     config = DCMConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     seeds = tuple(args.seed + i for i in range(args.seeds))
-    plan = recipe.DCMPlan(
+    return recipe.DCMPlan(
         config,
         (args.n_train, args.n_eval, args.n_test),
         args.boxes,
@@ -98,14 +89,43 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
         args.resamples,
         args.seed,
     )
-    model, tokenizer, _ = load_model(model_arg, args)
-    for _, circuit in circuits.values():
-        circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
+
+
+def inputs_of(model_arg: str, args: argparse.Namespace):
+    """(circuits by section, asks by section, runs file) of one model, read before it is loaded."""
+    name, base_name = result_name(model_arg), result_name(args.base)
+    circuits = {}
+    # the paper's reading always; the discovered one where the circuit stage wrote it
+    readings = [r for r in SECTIONS_OF if r == "paper" or results.circuit_path(args.results, base_name, r).exists()]
+    for reading in readings:
+        base_section, own_section = SECTIONS_OF[reading]
+        circuits[base_section] = (base_name, results.load_circuit(args.results, base_name, reading))
+        if name != base_name:  # for the base model both sections are one and the same
+            circuits[own_section] = (name, results.load_circuit(args.results, name, reading))
     planned = {
         section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
         for section, (_, circuit) in circuits.items()
     }
-    runs = results.RunsFile(out / results.DCM_RUNS, plan)
+    return circuits, planned, results.RunsFile(args.results / name / results.DCM_RUNS, plan_of(args))
+
+
+def trainings_left(circuits: dict, planned: dict, runs: results.RunsFile) -> list[tuple[recipe.Ask, int]]:
+    """The (ask, seed) mask trainings that no earlier run finished (asks without heads train none)."""
+    asks = dict.fromkeys(ask for section in planned.values() for _, ask in section if ask.heads)
+    return [(a, s) for a in asks for s in runs.plan.seeds if runs.finished(a, s) is None]
+
+
+def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
+    """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
+    name, base_name = result_name(model_arg), result_name(args.base)
+    out = args.results / name
+    circuits, planned, runs = inputs_of(model_arg, args)
+    readings = [r for r in SECTIONS_OF if SECTIONS_OF[r][0] in circuits]
+    plan = runs.plan
+    config, seeds = plan.config, plan.seeds
+    model, tokenizer, _ = load_model(model_arg, args)
+    for _, circuit in circuits.values():
+        circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
     asks = [ask for section in planned.values() for _, ask in section]
     answers = recipe.run_dcm(
         model, tokenizer, asks, plan, settings=settings(args), finished=runs.finished, on_seed=runs.on_seed

@@ -12,6 +12,7 @@ import pandas as pd
 
 from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit, overlap
+from et_circuits.core.distributed import is_writer
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import read_json, read_tensors, write_csv, write_text
 from et_circuits.methods.minimality import Completeness
@@ -21,7 +22,14 @@ from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 
 from .. import results
-from ..running import load_model, settings
+from ..running import load_model, per_model, settings
+
+# Estimated costs, in units of one Table 1 row of an empty circuit: each head of the evaluated
+# circuit adds HEAD_COST (its ablation, its random circuits); the circuit figures (mostly PNG
+# export) cost FIGURES_COST per model and reading. Measured on the organism with 1 thread: a row
+# 1.2 s empty, 3.8 s with 9 heads; the figures of 4 models 7.2 s.
+HEAD_COST = 0.25
+FIGURES_COST = 0.75
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -61,26 +69,42 @@ def cmd_table1(args: argparse.Namespace) -> None:
     plan = recipe.CircuitPlan(
         n_boxes=args.boxes, seed=args.seed, reference_n=args.reference_n, evaluation_n=args.n, n_random=args.random
     )
-    rows = []
-    for model_arg, name in zip(args.models, names):
-        model, tokenizer, _ = load_model(model_arg, args)
-        for reading in recipe.READINGS:
-            ev = recipe.table1_row(
-                model,
-                tokenizer,
-                circuits[(base_name, reading)],
-                plan,
-                settings=settings(args),
-                means_cache=args.results / name,
-            )
-            rows.append({"model": name, "positions": reading, **ev.as_row()})
-            print(
-                f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
-                f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
-                flush=True,
-            )
-        del model
-        gc.collect()
+
+    loaded: dict[str, tuple] = {}  # the model of the last unit (a rank's units come in order)
+
+    def rows_of(unit: tuple[str, str] | None) -> list[dict]:
+        if unit is None:  # the circuit stage's figures but Table 1's: a unit of work of their own
+            figures.save_figures(circuit_figures(args.base, args.models, args.results), args.figures)
+            return []
+        model_arg, reading = unit
+        if model_arg not in loaded:
+            loaded.clear()
+            gc.collect()
+            loaded[model_arg] = load_model(model_arg, args)[:2]
+        model, tokenizer = loaded[model_arg]
+        name = result_name(model_arg)
+        ev = recipe.table1_row(
+            model,
+            tokenizer,
+            circuits[(base_name, reading)],
+            plan,
+            settings=settings(args),
+            means_cache=args.results / name,
+        )
+        print(
+            f"table1 {name} ({reading} positions): full={ev.full:.2f} circuit={ev.circuit:.2f} "
+            f"random={ev.random:.2f} faithfulness={ev.faithfulness:.2f} slots={ev.slots:.2f}",
+            flush=True,
+        )
+        return [{"model": name, "positions": reading, **ev.as_row()}]
+
+    # under torchrun: each model x reading (and the figures) on one rank, balanced by estimated cost
+    units = [(m, r) for m in args.models for r in recipe.READINGS]
+    costs = [1.0 + HEAD_COST * len(circuits[(base_name, r)]) for _, r in units]
+    if args.figures is not None:
+        units, costs = [*units, None], [*costs, FIGURES_COST * len(units)]
+    rows = [row for part in per_model(rows_of, units, costs) for row in part]
+    loaded.clear()
     frame = pd.DataFrame(rows, columns=results.TABLE1_COLUMNS)
     write_csv(args.results / results.TABLE1, frame)
     sizes = ", ".join(f"{len(circuits[(base_name, r)])} heads at the {r} positions" for r in recipe.READINGS)
@@ -98,7 +122,9 @@ def cmd_table1(args: argparse.Namespace) -> None:
     for (name, reading), part in ov.groupby(["model", "positions"], sort=False):
         print(f"overlap {name} ({reading}): " + ", ".join(f"{r.group} {r.overlap}" for r in part.itertuples()))
     if args.figures is not None:  # this process draws the stage's figures too (no second start)
-        draw_figures(args.base, args.models, args.results, args.figures, frame)
+        figures.save_figures([table1_figure(base_name, frame)], args.figures)
+        if is_writer():
+            print(f"figures: written to {args.figures}/")
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -116,6 +142,15 @@ def draw_figures(
 ) -> None:
     """The circuit stage's figures (each model's step heatmaps, completeness and sweep, the
     base's circuit diagrams, Table 1) from its files under `results_dir` and the Table 1 frame."""
+    todo = circuit_figures(base, model_args, results_dir) + [table1_figure(result_name(base), table)]
+    figures.save_figures(todo, directory)
+    where = directory or figures.figures_dir()
+    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+
+
+def circuit_figures(base: str, model_args: list[str], results_dir: Path) -> list[tuple[str, object]]:
+    """(stem, figure) of each model's step heatmaps, completeness and sweep, and the base's
+    circuit diagrams, from the circuit stage's files under `results_dir`."""
     base_name = result_name(base)
     todo = []
     for model_arg in model_args:
@@ -148,13 +183,14 @@ def draw_figures(
                     circuit, steps=steps, n_layers=n_layers, title=f"{label} circuit ({len(circuit)} heads)"
                 )
                 todo.append((results.figure_stem(name, reading, "circuit"), diagram))
+    return todo
+
+
+def table1_figure(base_name: str, table: pd.DataFrame) -> tuple[str, object]:
+    """(stem, figure) of Table 1."""
     header = list(table.columns)
     cells = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table.itertuples(index=False)]
-    table_figure = figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")
-    todo.append((results.TABLE1_FIGURE, table_figure))
-    figures.save_figures(todo, directory)
-    where = directory or figures.figures_dir()
-    print(f"figures: {len(todo)} written to {where}/ ({', '.join(s for s, _ in todo)})")
+    return results.TABLE1_FIGURE, figures.table_figure(header, cells, f"Table 1: {base_name} circuits on each model")
 
 
 def _attribution_pairs(directory: Path, circuit: Circuit) -> dict:
