@@ -39,6 +39,7 @@ import pandas as pd
 
 from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit
+from et_circuits.core.digest import weights_digest
 from et_circuits.core.distributed import rank
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import write_csv, write_json
@@ -105,7 +106,7 @@ def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
         section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
         for section, (_, circuit) in circuits.items()
     }
-    runs = results.RunsFile(out / results.DCM_RUNS, plan)
+    runs = results.RunsFile(out / results.DCM_RUNS, plan, weights_digest(model))
     asks = [ask for section in planned.values() for _, ask in section]
     answers = recipe.run_dcm(
         model, tokenizer, asks, plan, settings=settings(args), finished=runs.finished, on_seed=runs.on_seed
