@@ -46,3 +46,33 @@ def other_value(action: argparse.Action, current: str | None = None) -> list[str
 
 def flag(action: argparse.Action) -> str:
     return action.option_strings[0]
+
+
+def current(argv: list[str], action: argparse.Action) -> str | None:
+    """The value `argv` gives `action` (its first token), or None."""
+    for i, token in enumerate(argv):
+        if token in action.option_strings:
+            return argv[i + 1] if action.nargs != 0 else token
+    return None
+
+
+def without(argv: list[str], action: argparse.Action) -> list[str]:
+    """`argv` less `action`'s option and its values."""
+    out, skipping = [], False
+    for token in argv:
+        if token in action.option_strings:
+            skipping = action.nargs != 0
+            continue
+        if skipping and not token.startswith("--"):
+            continue
+        skipping = False
+        out.append(token)
+    return out
+
+
+def changed(argv: list[str], action: argparse.Action) -> list[str]:
+    """`argv` with `action` alone given another value (a store_true flag toggled)."""
+    out = without(argv, action)
+    if isinstance(action, argparse._StoreTrueAction):
+        return out if len(out) < len(argv) else [*out, flag(action)]
+    return [*out, flag(action), *other_value(action, current(argv, action))]

@@ -175,33 +175,13 @@ def test_every_model_running_command_is_covered():
 def test_each_option_reaches_the_method(spied, command, dest):
     baseline = [command, *BASELINE[command]]
     action = stage_options.options(command)[dest]
-    value = OTHER[dest](command) if dest in OTHER else stage_options.other_value(action, _current(baseline, action))
-    changed = _without(baseline, action) + [stage_options.flag(action), *value]
-    before, after = spied(baseline), spied(changed)
-    assert before != after, (
-        f"{command} {stage_options.flag(action)} {' '.join(value)} changed nothing a method receives"
+    changed = (
+        [*stage_options.without(baseline, action), stage_options.flag(action), *OTHER[dest](command)]
+        if dest in OTHER
+        else stage_options.changed(baseline, action)
     )
-
-
-def _current(argv: list[str], action) -> str | None:
-    for i, token in enumerate(argv):
-        if token in action.option_strings:
-            return argv[i + 1]
-    return None
-
-
-def _without(argv: list[str], action) -> list[str]:
-    """`argv` less `action`'s option and its values."""
-    out, skip = [], False
-    for token in argv:
-        if token in action.option_strings:
-            skip = True
-            continue
-        if skip and not token.startswith("--"):
-            continue
-        skip = False
-        out.append(token)
-    return out
+    before, after = spied(baseline), spied(changed)
+    assert before != after, f"{' '.join(changed)}: --{dest} changed nothing a method receives"
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
