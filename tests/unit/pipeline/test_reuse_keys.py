@@ -6,8 +6,6 @@ the few that cannot change a result are listed, each with its reason."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import inspect
 import shutil
 from types import SimpleNamespace
@@ -22,7 +20,7 @@ from et_circuits.pipeline import cli, results, running
 from et_circuits.pipeline.stages import circuit as circuit_stage
 from et_circuits.tasks.entity_tracking.recipe import circuits as recipe_circuits
 from tests import stage_options
-from tests.conftest import make_checkpoint
+from tests.digest import digest
 
 # path_patch's parameters that cannot change its scores: the run settings (batch size, rows
 # per pass, progress) and the prepared runs (made from the same model and prompts).
@@ -33,42 +31,15 @@ PATH_PATCH_IGNORES = {"settings", "runs"}
 STEP_OPTIONS_NOT_VARIED = {"models", "results", "device", "n_devices", "registry"}
 
 
-def _digest(value) -> str:
-    """A full digest of a path_patch argument (every weight of a model, every prompt tensor)."""
-    h = hashlib.sha256()
-    if isinstance(value, torch.nn.Module):
-        for name, p in value.state_dict().items():
-            h.update(name.encode() + str(p.dtype).encode() + p.float().cpu().numpy().tobytes())
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            h.update(_digest(getattr(value, f.name)).encode())
-    elif isinstance(value, torch.Tensor):
-        h.update(value.cpu().numpy().tobytes())
-    elif isinstance(value, dict):
-        for k in sorted(value):
-            h.update(str(k).encode() + _digest(value[k]).encode())
-    else:
-        h.update(repr(value).encode())
-    return h.hexdigest()
-
-
 def fake_path_patch(model, *args, **kwargs) -> pp.PathPatching:
     """Scores that are a function of every argument of path_patch that can change them."""
     bound = inspect.signature(pp.path_patch).bind(model, *args, **kwargs)
     bound.apply_defaults()
     used = {k: v for k, v in bound.arguments.items() if k not in PATH_PATCH_IGNORES}
-    seed = int(_digest(used)[:12], 16)
+    seed = int(digest(used)[:12], 16)
     scores = torch.rand(model.cfg.n_layers, model.cfg.n_heads, generator=torch.Generator().manual_seed(seed))
     receivers = tuple(bound.arguments["receivers"] or ())
     return pp.PathPatching(scores, bound.arguments["sender_position"], receivers, n=len(bound.arguments["clean"]))
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tiny_dir, tmp_path_factory):
-    """The tiny checkpoint, and one of the same folder name with other weights."""
-    other = tmp_path_factory.mktemp("other-weights") / tiny_dir.name
-    make_checkpoint(other, seed=1)
-    return tiny_dir, other
 
 
 @pytest.fixture
@@ -109,12 +80,12 @@ def baseline() -> dict:
 
 def _fake_sweep(model, clean, corrupt, positions, **kwargs) -> str:
     """Stands for a sweep: a digest of everything the real one reads."""
-    return _digest({"model": model, "clean": clean, "corrupt": corrupt, "positions": positions, **kwargs})
+    return digest({"model": model, "clean": clean, "corrupt": corrupt, "positions": positions, **kwargs})
 
 
 def _fake_smallest(found: str, prompts) -> tuple[str, ...]:
     """Two earlier positions and the last token, chosen by the sweep's digest and the prompts."""
-    h = int(_digest({"sweep": found, "prompts": prompts})[:12], 16)
+    h = int(digest({"sweep": found, "prompts": prompts})[:12], 16)
     earlier = [p for p in recipe_circuits.SWEEP_POSITIONS if p != "last"]
     first = earlier[h % len(earlier)]
     second = earlier[(h // len(earlier)) % len(earlier)]
