@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = "tests/unit/pipeline"
+KEYS = tuple(f"{PIPELINE}/{name}.py" for name in ("test_reuse_keys", "test_reuse_keys_dcm", "test_results"))
+FLAGS = (f"{PIPELINE}/test_flags_reach.py",)
 RECIPE = "tests/unit/tasks/test_recipe_protocol.py"
 
 
@@ -33,7 +35,7 @@ class Mutant:
     path: str  # under et_circuits/
     old: str
     new: str
-    tests: tuple[str, ...] = (PIPELINE,)
+    tests: tuple[str, ...] = KEYS
 
 
 MUTANTS = [
@@ -70,18 +72,19 @@ MUTANTS = [
         "in list(model.named_parameters())[:1]:",
     ),
     # flags
-    Mutant("lr-flag", "pipeline/stages/dcm.py", "lr=args.lr,", "lr=0.1,"),
-    Mutant("mark-flag", "pipeline/stages/circuit.py", "mark=args.mark,", "mark=0.2,"),
-    Mutant("table1-reference-n-flag", "pipeline/stages/table1.py", "reference_n=args.reference_n, ", ""),
-    Mutant("dtype-flag", "pipeline/running.py", "dtype=args.dtype,", 'dtype="float32",'),
-    Mutant("max-rows-flag", "pipeline/running.py", 'getattr(args, "max_rows", FAST_ROWS)', "FAST_ROWS"),
+    Mutant("lr-flag", "pipeline/stages/dcm.py", "lr=args.lr,", "lr=0.1,", FLAGS),
+    Mutant("mark-flag", "pipeline/stages/circuit.py", "mark=args.mark,", "mark=0.2,", FLAGS),
+    Mutant("table1-reference-n-flag", "pipeline/stages/table1.py", "reference_n=args.reference_n, ", "", FLAGS),
+    Mutant("dtype-flag", "pipeline/running.py", "dtype=args.dtype,", 'dtype="float32",', FLAGS),
+    Mutant("max-rows-flag", "pipeline/running.py", 'getattr(args, "max_rows", FAST_ROWS)', "FAST_ROWS", FLAGS),
     Mutant(
         "source-device-flag",
         "pipeline/stages/cmap.py",
         "load_model(name, args, args.source_device)",
         "load_model(name, args)",
+        FLAGS,
     ),
-    Mutant("extra-flag", "pipeline/stages/dcm.py", 'args.extra == "all"', 'args.extra == "none"'),
+    Mutant("extra-flag", "pipeline/stages/dcm.py", 'args.extra == "all"', 'args.extra == "none"', FLAGS),
     # the recipe's protocol choices
     Mutant(
         "table1-means-over-evaluation",
@@ -109,6 +112,7 @@ MUTANTS = [
         "pipeline/stages/dcm.py",
         'args.seed + recipe.SEED_OFFSETS["dcm"],',
         "args.seed,",
+        (PIPELINE,),
     ),
     Mutant(
         "minimality-on-reference-prompts",
@@ -116,6 +120,56 @@ MUTANTS = [
         'plan.minimality_n, n_boxes, seed + SEED_OFFSETS["minimality"]',
         'plan.minimality_n, n_boxes, seed + SEED_OFFSETS["reference"]',
         (RECIPE,),
+    ),
+    Mutant(
+        "segment-at-start-queries-the-front",
+        "tasks/entity_tracking/desiderata.py",
+        "queries=range(1, base.n_boxes)",
+        "queries=range(0, base.n_boxes)",
+        ("tests/unit/tasks",),
+    ),
+    Mutant(
+        "boxes-before-one-box",
+        "tasks/entity_tracking/desiderata.py",
+        "queries=range(2, base.n_boxes)",
+        "queries=range(1, base.n_boxes)",
+        ("tests/unit/tasks",),
+    ),
+    # small operations
+    Mutant(
+        "random-baseline-unseeded",
+        "methods/evaluation.py",
+        "rng = random.Random(seed)",
+        "rng = random.Random()",
+        ("tests/unit/methods/test_random_baseline.py", "tests/unit/methods/test_evaluation.py"),
+    ),
+    Mutant(
+        "completeness-model-without-is-circuit-without",
+        "methods/minimality.py",
+        "[circuit.keep_only(s) for _, _, s in subsets], prompts, means, ablate_circuit=True",
+        "[circuit.without(s) for _, _, s in subsets], prompts, means",
+        ("tests/unit/methods/test_completeness_oracle.py", "tests/unit/methods/test_minimality.py"),
+    ),
+    Mutant(
+        "without-drops-the-head-from-every-group",
+        "core/circuit.py",
+        "[h for h in hs if (g, h) not in drop]",
+        "[h for h in hs if h not in {x for _, x in drop}]",
+        ("tests/unit/core",),
+    ),
+    Mutant(
+        "logit-diff-max-wrong",
+        "core/metrics.py",
+        "prompts.wrong_answers.to(logits.device)).mean(-1)",
+        "prompts.wrong_answers.to(logits.device)).amax(-1)",
+        ("tests/unit/core",),
+    ),
+    Mutant(
+        "smallest-ignores-keep",
+        "methods/sweep.py",
+        "strength[_key(other)] >= keep * strength[_key(big)]",
+        "strength[_key(other)] >= 0",
+        ("tests/unit/methods/test_sweep_smallest.py", "tests/unit/methods/test_sweep.py"),
     ),
 ]
 
