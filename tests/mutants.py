@@ -85,6 +85,28 @@ MUTANTS = [
         FLAGS,
     ),
     Mutant("extra-flag", "pipeline/stages/dcm.py", 'args.extra == "all"', 'args.extra == "none"', FLAGS),
+    # a flag that reaches one of its uses but not another
+    Mutant(
+        "knockout-context-seed-fixed",
+        "pipeline/stages/knockout.py",
+        "with_random_context(prompts, args.seed)",
+        "with_random_context(prompts, 0)",
+        FLAGS,
+    ),
+    Mutant(
+        "dcm-training-seeds-ignore-seed",
+        "pipeline/stages/dcm.py",
+        "seeds = tuple(args.seed + i for i in range(args.seeds))",
+        "seeds = tuple(range(args.seeds))",
+        FLAGS + KEYS,
+    ),
+    Mutant(
+        "dcm-resample-seed-fixed",
+        "pipeline/stages/dcm.py",
+        "        args.resamples,\n        args.seed,\n",
+        "        args.resamples,\n        0,\n",
+        FLAGS + KEYS,
+    ),
     # the recipe's protocol choices
     Mutant(
         "table1-means-over-evaluation",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -36,8 +37,10 @@ METHODS = {
     "table1": [(recipe, "table1_row")],
     "dcm": [(recipe, "run_dcm")],
     "cmap": [(cmap, "cmap")],
-    "knockout": [(knockout, "knockout")],
+    "knockout": [(recipe, "with_random_context"), (knockout, "knockout")],
 }
+# Spied functions that go on to run (the stage has more to hand its method).
+PASSED_THROUGH = {("et_circuits.tasks.entity_tracking.recipe.knockout", "with_random_context")}
 
 # The smallest run of each stage (tiny prompt counts keep it cheap); m1 is the base, m2 fine-tuned.
 BASELINE = {
@@ -131,16 +134,19 @@ def spied(tiny, tmp_path, monkeypatch):
     records: list = []
 
     def load(name, device=None, dtype=None, n_devices=1):
-        records.append(("load", str(name), device, dtype, n_devices))
+        records.append(("load", {"name": str(name), "device": device, "dtype": dtype, "n_devices": n_devices}))
         return model, tok, type("Spec", (), {"name": str(name)})()
 
     monkeypatch.setattr(running.models, "load", load)
     monkeypatch.setattr(running, "resolve_device", lambda device, n_devices=1: device or "cpu")
     for command, spies in METHODS.items():
         for module, attribute in spies:
+            real = getattr(module, attribute)
 
-            def spy(*args, _name=f"{command}:{attribute}", **kwargs):
-                records.append((_name, _plain(list(args)), _plain(kwargs)))
+            def spy(*args, _name=f"{command}:{attribute}", _real=real, **kwargs):
+                records.append((_name, _plain(inspect.signature(_real).bind(*args, **kwargs).arguments)))
+                if (_real.__module__, _real.__name__) in PASSED_THROUGH:
+                    return _real(*args, **kwargs)
                 raise Reached
 
             monkeypatch.setattr(module, attribute, spy)
@@ -182,6 +188,42 @@ def test_each_option_reaches_the_method(spied, command, dest):
     )
     before, after = spied(baseline), spied(changed)
     assert before != after, f"{' '.join(changed)}: --{dest} changed nothing a method receives"
+    if dest in EVERY_USE:
+        old, new = dict(_leaves(before)), dict(_leaves(after))
+        named = [path for path in old if any(_named(dest, part) for part in path)]
+        assert all(old[path] != new.get(path) for path in named), (
+            f"--{dest} did not reach: {[path for path in named if old[path] == new.get(path)]}"
+        )
+
+
+# Options that must reach every argument named after them (the seed every seeded thing, the
+# batch size every batch, ...): e.g. --seed the plan's data_seed, its training seeds and its
+# resampling seed, and the knockout's random context.
+EVERY_USE = ("seed", "boxes", "batch_size", "device", "dtype")
+# Names that match but are not such uses: a count of devices, a callback, and DCM's chunks of
+# gradient-free passes (its memory knob, which results do not depend on).
+NOT_A_USE = {"n_devices", "on_seed", "inference_batch_size"}
+
+
+def _named(dest: str, name: str) -> bool:
+    """Whether an argument or field `name` is named after option `dest` (word by word, plural
+    or not): seed -> data_seed, seeds, resample_seed; boxes -> n_boxes."""
+    if name in NOT_A_USE:
+        return False
+    words = {w.rstrip("s") for w in name.split("_")}
+    return {w.rstrip("s") for w in dest.split("_")} <= words
+
+
+def _leaves(value, path=()):
+    """(path of names, value) of every leaf of a record."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*path, f"#{i}"))
+    else:
+        yield path, value
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
