@@ -193,6 +193,35 @@ MUTANTS = [
         "strength[_key(other)] >= 0",
         ("tests/unit/methods/test_sweep_smallest.py", "tests/unit/methods/test_sweep.py"),
     ),
+    # which circuit or file a stage uses
+    Mutant(
+        "cmap-patches-the-base-circuits-heads",
+        "pipeline/stages/cmap.py",
+        "section = SECTIONS_OF[reading][1]",
+        "section = SECTIONS_OF[reading][0]",
+        (PIPELINE,),
+    ),
+    Mutant(
+        "table1-evaluates-each-models-own-circuit",
+        "pipeline/stages/table1.py",
+        "circuits[(base_name, reading)],",
+        "circuits[(name, reading)],",
+        (PIPELINE,),
+    ),
+    Mutant(
+        "discovered-reading-written-over-the-paper-one",
+        "pipeline/stages/circuit.py",
+        "out = results.reading_dir(args.results, name, reading)",
+        'out = results.reading_dir(args.results, name, "paper")',
+        (PIPELINE,),
+    ),
+    Mutant(
+        "dcm-entry-mean-of-test-accuracy",
+        "pipeline/results.py",
+        '"accuracy_mean": result.mean,',
+        '"accuracy_mean": result.test_mean,',
+        (PIPELINE,),
+    ),
 ]
 
 

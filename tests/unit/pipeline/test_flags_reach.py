@@ -22,7 +22,7 @@ from et_circuits.pipeline import cli, running
 from et_circuits.pipeline.args import DTYPE_NAMES
 from et_circuits.pipeline.stages import accuracy, cmap, knockout
 from et_circuits.tasks.entity_tracking import recipe
-from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS
+from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 from tests import stage_options
 
 
@@ -80,28 +80,36 @@ def _circuit(shift: int, binder: str | None = None) -> Circuit:
     return Circuit(heads, positions)
 
 
+def _section(name: str, circuit: Circuit, selected: Circuit) -> dict:
+    """A dcm.json section on `circuit` whose DCM selections are `selected`'s groups."""
+    return {
+        "circuit": name,
+        "positions": circuit.to_dict()["positions"],
+        "group_heads": {g: [list(h) for h in hs] for g, hs in circuit.groups.items()},
+        "groups": {
+            g: {d: {"heads": [list(h) for h in selected.groups[g]]}} for g, d in recipe.SET_DESIDERATA.items() if d
+        },
+    }
+
+
 def _write_results(root: Path, shift: int, binder: str) -> None:
     """circuit.json of m1, m2, m3 in both readings (the discovered one with a binder group at
-    `binder`), and their dcm.json (what cmap reads)."""
+    `binder`), and their dcm.json (what cmap reads), whose selections on the model's own
+    circuit are that circuit's heads and on the base circuit others."""
     for name, k in (("m1", shift), ("m2", shift + 1), ("m3", shift + 2)):
         circuit = _circuit(k)
         for sub, c in (("", circuit), ("discovered", _circuit(k, binder))):
             (root / name / sub).mkdir(parents=True, exist_ok=True)
             c.save(root / name / sub / "circuit.json")
-        section = {
-            "circuit": name,
-            "positions": circuit.to_dict()["positions"],
-            "group_heads": {g: [list(h) for h in hs] for g, hs in circuit.groups.items()},
-            "groups": {
-                g: {d: {"heads": [list(h) for h in circuit.groups[g]]}} for g, d in recipe.SET_DESIDERATA.items() if d
-            },
-        }
-        dcm = {"model": name, "base": "m1", "base_circuit": section, "own_circuit": section}
+        own, base = (_section(name, circuit, c) for c in (circuit, _circuit(k + 1)))
+        dcm = {"model": name, "base": "m1", "base_circuit": base, "own_circuit": own}
         (root / name / "dcm.json").write_text(json.dumps(dcm))
 
 
 def _plain(value):
     """A comparable rendering of what a spy received."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     if isinstance(value, HookedTransformer):
         return "model"  # which model: the loader's record
     if isinstance(value, PromptSet):
@@ -224,6 +232,17 @@ def _leaves(value, path=()):
             yield from _leaves(v, (*path, f"#{i}"))
     else:
         yield path, value
+
+
+def test_cmap_patches_the_heads_dcm_selected_on_the_models_own_circuit(spied):
+    """Each paper set (A-C) is the own-circuit section's DCM selection of its group, D and the
+    full set the model's own circuit.json."""
+    (record,) = [r for r in spied(["cmap", *BASELINE["cmap"]]) if r[0] == "cmap:cmap"]
+    own = Circuit.load(RESULTS / "m2" / "circuit.json")
+    sets = {v["name"]: v["heads"]["groups"] for v in record[1]["variants"] if v["patch"] == "z"}
+    for group in recipe.SET_DESIDERATA:
+        assert sets[letter(group)] == {group: [list(h) for h in own.groups[group]]}, group
+    assert sets[recipe.FULL] == {g: [list(h) for h in hs] for g, hs in own.groups.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
