@@ -222,6 +222,27 @@ MUTANTS = [
         '"accuracy_mean": result.test_mean,',
         (PIPELINE,),
     ),
+    Mutant(
+        "discovered-steps-take-the-last-top-k",
+        "tasks/entity_tracking/recipe/circuits.py",
+        "top_k = top_k[: len(steps)]",
+        "top_k = top_k[-len(steps) :]",
+        (RECIPE, PIPELINE),
+    ),
+    Mutant(
+        "table1-random-circuits-seed-fixed",
+        "tasks/entity_tracking/recipe/circuits.py",
+        "n_random=plan.n_random, seed=seed,",
+        "n_random=plan.n_random, seed=0,",
+        (RECIPE, PIPELINE),
+    ),
+    Mutant(
+        "completeness-random-sets-seed-fixed",
+        "tasks/entity_tracking/recipe/circuits.py",
+        "n_random=plan.completeness_random, seed=seed,",
+        "n_random=plan.completeness_random, seed=0,",
+        (RECIPE, PIPELINE),
+    ),
 ]
 
 

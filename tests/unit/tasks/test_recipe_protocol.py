@@ -66,7 +66,7 @@ def test_minimality_and_completeness_score_on_their_own_prompts(tiny, monkeypatc
 
     monkeypatch.setattr(recipe_circuits, "minimal", minimal)
     monkeypatch.setattr(
-        recipe_circuits, "completeness", lambda m, c, prompts, means, **k: seen.update(c=(prompts, means))
+        recipe_circuits, "completeness", lambda m, c, prompts, means, **k: seen.update(c=(prompts, means), ck=k)
     )
     recipe.discover(model, tok, "paper", plan)
     vocab = data.vocabulary(tok, min_objects=3, min_labels=4)
@@ -79,6 +79,32 @@ def test_minimality_and_completeness_score_on_their_own_prompts(tiny, monkeypatc
         assert torch.equal(prompts.input_ids, batch.input_ids)
         torch.testing.assert_close(used_means, means, atol=1e-5, rtol=1e-4)
     assert not _rows(batch) & _rows(clean) and not _rows(batch) & _rows(reference)
+    assert (seen["ck"]["n_random"], seen["ck"]["seed"]) == (1, 2)  # the plan's random sets and seed
+
+
+def test_discovered_steps_take_the_first_top_k_numbers(tiny, monkeypatch):
+    """At discovered positions (two steps at the last token and a binder group), the steps
+    take the plan's first three top-k numbers, in order; the paper's reading all four."""
+    model, tok = tiny
+    asked = []
+
+    def find_circuit(model, clean, corrupt, top_k, steps, **kwargs):
+        asked.append((tuple(top_k), [s.group for s in steps]))
+        raise StopIteration
+
+    monkeypatch.setattr(recipe_circuits, "find_circuit", find_circuit)
+    monkeypatch.setattr(recipe_circuits, "sweep", lambda *a, **k: None)
+    monkeypatch.setattr(recipe_circuits, "smallest", lambda found, prompts: ["query_label", "last"])
+    plan = recipe.CircuitPlan(n=4, n_boxes=3, top_k=(1, 2, 3, 4), top_k_cap=1.0, sweep_n=4)
+    for reading in ("discovered", "paper"):
+        try:
+            recipe.discover(model, tok, reading, plan)
+        except StopIteration:
+            pass
+    assert asked == [
+        ((1, 2, 3), ["value_fetcher", "pos_transmitter", "binder"]),
+        ((1, 2, 3, 4), [s.group for s in PAPER_STEPS]),
+    ]
 
 
 def test_discovered_steps_receive_from_the_groups_the_paper_names(tiny, vocab, monkeypatch):
