@@ -243,6 +243,10 @@ MUTANTS = [
         "n_random=plan.completeness_random, seed=0,",
         (RECIPE, PIPELINE),
     ),
+    # what dcm.json records of its settings
+    Mutant(
+        "dcm-json-records-lam-as-lr", "pipeline/stages/dcm.py", '"lr": config.lr,', '"lr": config.lam,', (PIPELINE,)
+    ),
 ]
 
 

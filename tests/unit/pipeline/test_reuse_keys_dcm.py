@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import shutil
 
 import pytest
@@ -207,3 +208,16 @@ def test_ablation_means_are_reused_exactly_when_their_inputs_are_unchanged(tiny_
     computed.clear()
     again = evaluation.position_means(**{**base, "settings": RunSettings(batch_size=4, max_rows=7, progress=True)})
     assert computed == [] and torch.equal(again, first)
+
+
+def test_dcm_json_records_the_settings_it_ran_with(dcm_run, checkpoints, tmp_path):
+    """dcm.json's settings are the command line's: every one named like an option has its
+    value (non-default values, so that a default cannot pass for it), the seeds are --seeds
+    consecutive ones from --seed."""
+    argv = ["--lr", "0.3", "--lam", "0.02", "--epochs", "3", "--batch-size", "5", "--resamples", "7", "--seed", "4"]
+    dcm_run([*BASE_ARGS, *argv], checkpoints[0], tmp_path)
+    args = cli.build_parser().parse_args(["dcm", "--models", "m", "--base", "m", *BASE_ARGS, *argv])
+    settings = json.loads((tmp_path / models.result_name(checkpoints[0]) / results.DCM).read_text())["settings"]
+    named = {k: v for k, v in settings.items() if k in vars(args) and k != "seeds"}
+    assert named == {k: getattr(args, k) for k in named} and len(named) >= 8
+    assert settings["seeds"] == [4, 5]
