@@ -247,6 +247,21 @@ MUTANTS = [
     Mutant(
         "dcm-json-records-lam-as-lr", "pipeline/stages/dcm.py", '"lr": config.lr,', '"lr": config.lam,', (PIPELINE,)
     ),
+    # which prompt set a stage draws
+    Mutant(
+        "cmap-draws-knockouts-prompts",
+        "pipeline/stages/cmap.py",
+        'prompts_for("cmap"',
+        'prompts_for("knockout"',
+        (PIPELINE,),
+    ),
+    Mutant(
+        "knockout-draws-cmaps-prompts",
+        "pipeline/stages/knockout.py",
+        'prompts_for("knockout"',
+        'prompts_for("cmap"',
+        (PIPELINE,),
+    ),
 ]
 
 

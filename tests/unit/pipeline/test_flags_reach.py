@@ -21,7 +21,7 @@ from et_circuits.core.prompts import PromptSet
 from et_circuits.pipeline import cli, running
 from et_circuits.pipeline.args import DTYPE_NAMES
 from et_circuits.pipeline.stages import accuracy, cmap, knockout
-from et_circuits.tasks.entity_tracking import recipe
+from et_circuits.tasks.entity_tracking import data, recipe
 from et_circuits.tasks.entity_tracking.paper import PAPER_STEPS, letter
 from tests import stage_options
 
@@ -243,6 +243,17 @@ def test_cmap_patches_the_heads_dcm_selected_on_the_models_own_circuit(spied):
     for group in recipe.SET_DESIDERATA:
         assert sets[letter(group)] == {group: [list(h) for h in own.groups[group]]}, group
     assert sets[recipe.FULL] == {g: [list(h) for h in hs] for g, hs in own.groups.items()}
+
+
+@pytest.mark.parametrize("command, method", [("cmap", "cmap:cmap"), ("knockout", "knockout:knockout")])
+def test_a_stage_draws_its_own_prompts(spied, tiny, command, method):
+    """CMAP and knockout run on the prompts of their own purpose (seed + its offset), not on
+    those of another stage."""
+    (record,) = [r for r in spied([command, *BASELINE[command], "--seed", "3"]) if r[0] == method]
+    vocab = data.vocabulary(tiny[1], min_objects=7, min_labels=7)
+    drawn = {p: _plain(recipe.prompts(tiny[1], vocab, 4, 7, 3 + k).input_ids) for p, k in recipe.SEED_OFFSETS.items()}
+    received = record[1]["prompts"]["input_ids"]
+    assert [p for p, ids in drawn.items() if ids == received] == [command]
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
