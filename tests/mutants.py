@@ -262,6 +262,14 @@ MUTANTS = [
         'prompts_for("cmap"',
         (PIPELINE,),
     ),
+    # the sweep's marking rule
+    Mutant(
+        "sweep-marks-against-the-mean",
+        "methods/sweep.py",
+        "s >= mark * float(strength.max())",
+        "s >= mark * float(strength.mean())",
+        ("tests/unit/methods/test_sweep.py", "tests/unit/methods/test_sweep_smallest.py"),
+    ),
 ]
 
 
