@@ -23,6 +23,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from et_circuits.core.circuit import Circuit
+from et_circuits.core.digest import weights_digest
 from et_circuits.core.errors import CircuitError, DataError
 from et_circuits.core.forward import measure
 from et_circuits.core.hooks import logits_at, mean_activations, replace_hooks
@@ -75,13 +76,9 @@ def position_means(
 
 
 def _means_digest(model: HookedTransformer, reference: PromptSet, batch_size: int) -> str:
-    """sha256 over a sample of every parameter (each tensor's first 1024 entries), the dtype, the
+    """sha256 over the weights (`weights_digest`: a sample of every parameter, the dtype), the
     prompts' token ids and the batch size (which fixes the summation order)."""
-    digest = hashlib.sha256(f"{model.cfg.dtype} {batch_size} {tuple(reference.input_ids.shape)}".encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            digest.update(name.encode())
-            digest.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    digest = hashlib.sha256(f"{weights_digest(model)} {batch_size} {tuple(reference.input_ids.shape)}".encode())
     digest.update(reference.input_ids.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -120,8 +121,8 @@ def step_key(
     base: Mapping[str, str], step: Step, receivers: list[Receiver], method: str, screen: tuple[int, int] | None = None
 ) -> dict[str, str]:
     """Everything a step's scores depend on, as the file's metadata (the reuse key): `base`
-    (model, seed, prompt count, boxes, dtype), the step, its receivers, the method and, for a
-    screened step only, `screen`: (N, attribution's gradient points)."""
+    (model, weights digest, seed, prompt count, boxes, dtype), the step, its receivers, the method
+    and, for a screened step only, `screen`: (N, attribution's gradient points)."""
     heads = [(r.layer, r.head) for r in receivers if r.kind == (step.receiver_kind or "")[:1]]
     key = {
         **base,
@@ -221,22 +222,25 @@ def read_json_or_empty(path: Path) -> dict:
 # DCM: dcm_runs.json (every finished training, by reuse key) and dcm.json (the summary)
 
 
-def dcm_run_key(plan: DCMPlan, ask: Ask, seed: int) -> str:
-    """A string naming everything one seed's training depends on (for reuse across reruns)."""
-    c = plan.config
+# Fields of DCMConfig and DCMPlan that do not change one seed's training, so they are not in
+# its reuse key: memory and speed knobs, the run's seed list (each training has its own seed),
+# the bootstrap of the summary. Every other field is (a new field is, unless listed here).
+RUN_KEY_IGNORES = {"inference_batch_size", "max_stacked_rows", "config", "seeds", "resamples", "resample_seed"}
+
+
+def dcm_run_key(plan: DCMPlan, ask: Ask, seed: int, weights: str = "") -> str:
+    """A string naming everything one seed's training depends on (for reuse across reruns):
+    the ask, the seed, the model's `weights` (`weights_digest`: the weights and dtype), and
+    every field of the plan and its config but `RUN_KEY_IGNORES`."""
+    settings = {**asdict(plan), **asdict(plan.config)}
     return json.dumps(
         {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k not in RUN_KEY_IGNORES},
             "heads": [list(h) for h in ask.heads],
             "position": ask.position,
             "desideratum": ask.desideratum,
             "seed": seed,
-            "lam": c.lam,
-            "lr": c.lr,
-            "epochs": c.epochs,
-            "batch_size": c.batch_size,
-            "sizes": list(plan.sizes),
-            "n_boxes": plan.n_boxes,
-            "data_seed": plan.data_seed,
+            "weights": weights,
         },
         sort_keys=True,
     )
@@ -285,20 +289,23 @@ class RunsFile:
     """dcm_runs.json as `run_dcm`'s `finished` / `on_seed`: trainings are looked up by their
     key, and each new one is saved at once (an interrupted run resumes where it stopped)."""
 
-    def __init__(self, path: Path, plan: DCMPlan):
-        self.path, self.plan, self.runs = path, plan, read_runs(path)
+    def __init__(self, path: Path, plan: DCMPlan, weights: str = ""):
+        self.path, self.plan, self.weights, self.runs = path, plan, weights, read_runs(path)
+
+    def key(self, ask: Ask, seed: int) -> str:
+        return dcm_run_key(self.plan, ask, seed, self.weights)
 
     def finished(self, ask: Ask, seed: int) -> SeedResult | None:
-        found = self.runs.get(dcm_run_key(self.plan, ask, seed))
+        found = self.runs.get(self.key(ask, seed))
         return seed_from_json(found) if found is not None else None
 
     def on_seed(self, ask: Ask, seed: int, result: SeedResult) -> None:
-        self.runs[dcm_run_key(self.plan, ask, seed)] = seed_to_json(result)
+        self.runs[self.key(ask, seed)] = seed_to_json(result)
         write_json(self.path, self.runs)
 
     def keep_only(self, asks) -> None:
         """Rewrite the file with the trainings of `asks` only (stale ones dropped)."""
-        keys = [dcm_run_key(self.plan, a, s) for a in asks for s in self.plan.seeds]
+        keys = [self.key(a, s) for a in asks for s in self.plan.seeds]
         write_json(self.path, {k: self.runs[k] for k in keys})
 
 

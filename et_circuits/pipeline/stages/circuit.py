@@ -9,6 +9,7 @@ import argparse
 import gc
 import time
 
+from et_circuits.core.digest import weights_digest
 from et_circuits.models import result_name
 from et_circuits.tasks.entity_tracking import recipe
 from et_circuits.tasks.entity_tracking.paper import letter
@@ -46,7 +47,14 @@ def circuit_of(model_arg: str, args: argparse.Namespace) -> None:
     name = result_name(model_arg)
     model, tokenizer, _ = load_model(model_arg, args)
     plan = plan_of(args)
-    key = {"model": name, "seed": str(args.seed), "n": str(args.n), "boxes": str(args.boxes), "dtype": args.dtype}
+    key = {
+        "model": name,
+        "weights": weights_digest(model),  # the weights and dtype (a sample of each tensor)
+        "seed": str(args.seed),
+        "n": str(args.n),
+        "boxes": str(args.boxes),
+        "dtype": args.dtype,
+    }
     for reading in recipe.READINGS:
         out = results.reading_dir(args.results, name, reading)
         screen = None if args.screen is None else (args.screen, args.ig_steps)

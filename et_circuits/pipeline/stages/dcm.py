@@ -39,6 +39,7 @@ import pandas as pd
 
 from et_circuits import presentation as figures
 from et_circuits.core.circuit import Circuit
+from et_circuits.core.digest import weights_digest
 from et_circuits.core.distributed import rank
 from et_circuits.core.errors import CircuitError
 from et_circuits.core.io import write_csv, write_json
@@ -70,8 +71,10 @@ def desiderata_of(
 
 def cmd_dcm(args: argparse.Namespace) -> None:
     # one process for several models, each loaded once; under torchrun whole models over the
-    # ranks, balanced by their mask trainings still to do
-    per_model(lambda m: dcm_of(m, args), args.models, [len(trainings_left(*inputs_of(m, args))) for m in args.models])
+    # ranks, balanced by their mask trainings
+    plan = plan_of(args)
+    costs = [trainings(inputs_of(m, args)[1], plan) for m in args.models]
+    per_model(lambda m: dcm_of(m, args), args.models, costs)
     if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
         draw_dcm_figures(args.base, args.models, args.results, args.figures)
 
@@ -92,7 +95,7 @@ def plan_of(args: argparse.Namespace) -> recipe.DCMPlan:
 
 
 def inputs_of(model_arg: str, args: argparse.Namespace):
-    """(circuits by section, asks by section, runs file) of one model, read before it is loaded."""
+    """(circuits by section, asks by section) of one model, read before it is loaded."""
     name, base_name = result_name(model_arg), result_name(args.base)
     circuits = {}
     # the paper's reading always; the discovered one where the circuit stage wrote it
@@ -106,26 +109,28 @@ def inputs_of(model_arg: str, args: argparse.Namespace):
         section: recipe.asks_for(circuit, desiderata_of(args, section, circuit, name == base_name))
         for section, (_, circuit) in circuits.items()
     }
-    return circuits, planned, results.RunsFile(args.results / name / results.DCM_RUNS, plan_of(args))
+    return circuits, planned
 
 
-def trainings_left(circuits: dict, planned: dict, runs: results.RunsFile) -> list[tuple[recipe.Ask, int]]:
-    """The (ask, seed) mask trainings that no earlier run finished (asks without heads train none)."""
+def trainings(planned: dict, plan: recipe.DCMPlan) -> int:
+    """How many mask trainings a model's DCM plans (asks without heads train none): its cost,
+    estimated before the model is loaded."""
     asks = dict.fromkeys(ask for section in planned.values() for _, ask in section if ask.heads)
-    return [(a, s) for a in asks for s in runs.plan.seeds if runs.finished(a, s) is None]
+    return len(asks) * len(plan.seeds)
 
 
 def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
     """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
     name, base_name = result_name(model_arg), result_name(args.base)
     out = args.results / name
-    circuits, planned, runs = inputs_of(model_arg, args)
+    circuits, planned = inputs_of(model_arg, args)
     readings = [r for r in SECTIONS_OF if SECTIONS_OF[r][0] in circuits]
-    plan = runs.plan
+    plan = plan_of(args)
     config, seeds = plan.config, plan.seeds
     model, tokenizer, _ = load_model(model_arg, args)
     for _, circuit in circuits.values():
         circuit.validate(model.cfg.n_layers, model.cfg.n_heads)
+    runs = results.RunsFile(out / results.DCM_RUNS, plan, weights_digest(model))
     asks = [ask for section in planned.values() for _, ask in section]
     answers = recipe.run_dcm(
         model, tokenizer, asks, plan, settings=settings(args), finished=runs.finished, on_seed=runs.on_seed

@@ -61,9 +61,9 @@ def overlap_frame(base: Circuit, others: dict[str, Circuit], reading: str = "pap
 def cmd_table1(args: argparse.Namespace) -> None:
     base_name = result_name(args.base)
     names = [result_name(m) for m in args.models]
-    circuits = {  # read every circuit before loading any model
+    circuits = {  # read every circuit before loading any model (the base's too, when not a model)
         (name, reading): results.load_circuit(args.results, name, reading)
-        for name in names
+        for name in dict.fromkeys([base_name, *names])
         for reading in recipe.READINGS
     }
     plan = recipe.CircuitPlan(

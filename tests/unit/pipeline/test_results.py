@@ -100,3 +100,22 @@ def test_step_files_reuse_a_step_only_with_its_key(tmp_path, capsys):
     assert torch.equal(results.load_scores(tmp_path / "pos_transmitter.safetensors")[0], scores)
     with pytest.raises(CircuitError, match="no path-patching scores"):
         results.load_scores(tmp_path / "missing.safetensors")
+
+
+def test_dcm_entry_on_a_hand_written_result():
+    """dcm.json's entry: the selected seed's heads, the resampled accuracies with their mean and
+    sample std, and the mean and sample std of the seeds' test accuracies (not the same)."""
+    seeds = {
+        0: dcm.SeedResult([(1, 0)], [1.0, 0.0], 0.5, 0.25, torch.tensor([1.0, 0.0, 0.0, 0.0]), 3, 8),
+        1: dcm.SeedResult([(1, 2)], [0.0, 1.0], 0.75, 0.5, torch.tensor([1.0, 1.0, 0.0, 0.0]), 5, 8),
+    }
+    result = dcm.DCMResult(((1, 0), (1, 2)), "last", 1, seeds, [0.25, 0.75])
+    entry = results.dcm_entry(result)
+    assert entry["heads"] == [[1, 2]] and entry["selected_seed"] == 1
+    assert entry["accuracy"] == [0.25, 0.75]
+    assert entry["accuracy_mean"] == pytest.approx(0.5)
+    assert entry["accuracy_std"] == pytest.approx(0.5**0.5 / 2)  # sample std of 0.25, 0.75
+    assert entry["test_accuracy_mean"] == pytest.approx(0.375)
+    assert entry["test_accuracy_std"] == pytest.approx(0.125 * 2**0.5)  # sample std of 0.25, 0.5
+    assert set(entry["seeds"]) == {"0", "1"} and entry["seeds"]["0"]["eval_accuracy"] == 0.5
+    assert "test_correct" not in entry["seeds"]["1"] and entry["seeds"]["1"]["heads"] == [[1, 2]]
