@@ -42,17 +42,19 @@ MUTANTS = [
     # reuse keys
     Mutant("step-key-no-weights", "pipeline/stages/circuit.py", '"weights": weights_digest(model),', ""),
     Mutant("step-key-no-n", "pipeline/stages/circuit.py", '"n": str(args.n),', ""),
-    Mutant("step-key-no-receivers", "pipeline/results.py", '"receivers": str(heads),', '"receivers": "",'),
-    Mutant("step-key-no-method", "pipeline/results.py", '"method": method,\n        "receivers"', '"receivers"'),
-    Mutant("step-key-no-position", "pipeline/results.py", '"position": str(step.position),', ""),
-    Mutant("step-reuse-any-file", "pipeline/results.py", "if step_metadata(path) != key:", "if not path.exists():"),
+    Mutant("step-key-no-receivers", "pipeline/results/layout.py", '"receivers": str(heads),', '"receivers": "",'),
+    Mutant("step-key-no-method", "pipeline/results/layout.py", '"method": method,\n        "receivers"', '"receivers"'),
+    Mutant("step-key-no-position", "pipeline/results/layout.py", '"position": str(step.position),', ""),
+    Mutant(
+        "step-reuse-any-file", "pipeline/results/layout.py", "if step_metadata(path) != key:", "if not path.exists():"
+    ),
     Mutant(
         "dcm-key-ignores-lr",
-        "pipeline/results.py",
+        "pipeline/results/dcm.py",
         '"inference_batch_size", "max_stacked_rows",',
         '"lr", "max_stacked_rows",',
     ),
-    Mutant("dcm-key-no-weights", "pipeline/results.py", '"weights": weights,', ""),
+    Mutant("dcm-key-no-weights", "pipeline/results/dcm.py", '"weights": weights,', ""),
     Mutant(
         "dcm-runs-without-weights",
         "pipeline/stages/dcm.py",
@@ -217,7 +219,7 @@ MUTANTS = [
     ),
     Mutant(
         "dcm-entry-mean-of-test-accuracy",
-        "pipeline/results.py",
+        "pipeline/results/dcm.py",
         '"accuracy_mean": result.mean,',
         '"accuracy_mean": result.test_mean,',
         (PIPELINE,),

@@ -21,8 +21,8 @@ def options(command: str) -> dict[str, argparse.Action]:
     return {a.dest: a for a in actions if a.option_strings and not isinstance(a, argparse._HelpAction)}
 
 
-# Values the generic rule below cannot guess: a different model list, another top-k.
-SPECIAL = {"top_k": ["1", "1", "1", "1"]}
+# Values the generic rule below cannot guess: another top-k, a screen where none is the default.
+SPECIAL = {"top_k": ["1", "1", "1", "1"], "screen": ["8"]}
 
 
 def other_value(action: argparse.Action, current: str | None = None) -> list[str]:
