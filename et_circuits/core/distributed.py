@@ -47,6 +47,16 @@ def init() -> None:
         dist.init_process_group(backend)
 
 
+def finish(ok: bool = True) -> None:
+    """Leave the process group: after a successful command wait for every rank first, so that
+    no rank exits while another still talks to it (a rank that left early made gloo abort the
+    last one), then destroy the group. Nothing without torchrun."""
+    if dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() and not _alone else 1
 

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     where = ""
     own = getattr(args, "registry", None) is not None
+    ok = False
     try:
         distributed.init()  # under torchrun: join the ranks (nothing otherwise)
         if distributed.world() > 1:  # a failing rank's one line says which it is
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             models.use_registry(args.registry)
         module, function = args.run.split(":")
         getattr(importlib.import_module(f"et_circuits.pipeline.stages.{module}"), function)(args)
+        ok = True
     except EtCircuitsError as e:
         print(f"error{where}: {e}", file=sys.stderr)
         return 2
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if own:
             models.use_registry(None)
         log_busy(args.command, distributed, started)
+        distributed.finish(ok)  # under torchrun: every rank leaves together
     return 0
 
 
