@@ -98,6 +98,12 @@ def assign(costs: Sequence[float], n_ranks: int) -> list[list[int]]:
     return [sorted(part) for part in out]
 
 
+def first_process() -> bool:
+    """True in one process of a run: torchrun's rank 0 (also inside `alone`), or the only one.
+    Progress bars show there only, so that ranks do not interleave theirs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def is_writer() -> bool:
     """Whether this process writes result files: rank 0, or the only process."""
     return rank() == 0

@@ -27,14 +27,17 @@ def per_model(fn: Callable[[U], T], model_args: Sequence[U], costs: Sequence[flo
 
 
 def settings(args: argparse.Namespace) -> RunSettings:
-    """The run settings of a command's arguments."""
-    return RunSettings(args.batch_size, getattr(args, "max_rows", FAST_ROWS), progress=not args.quiet)
+    """The run settings of a command's arguments: progress bars unless --quiet, under torchrun on
+    rank 0 only (its own work units; the other ranks' bars would interleave with them)."""
+    progress = not args.quiet and distributed.first_process()
+    return RunSettings(args.batch_size, getattr(args, "max_rows", FAST_ROWS), progress=progress)
 
 
 def load_model(name: str, args: argparse.Namespace, device: str | None = None):
     """(model, tokenizer, spec) for a command, on its device (or `device`), split over its
-    --n-devices GPUs, in its dtype; with --quiet, without transformers' loading bars."""
-    if args.quiet:
+    --n-devices GPUs, in its dtype; with --quiet (or on a rank but the first), without
+    transformers' loading bars."""
+    if args.quiet or not distributed.first_process():
         from transformers.utils import logging
 
         logging.disable_progress_bar()

@@ -59,3 +59,16 @@ def test_models_are_named_one_way_in_every_command():
 
 def test_the_registry_variable_is_the_one_models_read():
     assert args.REGISTRY_VAR == registry.REGISTRY_VAR
+
+
+@pytest.mark.parametrize("rank, shown", [(None, True), ("0", True), ("1", False)])
+def test_progress_bars_show_on_the_first_process_only(monkeypatch, rank, shown):
+    from et_circuits.pipeline.running import settings
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    argv = ["circuit", "--models", "organism-llama"]
+    assert settings(cli.build_parser().parse_args(argv)).progress is shown
+    assert settings(cli.build_parser().parse_args([*argv, "--quiet"])).progress is False
