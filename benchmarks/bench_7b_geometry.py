@@ -116,6 +116,7 @@ def sync(device: str) -> None:
 
 
 def timed(fn, device: str):
+    """(fn(), seconds), with the device synchronised before and after."""
     sync(device)
     t0 = time.perf_counter()
     out = fn()

@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from bench_7b_geometry import DTYPES, GEOMETRIES, paper_like_receivers, random_llama, sync  # noqa: E402
+from bench_7b_geometry import DTYPES, GEOMETRIES, paper_like_receivers, random_llama, timed  # noqa: E402
 from bench_dcm import circuit_of  # noqa: E402
 from budgeted_parts import NotAvailable, Part, Report, Skipped, format_table, summary_rows  # noqa: E402
 
@@ -172,15 +172,6 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------
 # Devices: timing and memory
-
-
-def timed(fn, device: str):
-    """(fn(), seconds), with the device synchronised before and after."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 class GpuMeter:

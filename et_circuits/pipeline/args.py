@@ -91,3 +91,12 @@ def figures_arg(p: argparse.ArgumentParser, also: str = "") -> None:
     p.add_argument(
         "--figures", type=Path, default=None, help=f"{also}figures go here (default: $ET_CIRCUITS_FIGURES or figures/)"
     )
+
+
+def drawing_args(p: argparse.ArgumentParser, base_help: str) -> None:
+    """The arguments of a command that draws from finished results (no model is loaded)."""
+    base_arg(p, base_help)
+    models_arg(p, "the models of the run")
+    results_arg(p)
+    figures_arg(p)
+    registry_arg(p)

@@ -23,6 +23,7 @@ from .args import (
     base_arg,
     boxes,
     count,
+    drawing_args,
     figures_arg,
     fraction,
     model_args,
@@ -118,11 +119,7 @@ def _table1(sub) -> None:
     figures_arg(p, "also draw the circuit stage's figures, as the `figures` command does; ")
 
     p = _command(sub, "figures", "table1:cmd_figures", "path-patching heatmaps, circuit diagrams, Table 1 figure")
-    base_arg(p, "the model whose circuit diagrams are drawn")
-    models_arg(p, "the models of the run")
-    results_arg(p)
-    figures_arg(p)
-    registry_arg(p)
+    drawing_args(p, "the model whose circuit diagrams are drawn")
 
 
 def _dcm(sub) -> None:
@@ -160,11 +157,7 @@ def _dcm(sub) -> None:
     figures_arg(p, "also write RESULTS/dcm.csv and Figure 2 of these models, as `dcm-figure` does; ")
 
     p = _command(sub, "dcm-figure", "dcm:cmd_dcm_figure", "Figure 2 and RESULTS/dcm.csv from every model's dcm.json")
-    base_arg(p, "the model whose circuit the dcm.json files were computed on")
-    models_arg(p, "the models of the run")
-    results_arg(p)
-    figures_arg(p)
-    registry_arg(p)
+    drawing_args(p, "the model whose circuit the dcm.json files were computed on")
 
 
 def _cmap(sub) -> None:

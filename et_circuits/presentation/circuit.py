@@ -15,7 +15,7 @@ from et_circuits.methods.discovery import Step
 from et_circuits.methods.minimality import Completeness
 from et_circuits.methods.sweep import Sweep
 
-from .style import group_colours, group_title, head_label, letter, position_title
+from .style import empty_panel, group_colours, group_title, head_label, letter, position_title
 
 # ---------------------------------------------------------------------------------------------
 # Path-patching heatmaps
@@ -38,15 +38,7 @@ def step_heatmaps(
         x_dom = fig.layout[f"xaxis{axis}"].domain
         y_dom = fig.layout[f"yaxis{axis}"].domain
         if bool(s.isnan().all()):
-            fig.add_annotation(
-                text="no sender scored:<br>the group it would reach is empty",
-                xref=f"x{axis} domain",
-                yref=f"y{axis} domain",
-                x=0.5,
-                y=0.5,
-                showarrow=False,
-                font=dict(size=13, color="#a60"),
-            )
+            empty_panel(fig, i + 1, "no sender scored:<br>the group it would reach is empty")
             fig.update_xaxes(visible=False, row=row, col=col)
             fig.update_yaxes(visible=False, row=row, col=col)
             continue
@@ -153,21 +145,7 @@ def circuit_diagram(
         )
     for sender, receiver, kind in arrows:
         (x0, y0), (x1, y1) = centres[sender], centres[receiver]
-        fig.add_annotation(
-            x=x1 - 0.45,
-            y=y1,
-            ax=x0 + 0.45,
-            ay=y0,
-            xref="x",
-            yref="y",
-            axref="x",
-            ayref="y",
-            showarrow=True,
-            arrowhead=3,
-            arrowsize=1.3,
-            arrowwidth=2,
-            arrowcolor="#555",
-        )
+        _arrow(fig, (x0 + 0.45, y0), (x1 - 0.45, y1), size=1.3)
         fig.add_annotation(
             x=(x0 + x1) / 2,
             y=(y0 + y1) / 2,
@@ -179,20 +157,7 @@ def circuit_diagram(
     right = len(columns) - 0.1
     if found and circuit.groups[found[0].group]:  # the first step's group writes the logits
         ax, ay = centres[found[0].group]
-        fig.add_annotation(
-            x=right,
-            y=top - 0.5,
-            ax=ax + 0.45,
-            ay=ay,
-            xref="x",
-            yref="y",
-            axref="x",
-            ayref="y",
-            showarrow=True,
-            arrowhead=3,
-            arrowwidth=2,
-            arrowcolor="#555",
-        )
+        _arrow(fig, (ax + 0.45, ay), (right, top - 0.5))
         fig.add_annotation(x=right, y=top - 0.5, text="<b>logits</b>", showarrow=False, yshift=12)
     positions = [position_title(circuit.positions[g]) for g in columns]
     fig.update_xaxes(
@@ -288,3 +253,22 @@ def sweep_heatmap(result: Sweep, title: str = "") -> go.Figure:
         template="plotly_white",
     )
     return fig
+
+
+def _arrow(fig, start: tuple[float, float], end: tuple[float, float], size: float = 1.0) -> None:
+    """An arrow from `start` to `end` in data coordinates (a composition edge, or into the logits)."""
+    fig.add_annotation(
+        x=end[0],
+        y=end[1],
+        ax=start[0],
+        ay=start[1],
+        xref="x",
+        yref="y",
+        axref="x",
+        ayref="y",
+        showarrow=True,
+        arrowhead=3,
+        arrowsize=size,
+        arrowwidth=2,
+        arrowcolor="#555",
+    )

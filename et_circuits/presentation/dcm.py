@@ -8,7 +8,7 @@ from plotly.subplots import make_subplots
 
 from et_circuits.tasks.entity_tracking import desiderata, recipe
 
-from .style import group_title
+from .style import empty_panel, group_title
 
 DESIDERATUM_COLORS = {"positional": "#1f77b4", "object_value": "#d62728", "box_label_value": "#2ca02c"}
 
@@ -29,16 +29,7 @@ def figure2(frame, section: str = "base_circuit"):
     )
     for col, group in enumerate(groups, start=1):
         if not (rows[rows.group == group].group_size > 0).any():  # an empty group: said, not drawn
-            axis = "" if col == 1 else str(col)
-            fig.add_annotation(
-                text="no heads in this group",
-                xref=f"x{axis} domain",
-                yref=f"y{axis} domain",
-                x=0.5,
-                y=0.5,
-                showarrow=False,
-                font=dict(size=13, color="#a60"),
-            )
+            empty_panel(fig, col, "no heads in this group")
             fig.update_xaxes(showticklabels=False, row=1, col=col)
             continue
         for desideratum in desiderata.MAIN:

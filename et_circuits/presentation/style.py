@@ -7,7 +7,16 @@ from collections.abc import Sequence
 
 from et_circuits.tasks.entity_tracking.paper import GROUPS, POSITION_TITLES, group_title, letter
 
-__all__ = ["OTHER_COLOUR", "colour", "group_colours", "group_title", "head_label", "letter", "position_title"]
+__all__ = [
+    "OTHER_COLOUR",
+    "colour",
+    "empty_panel",
+    "group_colours",
+    "group_title",
+    "head_label",
+    "letter",
+    "position_title",
+]
 
 OTHER_COLOUR = "#8c564b"  # a group outside the paper's table, where one colour will do
 PALETTE = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#ff7f0e", "#7f7f7f")  # the others, in turn
@@ -30,3 +39,17 @@ def group_colours(groups: Sequence[str]) -> dict[str, str]:
 def position_title(spec) -> str:
     specs = (spec,) if isinstance(spec, str) else tuple(spec)
     return " / ".join(POSITION_TITLES.get(s, s) for s in specs)
+
+
+def empty_panel(fig, panel: int, text: str) -> None:
+    """Say in the middle of subplot `panel` (1-based) why it has nothing to draw."""
+    axis = "" if panel == 1 else str(panel)
+    fig.add_annotation(
+        text=text,
+        xref=f"x{axis} domain",
+        yref=f"y{axis} domain",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font=dict(size=13, color="#a60"),
+    )

@@ -73,8 +73,9 @@ def cmd_dcm(args: argparse.Namespace) -> None:
     # one process for several models, each loaded once; under torchrun whole models over the
     # ranks, balanced by their mask trainings
     plan = plan_of(args)
-    costs = [trainings(inputs_of(m, args)[1], plan) for m in args.models]
-    per_model(lambda m: dcm_of(m, args), args.models, costs)
+    inputs = {m: inputs_of(m, args) for m in args.models}  # read once: for the costs and the runs
+    costs = [trainings(inputs[m][1], plan) for m in args.models]
+    per_model(lambda m: dcm_of(m, args, *inputs[m]), args.models, costs)
     if args.figures is not None and rank() == 0:  # Figure 2 of these models, in this process
         draw_dcm_figures(args.base, args.models, args.results, args.figures)
 
@@ -119,11 +120,11 @@ def trainings(planned: dict, plan: recipe.DCMPlan) -> int:
     return len(asks) * len(plan.seeds)
 
 
-def dcm_of(model_arg: str, args: argparse.Namespace) -> None:
-    """One model's DCM masks on the base circuit and its own, written under RESULTS/<model>/."""
+def dcm_of(model_arg: str, args: argparse.Namespace, circuits: dict, planned: dict) -> None:
+    """One model's DCM masks on the base circuit and its own (`inputs_of`), written under
+    RESULTS/<model>/."""
     name, base_name = result_name(model_arg), result_name(args.base)
     out = args.results / name
-    circuits, planned = inputs_of(model_arg, args)
     readings = [r for r in SECTIONS_OF if SECTIONS_OF[r][0] in circuits]
     plan = plan_of(args)
     config, seeds = plan.config, plan.seeds

@@ -117,18 +117,6 @@ def test_dynamic_rope_is_refused_beyond_max_positions(tmp_path):
     one_line_error(lambda: models.check_fits(model, n + 1), f"{n + 1} tokens", f"n_ctx of {tmp_path.name} ({n})")
 
 
-def test_sliding_window_is_refused_beyond_it(tmp_path):
-    hf = checkpoints.make(tmp_path, "mistral", n_kv_heads=2, sliding_window=16)
-    model, tok, _ = models.load(tmp_path, device="cpu")
-    assert model.cfg.window_size == 16
-    models.check_fits(model, 16)
-    one_line_error(lambda: models.check_fits(model, 17), "17 tokens", "sliding window", "(16 tokens)")
-    with torch.no_grad():
-        within, beyond = _tokens(tok, 2, 16), _tokens(tok, 2, 40)
-        torch.testing.assert_close(model(within), hf(within).logits, atol=1e-4, rtol=0)
-        assert (model(beyond) - hf(beyond).logits).abs().max() > 1e-2  # why prompts must fit
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_adapter_merged_at_load_equals_peft(tmp_path, arch):
     """Through a registry file (base + adapter), against the unmerged PeftModel."""

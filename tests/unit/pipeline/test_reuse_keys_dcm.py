@@ -92,7 +92,7 @@ def dcm_run(checkpoints, monkeypatch):
         args = cli.build_parser().parse_args(
             ["dcm", "--models", str(model_dir), "--base", str(model_dir), "--results", str(results_dir), *argv]
         )
-        dcm_stage.dcm_of(str(model_dir), args)
+        dcm_stage.dcm_of(str(model_dir), args, *dcm_stage.inputs_of(str(model_dir), args))
         return dict(record)
 
     return run
