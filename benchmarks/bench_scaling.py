@@ -8,7 +8,7 @@ browser that draws PNGs), and each rank's CPU seconds and time in the sharded lo
 wait for the other rank (from $ET_CIRCUITS_BUSY_LOG); last
 `make all speedup=<x>` (goals: 1.6x on circuit and dcm, 1.3x on make all, with 2 free cores).
 
-    python benchmarks/bench_scaling.py [--ranks 2] [--keep DIR]
+    python benchmarks/bench_scaling.py [--ranks 2] [--stages circuit dcm] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -67,12 +67,13 @@ def busiest(lines: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2, help="torchrun ranks (default 2)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="only these (in make all's order)")
     p.add_argument("--keep", type=Path, default=None, help="write the results here (default: a temporary folder)")
     args = p.parse_args(argv)
     out = args.keep or Path(tempfile.mkdtemp(prefix="et-scaling-"))
     launch = f"{ROOT / '.venv/bin/torchrun'} --standalone --nproc_per_node {args.ranks}"
     totals = [0.0, 0.0]
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in args.stages]:
         one, one_log = run_stage(stage, out / "one", None)
         many, many_log = run_stage(stage, out / "ranks", launch)
         totals = [totals[0] + one, totals[1] + many]

@@ -316,6 +316,7 @@ def dcm_many(
 
     plain: dict[int, Tensor] = {}
 
+    @torch.no_grad()  # with grad, each cached row kept its chunk's whole autograd graph alive
     def unpatched(data: PairData) -> Float[Tensor, "n vocab"]:
         """The unpatched model's logits on the base prompts (once per prompt set: every
         question without heads asks the same)."""

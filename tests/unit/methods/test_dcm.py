@@ -12,6 +12,7 @@ from et_circuits import models
 from et_circuits.core.errors import DataError
 from et_circuits.methods import dcm
 from et_circuits.methods.dcm import DCMResult, SeedResult
+from et_circuits.methods.dcm import protocol
 from et_circuits.methods.dcm.masking import frozen
 from et_circuits.methods.dcm.training import stacked
 from et_circuits.tasks.entity_tracking import data, desiderata
@@ -187,6 +188,22 @@ def test_nothing_selected_when_the_base_answer_is_the_target(tiny, pairs):
         data_.append(d)
     result = dcm.train_mask(model, heads, *data_, config=dcm.DCMConfig(batch_size=16), seed=0)
     assert result.selected == [] and result.eval_score == 1.0 and result.best_step == 0
+
+
+def test_scores_without_heads_keep_no_autograd_graph(tiny, pairs, monkeypatch):
+    """A question without heads scores the unpatched model, whose logits are cached per prompt
+    set: computed with grad, each cached row kept its chunk's whole graph alive (GBs)."""
+    seen = []
+    real = protocol.masked_logits
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(protocol, "masked_logits", spy)
+    result = dcm.dcm(tiny[0], [], "last", pairs[0], pairs[1], n_train=64, n_eval=32, seeds=(0, 1))
+    assert seen and not any(seen) and result.heads == ()
 
 
 def test_bootstrap():
