@@ -90,14 +90,19 @@ lint: $(STAMP)
 # The install is order-only (|): it must exist before a stage runs, but reinstalling after a
 # change of pyproject.toml does not make finished stages stale.
 # One process per stage for all models (each loaded once): starting Python with torch and
-# TransformerLens costs seconds, which would be most of an organism stage.
+# TransformerLens costs seconds, which would be most of an organism stage (and torchrun's start
+# as much again). Where the circuits are due, Table 1 and the stage's figures run in the same
+# process after them (--then), and TABLE1_DONE tells Table 1's own rule, which make still visits,
+# that nothing is left to do; alone (a newer circuit, a missing figure) that rule runs table1.
+TABLE1_CMD = table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
 $(CIRCUITS) &: | $(STAMP)
-	$(SHARDED) circuit --models $(MODELS) --results $(RESULTS) $(CIRCUIT_ARGS)
+	$(eval TABLE1_DONE := yes)
+	$(SHARDED) circuit --models $(MODELS) --results $(RESULTS) $(CIRCUIT_ARGS) --then $(TABLE1_CMD)
 
-# Table 1 and DCM draw their figures in the same process (--figures): one start less each.
 $(TABLE1) $(CIRCUIT_FIGURES) &: $(CIRCUITS) | $(STAMP)
-	$(SHARDED) table1 --base $(BASE) --models $(MODELS) --results $(RESULTS) --figures $(FIGURES)
+	$(if $(TABLE1_DONE),@:,$(SHARDED) $(TABLE1_CMD))
 
+# DCM draws its figures in the same process (--figures): one start less.
 # A rerun of DCM reuses every finished mask training (dcm_runs.json), so a changed circuit
 # retrains only the masks that depend on it (and a missing figure costs no training).
 $(DCMS) $(DCM_FIGURES) &: $(CIRCUITS) | $(STAMP)

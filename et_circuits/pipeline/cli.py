@@ -1,5 +1,6 @@
 """Command line: `python -m et_circuits <command>` (or `torchrun --nproc_per_node N -m --
-et_circuits <command>` to shard a stage over N processes). Every command's arguments are
+et_circuits <command>` to shard a stage over N processes). Commands joined by `--then` run in order in one process
+(`circuit ... --then table1 ...`: one start and one import of torch fewer). Every command's arguments are
 declared here, with defaults from modules that load no torch, so `--help` and argument errors
 answer at once; the stage a command runs (`pipeline.stages`) is imported after parsing.
 Setup problems (unknown model, missing weights, unavailable device, malformed files,
@@ -219,46 +220,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+THEN = "--then"  # joins commands that run one after another in one process
+
+
+def parse_commands(parser: argparse.ArgumentParser, argv: list[str]) -> list[argparse.Namespace]:
+    """Each command of `argv` (commands joined by --then), all parsed before any runs, so that a
+    mistake in the last one costs no work."""
+    parts: list[list[str]] = [[]]
+    for token in argv:
+        if token == THEN:
+            parts.append([])
+        else:
+            parts[-1].append(token)
+    if len(parts) > 1 and not all(parts):
+        parser.error(f"{THEN} joins two commands: `circuit ... {THEN} table1 ...`")
+    return [parser.parse_args(part) for part in parts]
+
+
 def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    # Only now the heavy part: torch, the models, the methods.
-    import torch
+    """Run the command of `argv`, or several joined by --then in order in this one process: one
+    start, one import of torch and the models, and under torchrun one meeting of the ranks
+    (`make circuit` runs circuit --then table1: seconds fewer per stage)."""
+    started, cpu_started = time.perf_counter(), 0.0  # the first command's CPU counts from the start
+    commands = parse_commands(build_parser(), sys.argv[1:] if argv is None else list(argv))
+    from et_circuits.core import distributed  # only now the heavy part: torch, the models, the methods
 
-    from et_circuits import models
-    from et_circuits.core import distributed
-
-    where = ""
-    own = getattr(args, "registry", None) is not None
     ok = False
     try:
         distributed.init()  # under torchrun: join the ranks (nothing otherwise)
-        if distributed.world() > 1:  # a failing rank's one line says which it is
-            where = f" (rank {distributed.rank()})"
+        where = f" (rank {distributed.rank()})" if distributed.world() > 1 else ""  # which rank failed
+        for args in commands:
+            code = run_command(args, where)
+            log_busy(args.command, distributed, started, cpu_started)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            if code:
+                return code
+        ok = True
+    finally:
+        distributed.finish(ok)  # under torchrun: every rank leaves together
+    return 0
+
+
+def run_command(args: argparse.Namespace, where: str) -> int:
+    """One command's stage: 0, or 2 after a one-line error on stderr."""
+    import torch
+
+    from et_circuits import models
+
+    own = getattr(args, "registry", None) is not None
+    try:
         if own:
             models.use_registry(args.registry)
         module, function = args.run.split(":")
         getattr(importlib.import_module(f"et_circuits.pipeline.stages.{module}"), function)(args)
-        ok = True
+        return 0
     except EtCircuitsError as e:
         print(f"error{where}: {e}", file=sys.stderr)
-        return 2
     except torch.OutOfMemoryError:
         knobs = "--batch-size" + (" or --max-rows" if "max_rows" in args else "")
         print(f"error{where}: out of memory on {args.device or 'the default device'}; lower {knobs}", file=sys.stderr)
-        return 2
     finally:
         if own:
             models.use_registry(None)
-        log_busy(args.command, distributed, started)
-        distributed.finish(ok)  # under torchrun: every rank leaves together
-    return 0
+    return 2
 
 
 BUSY_LOG = "ET_CIRCUITS_BUSY_LOG"  # a file: each process appends where its time went (benchmarks)
 
 
-def log_busy(command: str, distributed, started: float) -> None:
+def log_busy(command: str, distributed, started: float, cpu_started: float) -> None:
     """Under $ET_CIRCUITS_BUSY_LOG, one JSON line per process: its rank, wall and CPU seconds
     since the command started, and its time in each sharded loop (`distributed.LOOPS`)."""
     path = os.environ.get(BUSY_LOG)
@@ -268,11 +298,12 @@ def log_busy(command: str, distributed, started: float) -> None:
             "rank": distributed.rank(),
             "world": distributed.world(),
             "wall_s": round(time.perf_counter() - started, 3),
-            "cpu_s": round(time.process_time(), 3),
-            "loops": distributed.LOOPS,
+            "cpu_s": round(time.process_time() - cpu_started, 3),
+            "loops": list(distributed.LOOPS),
         }
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
+    distributed.LOOPS.clear()  # the next command of this process logs its own
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from .circuit import circuit_diagram, completeness_figure, step_heatmaps, sweep_
 from .cmap import PATCH_TITLES, cmap_figure, input_patching_figure
 from .dcm import DESIDERATUM_COLORS, extra_figure, figure2
 from .knockout import knockout_figure
-from .save import FIGURES_ENV, figures_dir, png_export, save_figure, save_figures
+from .save import FIGURES_ENV, figures_dir, save_figure, save_figures, start_browser
 
 __all__ = [
     "step_heatmaps",
@@ -26,7 +26,7 @@ __all__ = [
     "knockout_figure",
     "save_figure",
     "save_figures",
-    "png_export",
+    "start_browser",
     "figures_dir",
     "FIGURES_ENV",
 ]

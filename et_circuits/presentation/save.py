@@ -1,11 +1,12 @@
 """Writing figures: `save_figure` (self-contained HTML, plotly JSON and a static PNG, each
-atomically), `save_figures` (one headless browser for many PNGs) and the default folder."""
+atomically), `save_figures` (one headless browser per process for every PNG) and the default
+folder."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -23,13 +24,15 @@ def figures_dir() -> Path:
     return Path(os.environ.get(FIGURES_ENV) or "figures")
 
 
-@contextmanager
-def png_export():
-    """Keep one headless browser open for all PNG exports inside (about 10x faster than a
-    browser per figure). Optional: `save_figure` works without it. Under torchrun only rank 0
-    starts a browser: two kaleido servers at once can break each other."""
-    if not is_writer():
-        yield
+_browser: list[bool] = []  # whether this process started its headless browser
+
+
+def start_browser() -> None:
+    """Start this process's headless browser for PNG export once (about 10x faster than a
+    browser per figure; closed when the process exits), so that every figure a process draws,
+    in one stage or several, pays for one start (seconds). Optional: `save_figure` works
+    without it. Nothing in a process that writes no files (a torchrun rank but the first)."""
+    if _browser or not is_writer():
         return
     import kaleido
 
@@ -39,10 +42,8 @@ def png_export():
             kaleido.start_sync_server(silence_warnings=True)
         except Exception as e:
             raise SetupError(f"cannot start kaleido for PNG export ({type(e).__name__}: {e}); {_PNG_NEEDS}") from None
-        try:
-            yield
-        finally:
-            kaleido.stop_sync_server(silence_warnings=True)
+    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    _browser.append(True)
 
 
 def save_figure(fig: go.Figure, stem: str, directory: str | os.PathLike | None = None, png: bool = True) -> list[Path]:
@@ -74,7 +75,7 @@ def save_figure(fig: go.Figure, stem: str, directory: str | os.PathLike | None =
 
 
 def save_figures(named: list[tuple[str, go.Figure]], directory: str | os.PathLike | None = None) -> None:
-    """`save_figure` for each (stem, figure), sharing one headless browser for the PNGs."""
-    with png_export():
-        for stem, fig in named:
-            save_figure(fig, stem, directory)
+    """`save_figure` for each (stem, figure), with the process's one headless browser for the PNGs."""
+    start_browser()
+    for stem, fig in named:
+        save_figure(fig, stem, directory)

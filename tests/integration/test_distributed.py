@@ -21,20 +21,24 @@ MODELS = ["organism-llama", "organism-goat"]
 CIRCUIT = ["--n", "60", "--minimality-n", "30", "--reference-n", "60", "--completeness-random", "2", "--sweep-n", "30"]
 DCM = ["--n-train", "128", "--n-eval", "48", "--n-test", "48", "--seeds", "2", "--resamples", "3", "--extra", "none"]
 TABLE1 = ["--n", "60", "--reference-n", "60", "--random", "2"]
-STAGES = [  # (command, its arguments) in pipeline order, each run by one process and by two
+ROOT = "{root}"  # each run's folder, filled in per run
+OUT = ["--results", f"{ROOT}/results", "--device", "cpu", "--quiet"]
+DRAWN = [*OUT, "--figures", f"{ROOT}/figures"]
+STAGES = [  # each command line in pipeline order, run by one process and by two
     # one model, fewer than the ranks: every rank takes part in the model (sharded loops)
-    ("circuit", ["--model", MODELS[0], *CIRCUIT]),
-    ("circuit", ["--model", MODELS[1], *CIRCUIT]),
-    # as many models (or model x reading units) as ranks: each computed whole by one rank
-    ("table1", ["--base", MODELS[0], "--models", *MODELS, *TABLE1]),
-    ("dcm", ["--model", *MODELS, "--base", MODELS[0], *DCM]),
-    ("cmap", ["--base", MODELS[0], "--models", MODELS[1], "--n", "60"]),
-    ("knockout", ["--model", MODELS[0], "--n", "60"]),
+    ["circuit", "--model", MODELS[0], *CIRCUIT, *OUT],
+    # then, in the same processes (--then), as many models (or model x reading units) as ranks:
+    # each computed whole by one rank
+    ["circuit", "--model", MODELS[1], *CIRCUIT, *OUT, "--then", "table1", "--base", MODELS[0], "--models", *MODELS]
+    + [*TABLE1, *OUT],
+    ["dcm", "--model", *MODELS, "--base", MODELS[0], *DCM, *OUT],
+    ["cmap", "--base", MODELS[0], "--models", MODELS[1], "--n", "60", *DRAWN],
+    ["knockout", "--model", MODELS[0], "--n", "60", *DRAWN],
 ]
 
 
-def torchrun(command: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m -- et_circuits <command> ...`, one thread per rank
+def torchrun(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m -- et_circuits <argv>`, one thread per rank
     (after `--` torchrun leaves every argument alone: it would read `--n` as one of its own)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
@@ -48,9 +52,7 @@ def torchrun(command: str, args: list[str], env: dict[str, str] | None = None) -
             "-m",
             "--",
             "et_circuits",
-            command,
-            *args,
-            "--quiet",
+            *argv,
         ],
         env=env,
         capture_output=True,
@@ -81,13 +83,9 @@ def without_seconds(text: bytes) -> dict:
 @pytest.mark.slow
 def test_two_processes_write_what_one_writes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    for command, args in STAGES:
-
-        def where(root: Path, drawn: bool = command in ("cmap", "knockout")) -> list[str]:
-            return ["--results", str(root / "results")] + (["--figures", str(root / "figures")] if drawn else [])
-
-        assert cli.main([command, *args, *where(one), "--quiet", "--device", "cpu"]) == 0
-        run = torchrun(command, [*args, *where(two), "--device", "cpu"])
+    for argv in STAGES:
+        assert cli.main([a.replace(ROOT, str(one)) for a in argv]) == 0
+        run = torchrun([a.replace(ROOT, str(two)) for a in argv])
         assert run.returncode == 0, run.stderr[-3000:]
     written, expected = files(two), files(one)
     assert set(written) == set(expected) and len(expected) > 30
@@ -124,8 +122,8 @@ def test_a_failing_rank_exits_non_zero_with_its_line_and_writes_nothing(tmp_path
     path = os.pathsep.join(filter(None, [str(tmp_path / "planted"), os.environ.get("PYTHONPATH")]))
     results = tmp_path / "results"
     run = torchrun(
-        "knockout",
         [
+            "knockout",
             "--model",
             MODELS[0],
             "--n",
@@ -136,6 +134,7 @@ def test_a_failing_rank_exits_non_zero_with_its_line_and_writes_nothing(tmp_path
             str(tmp_path / "figures"),
             "--device",
             "cpu",
+            "--quiet",
         ],
         {"PYTHONPATH": path},
     )

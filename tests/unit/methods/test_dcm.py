@@ -11,8 +11,7 @@ import torch
 from et_circuits import models
 from et_circuits.core.errors import DataError
 from et_circuits.methods import dcm
-from et_circuits.methods.dcm import DCMResult, SeedResult
-from et_circuits.methods.dcm import protocol
+from et_circuits.methods.dcm import DCMResult, SeedResult, protocol
 from et_circuits.methods.dcm.masking import frozen
 from et_circuits.methods.dcm.training import stacked
 from et_circuits.tasks.entity_tracking import data, desiderata

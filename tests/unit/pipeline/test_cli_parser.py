@@ -23,7 +23,14 @@ def _imports(*argv: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     "argv, code",
-    [(["--help"], 0), (["circuit", "--help"], 0), (["circuit", "--models", "m", "--top-k-cap", "2"], 2)],
+    [
+        (["--help"], 0),
+        (["circuit", "--help"], 0),
+        (["circuit", "--models", "m", "--top-k-cap", "2"], 2),
+        # commands joined by --then are all parsed before the first runs
+        (["circuit", "--models", "m", "--then", "table1", "--base", "m", "--random", "0"], 2),
+        (["circuit", "--models", "m", "--then"], 2),
+    ],
 )
 def test_help_and_argument_errors_load_no_torch(argv, code):
     status, imported = _imports(*argv)
@@ -31,6 +38,16 @@ def test_help_and_argument_errors_load_no_torch(argv, code):
     names = {line.rsplit("|", 1)[-1].strip() for line in imported.splitlines() if line.startswith("import time:")}
     assert "et_circuits.pipeline.cli" in names  # the parser did run
     assert not {n for n in names if n == "torch" or n.startswith(("torch.", "transformer_lens", "transformers"))}
+
+
+def test_commands_joined_by_then_parse_each_with_its_own_options():
+    parser = cli.build_parser()
+    first, second = cli.parse_commands(
+        parser, ["circuit", "--models", "a", "--n", "7", "--then", "table1", "--base", "a", "--models", "a", "b"]
+    )
+    assert (first.command, first.models, first.n) == ("circuit", ["a"], 7)
+    assert (second.command, second.base, second.n) == ("table1", "a", 500)
+    assert [a.command for a in cli.parse_commands(parser, ["report"])] == ["report"]
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
