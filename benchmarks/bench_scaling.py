@@ -7,6 +7,7 @@ less sensitive to other work on the machine, but blind to torchrun's own start a
 browser that draws PNGs), and each rank's CPU seconds and time in the sharded loops against its
 wait for the other rank (from $ET_CIRCUITS_BUSY_LOG); last
 `make all speedup=<x>` (goals: 1.6x on circuit and dcm, 1.3x on make all, with 2 free cores).
+After each stage it checks that the ranks wrote what one process wrote (exit status 1 if not).
 
     python benchmarks/bench_scaling.py [--ranks 2] [--stages circuit dcm] [--keep DIR]
 """
@@ -45,6 +46,29 @@ def run_stage(stage: str, out: Path, launch: str | None) -> tuple[float, list[di
     return seconds, lines
 
 
+def content(path: Path):
+    """What must match between one process and the ranks: a file's bytes; a safetensors file's
+    tensors (its metadata comes in no fixed order); dcm_runs.json without the seconds."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+    if path.name == "dcm_runs.json":
+        return {k: {f: v for f, v in run.items() if f != "seconds"} for k, run in json.loads(path.read_text()).items()}
+    return path.read_bytes()
+
+
+def differing(one: Path, many: Path) -> list[str]:
+    """The result files (and figures' JSON) that differ between the two runs, or exist in one only
+    (PNG and HTML renderings left out: plotly names HTML elements at random)."""
+    names = lambda root: {  # noqa: E731
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix not in (".png", ".html")
+    }
+    a, b = names(one), names(many)
+    return sorted((a ^ b) | {n for n in a & b if content(one / n) != content(many / n)})
+
+
 def busy(lines: list[dict]) -> str:
     """Per rank over the stage's commands: CPU seconds, and seconds inside sharded loops / waiting."""
     ranks = sorted({x["rank"] for x in lines})
@@ -72,7 +96,7 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     out = args.keep or Path(tempfile.mkdtemp(prefix="et-scaling-"))
     launch = f"{ROOT / '.venv/bin/torchrun'} --standalone --nproc_per_node {args.ranks}"
-    totals = [0.0, 0.0]
+    totals, identical = [0.0, 0.0], True
     for stage in [s for s in STAGES if s in args.stages]:
         one, one_log = run_stage(stage, out / "one", None)
         many, many_log = run_stage(stage, out / "ranks", launch)
@@ -82,10 +106,13 @@ def main(argv: list[str] | None = None) -> float:
             print(f"  busy-time speedup={busiest(one_log) / busiest(many_log):.2f} (CPU: 1 process / busiest rank)")
         print(f"  1 process: {busy(one_log)}", flush=True)
         print(f"  {args.ranks} ranks: {busy(many_log)}", flush=True)
+        wrong = [n for d in ("results", "figures") for n in differing(out / "one" / d, out / "ranks" / d)]
+        print(f"  files identical to one process: {'yes' if not wrong else 'NO: ' + ', '.join(wrong)}", flush=True)
+        identical = identical and not wrong
     print(f"make all: 1 process {totals[0]:.1f}s, {args.ranks} ranks {totals[1]:.1f}s (results under {out})")
     print(f"make all speedup={totals[0] / totals[1]:.2f}")
-    return totals[0] / totals[1]
+    return identical
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if main() else 1)  # 1: some file differs from one process's
