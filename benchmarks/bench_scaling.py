@@ -50,24 +50,27 @@ def run_stage(stage: str, out: Path, launch: str | None) -> tuple[float, list[di
 
 def content(path: Path):
     """What must match between one process and the ranks: a file's bytes; a safetensors file's
-    tensors (its metadata comes in no fixed order); dcm_runs.json without the seconds."""
+    tensors and metadata (which safetensors writes in no fixed order); dcm_runs.json without the
+    seconds of each training."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+            return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
     if path.name == "dcm_runs.json":
         return {k: {f: v for f, v in run.items() if f != "seconds"} for k, run in json.loads(path.read_text()).items()}
     return path.read_bytes()
 
 
+def result_files(root: Path) -> set[str]:
+    """Every file under `root` that one process and the ranks must write alike (PNG and HTML
+    renderings left out: plotly names HTML elements at random; the figures' JSON counts)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix not in (".png", ".html")}
+
+
 def differing(one: Path, many: Path) -> list[str]:
-    """The result files (and figures' JSON) that differ between the two runs, or exist in one only
-    (PNG and HTML renderings left out: plotly names HTML elements at random)."""
-    names = lambda root: {  # noqa: E731
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix not in (".png", ".html")
-    }
-    a, b = names(one), names(many)
+    """The result files that differ between the two runs' folders, or exist in one only."""
+    a, b = result_files(one), result_files(many)
     return sorted((a ^ b) | {n for n in a & b if content(one / n) != content(many / n)})
 
 

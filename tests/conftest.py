@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +13,18 @@ from et_circuits import models
 from et_circuits.methods.evaluation import position_means
 from et_circuits.tasks.entity_tracking import data
 from tests import checkpoints
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str):
+    """A script of benchmarks/ as a module, loaded once (registered, as its dataclasses need)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def make_checkpoint(path, n_layers=2, n_heads=4, n_kv_heads=None, d_model=32, seed=0):

@@ -363,38 +363,30 @@ def path_patch(
                 total, total_clean = attribution_total(
                     model, runs, clean, sender_position, sites, sender_mask, metric, ig_steps, settings.batch_size
                 )
-                scores = attribution_scores(total, total_clean, len(clean), relative)
-                return PathPatching(
-                    scores,
-                    sender_position,
-                    tuple(Receiver(*r) for r in receivers or ()),
-                    metric_name(metric),
-                    relative,
-                    method,
-                    len(clean),
-                )
-            sender_batch = max(1, min(int(sender_mask.sum(1).max()), settings.max_rows))
-            at = clean.position_set(sender_position)
-            chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
-            for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
-                change, clean_value = _fast_chunk(
-                    model,
-                    runs.take(index, model, needed),
-                    clean[index].to(device),
-                    sender_position,
-                    sites,
-                    sender_mask,
-                    sender_batch,
-                    metric,
-                )
-                total += change
-                total_clean += clean_value
-            total = combine_nan(total)  # every rank's senders, to every rank
-            if sites.masks:  # senders at or above every receiver's layer are unchanged: score 0
-                top = sites.layers[-1]
-                total[top:][sender_mask[top:]] = total_clean
+            else:
+                sender_batch = max(1, min(int(sender_mask.sum(1).max()), settings.max_rows))
+                at = clean.position_set(sender_position)
+                chunks = same_start_chunks(earliest(at), max(1, settings.max_rows // sender_batch))
+                for index in tqdm(chunks, desc=desc, disable=not settings.progress, leave=False):
+                    change, clean_value = _fast_chunk(
+                        model,
+                        runs.take(index, model, needed),
+                        clean[index].to(device),
+                        sender_position,
+                        sites,
+                        sender_mask,
+                        sender_batch,
+                        metric,
+                    )
+                    total += change
+                    total_clean += clean_value
+                total = combine_nan(total)  # every rank's senders, to every rank
+                if sites.masks:  # senders at or above every receiver's layer are unchanged: score 0
+                    top = sites.layers[-1]
+                    total[top:][sender_mask[top:]] = total_clean
+    scores = (attribution_scores if method == ESTIMATE else score_of)(total, total_clean, len(clean), relative)
     return PathPatching(
-        score_of(total, total_clean, len(clean), relative),
+        scores,
         sender_position,
         tuple(Receiver(*r) for r in receivers or ()),
         metric_name(metric),

@@ -1,10 +1,11 @@
 """Command line: `python -m et_circuits <command>` (or `torchrun --nproc_per_node N -m --
-et_circuits <command>` to shard a stage over N processes). Commands joined by `--then` run in order in one process
-(`circuit ... --then table1 ...`: one start and one import of torch fewer). Every command's arguments are
-declared here, with defaults from modules that load no torch, so `--help` and argument errors
-answer at once; the stage a command runs (`pipeline.stages`) is imported after parsing.
-Setup problems (unknown model, missing weights, unavailable device, malformed files,
-impossible parameters) and running out of GPU memory end in one line on stderr and exit 2."""
+et_circuits <command>` to shard a stage over N processes). Commands joined by `--then` run in
+order in one process (`circuit ... --then table1 ...`: one start and one import of torch fewer).
+Every command's arguments are declared here, with defaults from modules that load no torch, so
+`--help` and argument errors answer at once; the stage a command runs (`pipeline.stages`) is
+imported after parsing. Setup problems (unknown model, missing weights, unavailable device,
+malformed files, impossible parameters) and running out of GPU memory end in one line on stderr
+and exit 2."""
 
 from __future__ import annotations
 

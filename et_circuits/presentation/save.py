@@ -24,7 +24,7 @@ def figures_dir() -> Path:
     return Path(os.environ.get(FIGURES_ENV) or "figures")
 
 
-_browser: list[bool] = []  # whether this process started its headless browser
+_browser_started = False  # whether this process started its headless browser
 
 
 def start_browser() -> None:
@@ -32,7 +32,8 @@ def start_browser() -> None:
     browser per figure; closed when the process exits), so that every figure a process draws,
     in one stage or several, pays for one start (seconds). Optional: `save_figure` works
     without it. Nothing in a process that writes no files (a torchrun rank but the first)."""
-    if _browser or not is_writer():
+    global _browser_started
+    if _browser_started or not is_writer():
         return
     import kaleido
 
@@ -43,7 +44,7 @@ def start_browser() -> None:
         except Exception as e:
             raise SetupError(f"cannot start kaleido for PNG export ({type(e).__name__}: {e}); {_PNG_NEEDS}") from None
     atexit.register(kaleido.stop_sync_server, silence_warnings=True)
-    _browser.append(True)
+    _browser_started = True
 
 
 def save_figure(fig: go.Figure, stem: str, directory: str | os.PathLike | None = None, png: bool = True) -> list[Path]:

@@ -3,22 +3,15 @@ last line is the ratio it reports."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
-
-
-def _bench(name: str):
-    """A benchmark script as a module (its `main(argv)` returns what it measured)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def _last_line(text: str) -> str:
@@ -26,7 +19,9 @@ def _last_line(text: str) -> str:
 
 
 def test_7b_geometry_benchmark_runs_small(capsys):
-    result = _bench("bench_7b_geometry").main(["--small", "--n", "6", "--reference-senders", "4", "--runs", "2"])
+    result = benchmark_script("bench_7b_geometry").main(
+        ["--small", "--n", "6", "--reference-senders", "4", "--runs", "2"]
+    )
     first, second = result["runs"]
     assert result["speedup"] == (first["speedup"] + second["speedup"]) / 2  # the median of two
     for run in result["runs"]:
@@ -66,7 +61,7 @@ def test_path_patching_benchmark_runs_small():
 def test_dcm_benchmark_runs_small(tmp_path, capsys):
     """Without circuit results, on organism-llama's circuit as README reports it (3 groups x 3
     desiderata x 3 seeds): batched and one-at-a-time training select the same heads."""
-    ratio = _bench("bench_dcm").main(["--sizes", "16", "8", "16", "--results", str(tmp_path)])
+    ratio = benchmark_script("bench_dcm").main(["--sizes", "16", "8", "16", "--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert "batched: 27 masks in " in out and "one at a time: 27 masks in " in out
     assert "same selected heads and accuracies: True" in out
@@ -76,7 +71,7 @@ def test_dcm_benchmark_runs_small(tmp_path, capsys):
 def test_attribution_benchmark_runs_small(capsys):
     """Screened vs exact at a small geometry (and the organism on few prompts): both lines in
     their form, with the numbers the run returns."""
-    result = _bench("bench_attribution").main(["--small", "--n", "6", "--organism-n", "24"])
+    result = benchmark_script("bench_attribution").main(["--small", "--n", "6", "--organism-n", "24"])
     assert set(result["organism_same"]) == {"organism-llama", "organism-vicuna", "organism-goat", "organism-float"}
     assert result["forwards"] > 0 and result["exact_forwards"] > 0 and 0 <= result["recall"] <= 1
     assert result["positions"] == 54 and result["sweep_forwards"] > 0

@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 from et_circuits.pipeline import cli
+from tests.conftest import benchmark_script
 
 pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 
@@ -61,25 +60,6 @@ def torchrun(argv: list[str], env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
-def files(root: Path) -> dict[str, bytes | tuple]:
-    """Every result file's bytes (a safetensors file: its tensors' bytes and its metadata, which
-    safetensors writes in no fixed order); PNG and HTML renderings left out (plotly names its
-    HTML elements at random; the figures' JSON is compared)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix == ".safetensors":
-            with safe_open(str(p), framework="pt") as f:
-                out[str(p.relative_to(root))] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
-        elif p.is_file() and p.suffix not in (".png", ".html"):
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
-
-
-def without_seconds(text: bytes) -> dict:
-    """dcm_runs.json without its timing fields."""
-    return {k: {f: v for f, v in run.items() if f != "seconds"} for k, run in json.loads(text).items()}
-
-
 @pytest.mark.slow
 def test_two_processes_write_what_one_writes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -87,16 +67,14 @@ def test_two_processes_write_what_one_writes(tmp_path):
         assert cli.main([a.replace(ROOT, str(one)) for a in argv]) == 0
         run = torchrun([a.replace(ROOT, str(two)) for a in argv])
         assert run.returncode == 0, run.stderr[-3000:]
-    written, expected = files(two), files(one)
-    assert set(written) == set(expected) and len(expected) > 30
-    for name, content in expected.items():
-        if name.endswith("dcm_runs.json"):
-            assert without_seconds(written[name]) == without_seconds(content), name
-        else:
-            assert written[name] == content, name
+    # the files must match as bench_scaling compares them: bytes, a safetensors file's tensors
+    # and metadata, dcm_runs.json without the seconds of each training
+    scaling = benchmark_script("bench_scaling")
+    assert scaling.result_files(two) == scaling.result_files(one) and len(scaling.result_files(one)) > 30
+    assert scaling.differing(one, two) == []
     assert any(
         h
-        for e in json.loads(expected["results/organism-llama/dcm.json"])["base_discovered"]["groups"].values()
+        for e in json.loads((one / "results/organism-llama/dcm.json").read_text())["base_discovered"]["groups"].values()
         for d in e.values()
         for h in d["heads"]
     )  # DCM selected heads: the comparison is not of empty results

@@ -4,7 +4,6 @@ small sizes with a tiny budget, one part cut by its own budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from et_circuits.core.settings import RunSettings
+from tests.conftest import benchmark_script
 
 pytestmark = pytest.mark.xdist_group("processes-1")  # starts processes (make test: one per group at a time)
 
@@ -26,22 +26,12 @@ SCRIPT = BENCHMARKS / "gpu_check.py"
 BUDGET = 10.0  # seconds for all parts: most are cut, which is what the budgets are for
 
 
-def _module(name: str):
-    """A script of benchmarks/ as a module (registered, as its dataclasses need)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def test_budgeted_parts_cut_fail_and_save_after_each(tmp_path):
     """A part past its budget is cut and keeps its finished steps; a failing part records its
     error; the file on disk holds each finished part before the next one starts."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("SIGALRM cuts only in the main thread")
-    parts = _module("budgeted_parts")
+    parts = benchmark_script("budgeted_parts")
     path = tmp_path / "run.json"
     report = parts.Report(path, {"what": "test"}, total=10.0, overrides={"slow": 0.3})
     seen = {}
@@ -83,7 +73,7 @@ def test_budgeted_parts_cut_fail_and_save_after_each(tmp_path):
 def test_out_of_memory_is_retried_once_with_fewer_rows():
     """The fast sweep's answer to running out of GPU memory, rehearsed: the pass is tried again
     with a quarter of the rows and half the batch (kept for the later parts), and said so."""
-    gpu_check = _module("gpu_check")
+    gpu_check = benchmark_script("gpu_check")
     bench = gpu_check.Bench(None, "cpu", gpu_check.Sizes.of(True, False), torch.float32, RunSettings(32, 4096))
     part = _Record()
     tried = []
@@ -106,7 +96,7 @@ def test_out_of_memory_is_retried_once_with_fewer_rows():
 
 
 def test_prompts_and_dcm_pairs_shrink_to_the_budget():
-    gpu_check = _module("gpu_check")
+    gpu_check = benchmark_script("gpu_check")
     # 300 prompts, 1 s per plain forward: the sweep's ~160 forwards fit a 200 s budget ...
     assert gpu_check.prompts_that_fit(300, 1.0, 200.0, 32) == 300
     # ... but not 100 s: 80% of it buys 150 prompts; never fewer than one batch.
@@ -122,7 +112,7 @@ def test_attribution_parts_run(tmp_path, capsys):
     """The two attribution parts with path_patch(method="attribution"): they run, the device
     check passes, the four steps' ranking is compared with the fast sweep's, and the attribution
     position sweep over every token is timed with its peak memory."""
-    gpu_check = _module("gpu_check")
+    gpu_check = benchmark_script("gpu_check")
     assert gpu_check.attribution_available()
     out = tmp_path / "attribution.json"
     parts = ["correctness.attribution", "geometry.build", "geometry.fast_sweep", "geometry.attribution"]
@@ -149,7 +139,7 @@ class _Record:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the error path is not reachable")
 def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
-    assert _module("gpu_check").main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert benchmark_script("gpu_check").main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "cuda" in err
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
@@ -185,7 +175,7 @@ def test_cpu_rehearsal_with_a_tiny_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["finished"] and doc["device"] == "cpu" and doc["small"] and doc["budget_s"] == BUDGET
-    gpu_check = _module("gpu_check")
+    gpu_check = benchmark_script("gpu_check")
     assert set(doc) >= {"environment", "correctness", "geometry", "summary"}
     assert list(doc["correctness"]) == ["path_patching", "table1", "dcm", "cmap", "attribution"]
     assert list(doc["geometry"]) == ["build", "forward", "fast_sweep", "reference", "dcm_epoch", "cmap", "attribution"]
