@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.init()  # under torchrun: join the ranks (nothing otherwise)
         where = f" (rank {distributed.rank()})" if distributed.world() > 1 else ""  # which rank failed
-        for args in commands:
+        for i, args in enumerate(commands):
+            if i:  # what the ranks wrote for the last command is there before the next reads it
+                distributed.barrier()
             code = run_command(args, where)
             log_busy(args.command, distributed, started, cpu_started)
             started, cpu_started = time.perf_counter(), time.process_time()

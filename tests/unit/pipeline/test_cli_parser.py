@@ -56,6 +56,19 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
+def test_chained_commands_run_in_order_and_the_ranks_meet_between_them(monkeypatch):
+    """Under torchrun the next command may read what the last one wrote on another rank (Table 1
+    reads the circuit.json rank 0 writes): every rank waits for the others between commands."""
+    from et_circuits.core import distributed
+
+    happened = []
+    monkeypatch.setattr(cli, "run_command", lambda a, where: happened.append(a.command) or 0)
+    monkeypatch.setattr(distributed, "barrier", lambda: happened.append("barrier"))
+    argv = ["report", "--then", "knockout", "--model", "m", "--then", "report"]
+    assert cli.main(argv) == 0
+    assert happened == ["report", "barrier", "knockout", "barrier", "report"]
+
+
 def test_every_flag_has_help():
     missing = [
         f"{name} {action.option_strings[0]}"
